@@ -1,0 +1,44 @@
+// fusedattn._C: the private CPU extension. The only code besides tensor_view/validate that knows
+// Python. Every kernel call validates its arrays, then runs with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bindings/tensor_view.h"
+#include "bindings/validate.h"
+#include "cpu/attention_cpu.h"
+#include "cpu/isa.h"
+
+namespace py = pybind11;
+using namespace fusedattn;
+
+namespace {
+
+// names: the caller's argument names for q, k, v (e.g. "query", "key", "value").
+void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
+                       double scale, bool causal, int64_t q_offset, int64_t window_left,
+                       int64_t window_right, const std::string& isa, int num_threads,
+                       const std::tuple<std::string, std::string, std::string>& names) {
+  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
+  ForwardViews views{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
+                     view_array(v, std::get<2>(names)), view_array(out, "out"), std::nullopt};
+  if (!lse.is_none()) views.lse = view_array(lse, "lse");
+  const AttentionParams params =
+      make_forward_params(views, ForwardOptions{scale, causal, q_offset, window_left, window_right});
+  cpu::kernels_for_isa(isa);  // raises for an unavailable ISA before releasing the GIL
+  py::gil_scoped_release release;
+  cpu::attention_forward(params, isa, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedattn CPU kernels (private; use the fusedattn package)";
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"), py::arg("q_offset"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("isa"), py::arg("num_threads"),
+        py::arg("names"),
+        "Forward attention into the caller-allocated out (and lse). All arrays in (b, h, s, d) order.");
+  m.def("available_isas", &cpu::available_isas, "CPU ISAs this build and this CPU can run, best first.");
+}

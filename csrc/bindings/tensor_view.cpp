@@ -1,0 +1,106 @@
+// DLPack import: ask for a versioned capsule (DLPack >= 1.0, which also carries the read-only
+// flag), fall back to the legacy one for older producers, and copy out shape and strides.
+#include "bindings/tensor_view.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace py = pybind11;
+
+namespace fusedattn {
+namespace {
+
+py::object export_capsule(const py::handle& array, const std::string& name) {
+  if (!py::hasattr(array, "__dlpack__")) {
+    throw py::type_error(name + " must be an array (torch tensor, numpy array or any object with __dlpack__), got " +
+                         std::string(py::str(py::type::handle_of(array).attr("__name__"))));
+  }
+  py::object method = array.attr("__dlpack__");
+  try {
+    return method(py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& error) {
+    if (!error.matches(PyExc_TypeError)) throw;
+    return method();  // producer predates DLPack 1.0
+  }
+}
+
+}  // namespace
+
+TensorView view_array(const py::handle& array, const std::string& name) {
+  TensorView view;
+  view.name = name;
+  view.capsule = export_capsule(array, name);
+  PyObject* capsule = view.capsule.ptr();
+  const char* capsule_name = PyCapsule_GetName(capsule);
+  const dlpack::Tensor* tensor = nullptr;
+  if (capsule_name != nullptr && std::strcmp(capsule_name, "dltensor_versioned") == 0) {
+    auto* managed = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(capsule, capsule_name));
+    if (managed == nullptr) throw py::error_already_set();
+    if (managed->version.major != 1) {
+      throw py::type_error(name + ": unsupported DLPack major version " + std::to_string(managed->version.major));
+    }
+    tensor = &managed->dl_tensor;
+    view.read_only = (managed->flags & dlpack::kFlagReadOnly) != 0;
+  } else if (capsule_name != nullptr && std::strcmp(capsule_name, "dltensor") == 0) {
+    auto* managed = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, capsule_name));
+    if (managed == nullptr) throw py::error_already_set();
+    tensor = &managed->dl_tensor;
+  } else {
+    throw py::type_error(name + ".__dlpack__() did not return a DLPack capsule");
+  }
+  view.data = static_cast<char*>(tensor->data) + tensor->byte_offset;
+  view.device = tensor->device;
+  view.dtype = tensor->dtype;
+  view.shape.assign(tensor->shape, tensor->shape + tensor->ndim);
+  view.strides.resize(tensor->ndim);
+  int64_t compact = 1;
+  for (int32_t d = tensor->ndim - 1; d >= 0; --d) {
+    view.strides[d] = tensor->strides != nullptr ? tensor->strides[d] : compact;
+    compact *= tensor->shape[d];
+  }
+  return view;
+}
+
+DType kernel_dtype(const TensorView& view) {
+  if (view.dtype.lanes == 1) {
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 32) return DType::kFloat32;
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 64) return DType::kFloat64;
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 16) return DType::kFloat16;
+    if (view.dtype.code == dlpack::kBfloat && view.dtype.bits == 16) return DType::kBFloat16;
+  }
+  throw py::type_error(view.name + " has dtype " + view.dtype_string() +
+                       "; supported: float32, float64, float16, bfloat16");
+}
+
+std::string TensorView::shape_string() const {
+  std::string s = "(";
+  for (size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string TensorView::dtype_string() const {
+  const char* kind = "unknown";
+  switch (dtype.code) {
+    case dlpack::kInt: kind = "int"; break;
+    case dlpack::kUInt: kind = "uint"; break;
+    case dlpack::kFloat: kind = "float"; break;
+    case dlpack::kBfloat: kind = "bfloat"; break;
+    case dlpack::kBool: return "bool";
+    default: break;
+  }
+  std::string s = kind + std::to_string(dtype.bits);
+  if (dtype.lanes != 1) s += "x" + std::to_string(dtype.lanes);
+  return s;
+}
+
+std::string TensorView::device_string() const {
+  switch (device.device_type) {
+    case dlpack::kCPU: return "cpu";
+    case dlpack::kCUDA: return "cuda:" + std::to_string(device.device_id);
+    case dlpack::kCUDAHost: return "cuda_host";
+    case dlpack::kCUDAManaged: return "cuda_managed:" + std::to_string(device.device_id);
+    default: return "device_type " + std::to_string(device.device_type);
+  }
+}
+
+}  // namespace fusedattn

@@ -1,0 +1,46 @@
+// AttentionParams: everything a kernel needs to compute one attention call, as plain data.
+// No Python, no torch: the bindings fill it from DLPack views, and every backend (CPU, CUDA)
+// reads it. Tensors are described in the native "bhsd" order by pointer + element strides;
+// the flash-attn "bshd" layout is the same call with other strides. Only head_dim is contiguous.
+#pragma once
+#include <cstdint>
+
+namespace fusedattn {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A strided 4-D view (batch, heads, seqlen, head_dim) with a contiguous last dim.
+struct TensorRef {
+  void* data = nullptr;
+  int64_t batch_stride = 0;  // elements
+  int64_t head_stride = 0;
+  int64_t row_stride = 0;    // stride of seqlen
+};
+
+struct AttentionParams {
+  DType dtype = DType::kFloat32;  // q, k, v and out share it
+
+  TensorRef q;    // (batch, num_heads,    seqlen_q, head_dim)
+  TensorRef k;    // (batch, num_heads_kv, seqlen_k, head_dim)
+  TensorRef v;    // (batch, num_heads_kv, seqlen_k, head_dim)
+  TensorRef out;  // (batch, num_heads,    seqlen_q, head_dim)
+  float* lse = nullptr;  // (batch, num_heads, seqlen_q) fp32, contiguous; null = not requested
+
+  int64_t batch = 0;
+  int64_t num_heads = 0;
+  int64_t num_heads_kv = 0;
+  int64_t seqlen_q = 0;
+  int64_t seqlen_k = 0;
+  int64_t head_dim = 0;
+
+  double scale = 1.0;  // multiplies q·k (double so fp64 inputs keep full precision)
+
+  // Positions (DESIGN.md): query row i sits at i + q_offset, key j at j.
+  int64_t q_offset = 0;
+  bool causal = false;
+  // Sliding window (left, right) around the query position; -1 = unbounded.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+};
+
+}  // namespace fusedattn

@@ -1,0 +1,59 @@
+// Element types of the CPU kernels and their conversions to the fp32/fp64 compute type.
+// fp16 uses the compiler's _Float16 (hardware F16C conversions where the ISA has them);
+// bf16 is converted by hand: widening is a shift, narrowing rounds to nearest even.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {  // per-ISA copies: the linker must not merge F16C code into scalar
+
+struct BFloat16 {
+  uint16_t bits;
+};
+using Half = _Float16;
+
+inline float to_float(float x) { return x; }
+inline double to_float(double x) { return x; }
+inline float to_float(Half x) { return static_cast<float>(x); }
+inline float to_float(BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_float(float x);
+template <typename T>
+inline T from_float(double x);
+
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline double from_float<double>(double x) { return x; }
+template <>
+inline Half from_float<Half>(float x) { return static_cast<Half>(x); }
+template <>
+inline BFloat16 from_float<BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40)};
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return BFloat16{static_cast<uint16_t>(bits >> 16)};
+}
+
+// The accumulation type of an element type: fp64 for fp64, fp32 for everything else.
+template <typename T>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn

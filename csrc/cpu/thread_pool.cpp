@@ -1,0 +1,114 @@
+// Implementation of parallel_for: one process-wide pool that grows to the largest thread count
+// asked for. A call publishes a job (function, task counter, number of helpers) under a mutex,
+// wakes the workers, takes tasks itself, then waits until every helper has finished.
+#include "cpu/thread_pool.h"
+
+#include <pthread.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace fusedattn {
+namespace cpu {
+namespace {
+
+class ThreadPool {
+ public:
+  // Returns false (and does nothing) when the pool is busy with another caller's job.
+  bool try_run(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    const int helpers = num_threads - 1;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(threads_.size()) < helpers) {
+        const int worker = static_cast<int>(threads_.size()) + 1;
+        threads_.emplace_back([this, worker] { worker_loop(worker); });
+      }
+      job_ = &fn;
+      num_tasks_ = num_tasks;
+      next_task_.store(0);
+      helpers_ = helpers;
+      helpers_running_ = helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    take_tasks(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return helpers_running_ == 0; });
+    job_ = nullptr;
+    return true;
+  }
+
+ private:
+  void take_tasks(int worker) {
+    for (int64_t task = next_task_.fetch_add(1); task < num_tasks_; task = next_task_.fetch_add(1)) {
+      (*job_)(task, worker);
+    }
+  }
+
+  void worker_loop(int worker) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (worker > helpers_) continue;
+      lock.unlock();
+      take_tasks(worker);
+      lock.lock();
+      if (--helpers_running_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex busy_mutex_;  // held by the caller whose job is running
+  std::mutex mutex_;       // guards the fields below
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  std::vector<std::thread> threads_;
+  const std::function<void(int64_t, int)>* job_ = nullptr;
+  int64_t num_tasks_ = 0;
+  std::atomic<int64_t> next_task_{0};
+  int helpers_ = 0;
+  int helpers_running_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// Never destroyed: its sleeping workers simply end with the process. A forked child has none
+// of the parent's threads, so it starts a fresh pool (the old one is abandoned, not touched).
+std::atomic<ThreadPool*> g_pool{nullptr};
+
+void reset_pool_in_child() { g_pool.store(nullptr); }
+
+ThreadPool& pool() {
+  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, &reset_pool_in_child) == 0; }();
+  (void)registered;
+  ThreadPool* instance = g_pool.load();
+  if (instance == nullptr) {
+    ThreadPool* fresh = new ThreadPool();
+    if (g_pool.compare_exchange_strong(instance, fresh)) {
+      instance = fresh;
+    } else {
+      delete fresh;  // another thread won the race; `instance` now holds its pool
+    }
+  }
+  return *instance;
+}
+
+}  // namespace
+
+void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
+  if (num_tasks <= 0) return;
+  if (num_threads > num_tasks) num_threads = static_cast<int>(num_tasks);
+  if (num_threads <= 1 || !pool().try_run(num_tasks, num_threads, fn)) {
+    for (int64_t task = 0; task < num_tasks; ++task) fn(task, 0);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedattn
+

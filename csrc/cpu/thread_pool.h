@@ -1,0 +1,18 @@
+// A small blocking thread pool for the CPU kernels. Workers sleep on a condition variable
+// between calls (they never spin), so they do not compete with PyTorch's own pool when calls
+// alternate with torch ops. The calling thread always takes part as worker 0.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace fusedattn {
+namespace cpu {
+
+// Runs fn(task, worker) for every task in [0, num_tasks) on up to num_threads threads, tasks
+// handed out dynamically in increasing order, worker in [0, num_threads). Returns when all are
+// done. When another call is already using the pool (concurrent callers), this call runs all
+// its tasks on the calling thread, so concurrent calls are always safe.
+void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn);
+
+}  // namespace cpu
+}  // namespace fusedattn

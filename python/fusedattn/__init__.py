@@ -1,0 +1,24 @@
+"""fusedattn: fused, tiled attention kernels for CPUs (and NVIDIA GPUs) behind one Python API.
+
+    import fusedattn
+    out = fusedattn.attention(q, k, v, causal=True)            # (b, h, s, d), bottom-right causal
+    out = fusedattn.scaled_dot_product_attention(q, k, v)     # torch SDPA drop-in
+    out = fusedattn.flash_attn_func(q, k, v, causal=True)     # flash-attn drop-in, (b, s, h, d)
+
+Inputs may be torch tensors, numpy arrays or any DLPack CPU array; the result has the caller's kind.
+"""
+
+from ._runtime import get_num_threads, info, set_num_threads
+from .functional import attention, flash_attn_func, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "flash_attn_func",
+    "get_num_threads",
+    "set_num_threads",
+    "info",
+    "__version__",
+]

@@ -1,0 +1,109 @@
+"""Process-wide runtime settings: CPU thread count, CPU ISA selection, and the info() report.
+
+The thread count follows ``torch.get_num_threads()`` when torch is imported (so fusedattn and
+torch never oversubscribe the cores together), else the CPU count available to this process;
+``set_num_threads`` overrides both. The CPU ISA is the best one the CPU supports, unless the
+environment variable ``FUSEDATTN_CPU_ISA`` (read at import) forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import _C
+
+__all__ = ["get_num_threads", "set_num_threads", "cpu_isa", "info"]
+
+_num_threads: int | None = None
+_forced_isa: str | None = os.environ.get("FUSEDATTN_CPU_ISA") or None
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use: set_num_threads' value, else torch's, else the CPU count."""
+    if _num_threads is not None:
+        return _num_threads
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, torch.get_num_threads())
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Sets the CPU kernels' thread count; ``None`` goes back to following torch / the CPU count."""
+    global _num_threads
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    _num_threads = num_threads
+
+
+def cpu_isa() -> str:
+    """The CPU ISA the kernels run: FUSEDATTN_CPU_ISA when set (it must be available), else the best."""
+    available = _C.available_isas()
+    if _forced_isa is None:
+        return available[0]
+    if _forced_isa not in available:
+        raise ValueError(
+            f"FUSEDATTN_CPU_ISA={_forced_isa!r} is not available on this machine; "
+            f"available: {', '.join(available)}"
+        )
+    return _forced_isa
+
+
+def _set_cpu_isa(name: str | None) -> None:
+    """Forces a CPU ISA in this process (None = best available), as FUSEDATTN_CPU_ISA does. For tests."""
+    global _forced_isa
+    _forced_isa = name
+    if name is not None:
+        cpu_isa()  # validate now
+
+
+def _cuda_report() -> dict:
+    try:
+        from . import _cuda
+    except ImportError:
+        return {"cuda_compiled": False, "gpus": []}
+    gpus = []
+    for device in range(_cuda.device_count()):
+        try:
+            gpus.append(_cuda.probe_device(device))
+        except RuntimeError as error:
+            gpus.append({"device": device, "error": str(error)})
+    return {"cuda_compiled": True, "gpus": gpus}
+
+
+def info(verbose: bool = True) -> dict:
+    """Reports version, CPU ISA in use and available, thread count, CUDA build and GPUs.
+
+    Prints the report when ``verbose`` (the default) and returns it as a dict.
+    """
+    from . import __version__
+
+    report = {"version": __version__, "cpu_isas_available": _C.available_isas()}
+    try:
+        report["cpu_isa"] = cpu_isa()
+    except ValueError as error:
+        report["cpu_isa"] = f"error: {error}"
+    report["num_threads"] = get_num_threads()
+    report.update(_cuda_report())
+    if verbose:
+        print(f"fusedattn {report['version']}")
+        print(f"  CPU ISA in use:     {report['cpu_isa']}")
+        print(f"  CPU ISAs available: {', '.join(report['cpu_isas_available'])}")
+        print(f"  threads:            {report['num_threads']}")
+        print(f"  CUDA compiled:      {'yes' if report['cuda_compiled'] else 'no'}")
+        if not report["gpus"]:
+            print("  GPUs found:         none")
+        for gpu in report["gpus"]:
+            if "error" in gpu:
+                print(f"  GPU {gpu['device']}: {gpu['error']}")
+            else:
+                print(
+                    f"  GPU: {gpu['name']} (sm_{gpu['compute_capability']}, {gpu['multiprocessors']} SMs, "
+                    f"{gpu['total_memory'] / 2**30:.0f} GiB; kernels from sm_{gpu['kernel_arch']})"
+                )
+    return report
