@@ -58,7 +58,37 @@ TensorRef tensor_ref(const TensorView& view) {
   return TensorRef{view.data, view.strides[0], view.strides[1], view.strides[2]};
 }
 
+// `view` must be a writable (or, for inputs, readable) array shaped, typed and placed like `like`.
+void check_like(const TensorView& view, const TensorView& like, bool writable) {
+  check_rank(view, like.ndim(), "(batch, heads, seqlen, head_dim)");
+  check_same_dtype(view, like);
+  check_cpu(view, like);
+  for (int64_t d = 0; d < like.ndim(); ++d) {
+    if (view.shape[d] != like.shape[d]) {
+      fail(view.name + " must have the shape of " + like.name + " " + like.shape_string() + ", got " +
+           view.shape_string());
+    }
+  }
+  check_last_dim_contiguous(view);
+  if (writable && view.read_only) fail(view.name + " is read-only");
+}
+
 }  // namespace
+
+BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options) {
+  if (!views.forward.lse) fail("the backward needs the forward's lse");
+  BackwardParams params;
+  params.forward = make_forward_params(views.forward, options);
+  check_like(views.dout, views.forward.out, false);
+  check_like(views.dq, views.forward.q, true);
+  check_like(views.dk, views.forward.k, true);
+  check_like(views.dv, views.forward.v, true);
+  params.dout = tensor_ref(views.dout);
+  params.dq = tensor_ref(views.dq);
+  params.dk = tensor_ref(views.dk);
+  params.dv = tensor_ref(views.dv);
+  return params;
+}
 
 AttentionParams make_forward_params(const ForwardViews& views, const ForwardOptions& options) {
   const TensorView& q = views.q;

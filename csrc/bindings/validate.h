@@ -27,4 +27,14 @@ struct ForwardOptions {
 
 AttentionParams make_forward_params(const ForwardViews& views, const ForwardOptions& options);
 
+struct BackwardViews {
+  ForwardViews forward;  // q, k, v, out and the forward's lse (required here)
+  TensorView dout;       // like out
+  TensorView dq;         // like q
+  TensorView dk;         // like k
+  TensorView dv;         // like v
+};
+
+BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options);
+
 }  // namespace fusedattn

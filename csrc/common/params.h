@@ -43,4 +43,14 @@ struct AttentionParams {
   int64_t window_right = -1;
 };
 
+// The backward reads q, k, v, out and the forward's lse (all in `forward`; lse is an input
+// here and must be given) and writes dq, dk, dv. Gradients have the shapes of q, k, v.
+struct BackwardParams {
+  AttentionParams forward;
+  TensorRef dout;  // like out
+  TensorRef dq;    // like q
+  TensorRef dk;    // like k
+  TensorRef dv;    // like v
+};
+
 }  // namespace fusedattn

@@ -51,6 +51,26 @@ FUSEDATTN_HOST_DEVICE KeyRange visible_keys_of_rows(const AttentionParams& p, in
   return {first.begin, last.end > first.begin ? last.end : first.begin};
 }
 
+// Half-open range [begin, end) of query rows (0-based) that see at least one key of
+// [key_begin, key_end): those with visible_keys(row).end > key_begin and .begin < key_end.
+struct RowRange {
+  int64_t begin;
+  int64_t end;
+};
+
+FUSEDATTN_HOST_DEVICE RowRange visible_rows_of_keys(const AttentionParams& p, int64_t key_begin,
+                                                    int64_t key_end) {
+  int64_t begin = 0;
+  int64_t end = p.seqlen_q;
+  const int64_t right = effective_window_right(p);
+  // end(row) = row + q_offset + right + 1 > key_begin
+  if (right >= 0 && key_begin - right - p.q_offset > begin) begin = key_begin - right - p.q_offset;
+  // begin(row) = row + q_offset - left < key_end
+  if (p.window_left >= 0 && key_end + p.window_left - p.q_offset < end) end = key_end + p.window_left - p.q_offset;
+  if (end < begin) end = begin;
+  return {begin, end};
+}
+
 // Query head h reads key/value head h / (num_heads / num_heads_kv) (GQA / MQA).
 FUSEDATTN_HOST_DEVICE int64_t kv_head_of(const AttentionParams& p, int64_t head) {
   return head / (p.num_heads / p.num_heads_kv);

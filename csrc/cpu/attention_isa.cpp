@@ -1,6 +1,7 @@
 // The CPU kernels of one ISA. CMake compiles this file once per ISA (scalar, AVX2+FMA, AVX-512)
 // with -DFUSEDATTN_ISA=<name> and that ISA's flags; everything it instantiates lives in the
 // namespace fusedattn::cpu::<name>, so the linker never mixes code built for different ISAs.
+#include "cpu/backward_block.h"
 #include "cpu/forward_block.h"
 
 #include <stdexcept>
@@ -34,11 +35,44 @@ void forward_block(const AttentionParams& params, const ForwardBlock& block, voi
   dispatch_dtype(params.dtype, [&](auto tag) { forward_block_t<decltype(tag)>(params, block, scratch); });
 }
 
+size_t backward_scratch_bytes(const AttentionParams& params) {
+  return dispatch_dtype(params.dtype, [&](auto tag) { return backward_scratch_bytes_t<decltype(tag)>(params); });
+}
+
+int64_t row_pitch(const AttentionParams& params) {
+  return dispatch_dtype(params.dtype, [&](auto tag) { return row_pitch_t<decltype(tag)>(params); });
+}
+
+void backward_dsum(const BackwardParams& params, int64_t batch, int64_t head, void* dsum) {
+  dispatch_dtype(params.forward.dtype, [&](auto tag) { backward_dsum_t<decltype(tag)>(params, batch, head, dsum); });
+}
+
+void backward_kv_block(const BackwardParams& params, int64_t batch, int64_t kv_head, int64_t key_begin,
+                       void* dq_partial, const void* dsum, void* scratch) {
+  dispatch_dtype(params.forward.dtype, [&](auto tag) {
+    backward_kv_block_t<decltype(tag)>(params, batch, kv_head, key_begin, dq_partial, dsum, scratch);
+  });
+}
+
+void backward_reduce_dq(const BackwardParams& params, int64_t batch, int64_t head, const void* const* partials,
+                        int64_t num_partials) {
+  dispatch_dtype(params.forward.dtype, [&](auto tag) {
+    backward_reduce_dq_t<decltype(tag)>(params, batch, head, partials, num_partials);
+  });
+}
+
 }  // namespace
 
 const CpuKernelTable& kernel_table() {
-  static const CpuKernelTable table{FUSEDATTN_STRINGIFY(FUSEDATTN_ISA), &forward_scratch_bytes,
-                                    &forward_block};
+  static const CpuKernelTable table{FUSEDATTN_STRINGIFY(FUSEDATTN_ISA),
+                                    &forward_scratch_bytes,
+                                    &forward_block,
+                                    &backward_scratch_bytes,
+                                    &row_pitch,
+                                    &backward_dsum,
+                                    &backward_kv_block,
+                                    &backward_reduce_dq,
+                                    kBwdBlockN};
   return table;
 }
 

@@ -22,6 +22,17 @@ struct CpuKernelTable {
   // Bytes of per-thread scratch that forward_block needs for q-blocks of block_rows rows.
   size_t (*forward_scratch_bytes)(const AttentionParams& params, int64_t block_rows);
   void (*forward_block)(const AttentionParams& params, const ForwardBlock& block, void* scratch);
+
+  // Backward (see backward_block.h). Buffers typed "Acc" hold the compute type: fp64 for fp64
+  // inputs, else fp32. Row buffers have row_pitch() elements per row.
+  size_t (*backward_scratch_bytes)(const AttentionParams& params);
+  int64_t (*row_pitch)(const AttentionParams& params);
+  void (*backward_dsum)(const BackwardParams& params, int64_t batch, int64_t head, void* dsum);
+  void (*backward_kv_block)(const BackwardParams& params, int64_t batch, int64_t kv_head, int64_t key_begin,
+                            void* dq_partial, const void* dsum, void* scratch);
+  void (*backward_reduce_dq)(const BackwardParams& params, int64_t batch, int64_t head,
+                             const void* const* partials, int64_t num_partials);
+  int64_t backward_block_keys;  // keys per backward_kv_block task
 };
 
 #define FUSEDATTN_DECLARE_ISA(isa) \

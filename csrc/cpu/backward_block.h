@@ -1,0 +1,244 @@
+// The CPU backward for one key block of one (batch, kv-head), on one thread (FlashAttention-2):
+// for every query head of the GQA group and every q-block that sees these keys,
+//   S  = Q·Kᵀ            [m x n]   (A = Q rows in place,  B = Kᵀ packed once per task)
+//   P  = exp(scale·S - LSE), 0 where masked
+//   dV += Pᵀ·dO          [n x d]   (A = Pᵀ read column-wise)
+//   dP = dO·Vᵀ           [m x n]   (B = Vᵀ packed once per task)
+//   dS = P∘(dP - Dsum)             Dsum = rowsum(dO∘O), precomputed per query row
+//   dK += dSᵀ·Q          [n x d]
+//   dQ += dS·K           [m x d]   into this thread's private fp32 partial (summed later in
+//                                  a fixed order, so the result is deterministic)
+// dK (times scale) and dV are written at the end; they sum over the group without K/V copies.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "common/params.h"
+#include "common/variant.h"
+#include "cpu/convert.h"
+#include "cpu/forward_block.h"
+#include "cpu/gemm_tile.h"
+#include "cpu/vec.h"
+
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {
+
+// Keys per task and query rows per inner step: 64 x 64 fp32 P and dS tiles (16 KiB each)
+// stay in L1 across the five products that use them.
+constexpr int64_t kBwdBlockN = 64;
+constexpr int64_t kBwdBlockM = 64;
+
+template <typename Acc>
+struct BackwardScratch {
+  int64_t ldn;  // columns of Kᵀ, Vᵀ, P, dS (keys, padded)
+  int64_t ldo;  // columns of row buffers (head_dim, padded)
+  Acc* k_t;      // [head_dim x ldn]
+  Acc* v_t;      // [head_dim x ldn]
+  Acc* k_rows;   // [kBwdBlockN x ldo]
+  Acc* dk;       // [kBwdBlockN x ldo]
+  Acc* dv;       // [kBwdBlockN x ldo]
+  Acc* q_rows;   // [kBwdBlockM x ldo] converted Q (when Q cannot be read in place)
+  Acc* do_rows;  // [kBwdBlockM x ldo] converted dO
+  Acc* p;        // [kBwdBlockM x ldn]
+  Acc* ds;       // [kBwdBlockM x ldn]
+
+  static int64_t elements(int64_t head_dim) {
+    constexpr int W = Vec<Acc>::kWidth;
+    const int64_t ldn = round_up(kBwdBlockN, W);
+    const int64_t ldo = round_up(head_dim, W);
+    return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 2 * kBwdBlockM * ldn;
+  }
+
+  static BackwardScratch carve(void* base, int64_t head_dim) {
+    constexpr int W = Vec<Acc>::kWidth;
+    BackwardScratch s;
+    s.ldn = round_up(kBwdBlockN, W);
+    s.ldo = round_up(head_dim, W);
+    Acc* p = static_cast<Acc*>(base);
+    s.k_t = p;     p += head_dim * s.ldn;
+    s.v_t = p;     p += head_dim * s.ldn;
+    s.k_rows = p;  p += kBwdBlockN * s.ldo;
+    s.dk = p;      p += kBwdBlockN * s.ldo;
+    s.dv = p;      p += kBwdBlockN * s.ldo;
+    s.q_rows = p;  p += kBwdBlockM * s.ldo;
+    s.do_rows = p; p += kBwdBlockM * s.ldo;
+    s.p = p;       p += kBwdBlockM * s.ldn;
+    s.ds = p;
+    return s;
+  }
+};
+
+template <typename T>
+inline size_t backward_scratch_bytes_t(const AttentionParams& params) {
+  using Acc = typename ComputeType<T>::type;
+  return static_cast<size_t>(BackwardScratch<Acc>::elements(params.head_dim)) * sizeof(Acc);
+}
+
+template <typename T>
+inline int64_t row_pitch_t(const AttentionParams& params) {
+  using Acc = typename ComputeType<T>::type;
+  return round_up(params.head_dim, Vec<Acc>::kWidth);
+}
+
+// dsum[i] = sum_d dO[i][d]·O[i][d] for the rows of one (batch, head); dsum is Acc[seqlen_q].
+template <typename T>
+void backward_dsum_t(const BackwardParams& bp, int64_t batch, int64_t head, void* dsum) {
+  using Acc = typename ComputeType<T>::type;
+  const AttentionParams& p = bp.forward;
+  const T* out = static_cast<const T*>(p.out.data) + batch * p.out.batch_stride + head * p.out.head_stride;
+  const T* dout = static_cast<const T*>(bp.dout.data) + batch * bp.dout.batch_stride + head * bp.dout.head_stride;
+  Acc* result = static_cast<Acc*>(dsum);
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    const T* o_row = out + i * p.out.row_stride;
+    const T* do_row = dout + i * bp.dout.row_stride;
+    Acc sum = 0;
+    for (int64_t d = 0; d < p.head_dim; ++d) {
+      sum += static_cast<Acc>(to_float(o_row[d])) * static_cast<Acc>(to_float(do_row[d]));
+    }
+    result[i] = sum;
+  }
+}
+
+// Rows [i0, i0 + m) of a (batch, head) matrix as an A/B operand: in place when the element type
+// is the compute type and rows are a whole number of vectors, else converted into `buffer`.
+template <typename T, typename Acc>
+inline const Acc* operand_rows(const T* rows, int64_t row_stride, int64_t m, int64_t head_dim, Acc* buffer,
+                               int64_t ldo, int64_t* stride) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (head_dim % Vec<Acc>::kWidth == 0) {
+      *stride = row_stride;
+      return rows;
+    }
+  }
+  convert_rows(rows, row_stride, m, head_dim, buffer, ldo);
+  *stride = ldo;
+  return buffer;
+}
+
+// P[r][c] = exp(scale·S[r][c] - lse[r]) for visible keys, else 0 (rows with LSE -inf are all 0).
+template <typename Acc>
+inline void probabilities_from_lse(const AttentionParams& params, const BackwardScratch<Acc>& s, int64_t i0,
+                                   int64_t m, int64_t j0, int64_t n, const float* lse) {
+  using V = VecT<Acc>;
+  constexpr int W = Vec<Acc>::kWidth;
+  const V scale = vec_set1<Acc>(static_cast<Acc>(params.scale));
+  for (int64_t r = 0; r < m; ++r) {
+    Acc* row = s.p + r * s.ldn;
+    const float row_lse = lse[i0 + r];
+    const KeyRange keys = visible_keys(params, i0 + r);
+    int64_t lo = keys.begin - j0, hi = keys.end - j0;
+    lo = lo < 0 ? 0 : (lo > n ? n : lo);
+    hi = hi < lo ? lo : (hi > n ? n : hi);
+    if (row_lse == -std::numeric_limits<float>::infinity()) lo = hi = 0;
+    const V shift = vec_set1<Acc>(static_cast<Acc>(row_lse));
+    for (int64_t c = 0; c < s.ldn; c += W) vec_store<Acc>(row + c, exp_vec<Acc>(vec_load<Acc>(row + c) * scale - shift));
+    for (int64_t c = 0; c < lo; ++c) row[c] = Acc(0);
+    for (int64_t c = hi; c < s.ldn; ++c) row[c] = Acc(0);
+  }
+}
+
+// dS = P ∘ (dP - dsum[row]), in place in s.ds.
+template <typename Acc>
+inline void softmax_gradient(const BackwardScratch<Acc>& s, int64_t m, const Acc* dsum) {
+  using V = VecT<Acc>;
+  constexpr int W = Vec<Acc>::kWidth;
+  for (int64_t r = 0; r < m; ++r) {
+    const V row_dsum = vec_set1<Acc>(dsum[r]);
+    Acc* ds = s.ds + r * s.ldn;
+    const Acc* p = s.p + r * s.ldn;
+    for (int64_t c = 0; c < s.ldn; c += W) {
+      vec_store<Acc>(ds + c, vec_load<Acc>(p + c) * (vec_load<Acc>(ds + c) - row_dsum));
+    }
+  }
+}
+
+// One task: keys [key_begin, key_begin + kBwdBlockN) of (batch, kv_head).
+// dq_partial: Acc[group][seqlen_q][ldo], this thread's accumulator for the group's query heads.
+// dsum: Acc[batch][num_heads][seqlen_q].
+template <typename T>
+void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_head, int64_t key_begin,
+                         void* dq_partial, const void* dsum, void* scratch) {
+  using Acc = typename ComputeType<T>::type;
+  const AttentionParams& p = bp.forward;
+  const int64_t head_dim = p.head_dim;
+  const int64_t group = p.num_heads / p.num_heads_kv;
+  const int64_t j0 = key_begin;
+  const int64_t n = p.seqlen_k - j0 < kBwdBlockN ? p.seqlen_k - j0 : kBwdBlockN;
+  const BackwardScratch<Acc> s = BackwardScratch<Acc>::carve(scratch, head_dim);
+
+  const T* k = static_cast<const T*>(p.k.data) + batch * p.k.batch_stride + kv_head * p.k.head_stride +
+               j0 * p.k.row_stride;
+  const T* v = static_cast<const T*>(p.v.data) + batch * p.v.batch_stride + kv_head * p.v.head_stride +
+               j0 * p.v.row_stride;
+  convert_rows(k, p.k.row_stride, n, head_dim, s.k_rows, s.ldo);
+  for (int64_t j = n; j < kBwdBlockN; ++j) {
+    for (int64_t d = 0; d < s.ldo; ++d) s.k_rows[j * s.ldo + d] = Acc(0);
+  }
+  for (int64_t d = 0; d < head_dim; ++d) {
+    for (int64_t j = 0; j < s.ldn; ++j) {
+      s.k_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(k[j * p.k.row_stride + d])) : Acc(0);
+      s.v_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(v[j * p.v.row_stride + d])) : Acc(0);
+    }
+  }
+  for (int64_t e = 0; e < kBwdBlockN * s.ldo; ++e) s.dk[e] = s.dv[e] = Acc(0);
+
+  const RowRange rows = visible_rows_of_keys(p, j0, j0 + n);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t head = kv_head * group + g;
+    const T* q = static_cast<const T*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride;
+    const T* dout = static_cast<const T*>(bp.dout.data) + batch * bp.dout.batch_stride + head * bp.dout.head_stride;
+    const float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q;
+    const Acc* head_dsum = static_cast<const Acc*>(dsum) + (batch * p.num_heads + head) * p.seqlen_q;
+    Acc* dq = static_cast<Acc*>(dq_partial) + g * p.seqlen_q * s.ldo;
+    for (int64_t i0 = rows.begin; i0 < rows.end; i0 += kBwdBlockM) {
+      const int64_t m = rows.end - i0 < kBwdBlockM ? rows.end - i0 : kBwdBlockM;
+      int64_t q_stride, do_stride;
+      const Acc* q_blk = operand_rows(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_rows, s.ldo, &q_stride);
+      const Acc* do_blk =
+          operand_rows(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_rows, s.ldo, &do_stride);
+
+      gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{q_blk, q_stride, 1}, s.k_t, s.ldn, s.p, s.ldn, false);
+      probabilities_from_lse(p, s, i0, m, j0, n, lse);
+      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.p, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
+      gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{do_blk, do_stride, 1}, s.v_t, s.ldn, s.ds, s.ldn, false);
+      softmax_gradient(s, m, head_dsum + i0);
+      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.ds, 1, s.ldn}, q_blk, q_stride, s.dk, s.ldo, true);
+      gemm<Acc>(m, s.ldo, n, StridedA<Acc>{s.ds, s.ldn, 1}, s.k_rows, s.ldo, dq + i0 * s.ldo, s.ldo, true);
+    }
+  }
+
+  const Acc scale = static_cast<Acc>(p.scale);
+  T* dk = static_cast<T*>(bp.dk.data) + batch * bp.dk.batch_stride + kv_head * bp.dk.head_stride + j0 * bp.dk.row_stride;
+  T* dv = static_cast<T*>(bp.dv.data) + batch * bp.dv.batch_stride + kv_head * bp.dv.head_stride + j0 * bp.dv.row_stride;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < head_dim; ++d) {
+      dk[j * bp.dk.row_stride + d] = from_float<T>(s.dk[j * s.ldo + d] * scale);
+      dv[j * bp.dv.row_stride + d] = from_float<T>(s.dv[j * s.ldo + d]);
+    }
+  }
+}
+
+// dq[batch, head] = scale · sum of the partials (each Acc[seqlen_q][ldo]), added in the given order.
+template <typename T>
+void backward_reduce_dq_t(const BackwardParams& bp, int64_t batch, int64_t head, const void* const* partials,
+                          int64_t num_partials) {
+  using Acc = typename ComputeType<T>::type;
+  const AttentionParams& p = bp.forward;
+  const int64_t ldo = row_pitch_t<T>(p);
+  const Acc scale = static_cast<Acc>(p.scale);
+  T* dq = static_cast<T*>(bp.dq.data) + batch * bp.dq.batch_stride + head * bp.dq.head_stride;
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    for (int64_t d = 0; d < p.head_dim; ++d) {
+      Acc sum = 0;
+      for (int64_t part = 0; part < num_partials; ++part) sum += static_cast<const Acc*>(partials[part])[i * ldo + d];
+      dq[i * bp.dq.row_stride + d] = from_float<T>(sum * scale);
+    }
+  }
+}
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn
