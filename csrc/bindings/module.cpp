@@ -31,14 +31,16 @@ void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out,
   cpu::attention_forward(params, isa, num_threads);
 }
 
-void attention_backward(py::handle dout, py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
-                        py::handle dq, py::handle dk, py::handle dv, double scale, bool causal, int64_t q_offset,
+void attention_backward(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v, py::handle out,
+                        py::handle lse, py::handle dq, py::handle dk, py::handle dv, double scale, bool causal, int64_t q_offset,
                         int64_t window_left, int64_t window_right, const std::string& isa, int num_threads,
                         const std::tuple<std::string, std::string, std::string>& names) {
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
   BackwardViews views{ForwardViews{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
                                    view_array(v, std::get<2>(names)), view_array(out, "out"), view_array(lse, "lse")},
-                      view_array(dout, "dout"), view_array(dq, "dq"), view_array(dk, "dk"), view_array(dv, "dv")};
+                      view_array(dout, "dout"), view_array(dq, "dq"), view_array(dk, "dk"), view_array(dv, "dv"),
+                      std::nullopt};
+  if (!dlse.is_none()) views.dlse = view_array(dlse, "dlse");
   const BackwardParams params =
       make_backward_params(views, ForwardOptions{scale, causal, q_offset, window_left, window_right});
   cpu::kernels_for_isa(isa);
@@ -55,7 +57,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("isa"), py::arg("num_threads"),
         py::arg("names"),
         "Forward attention into the caller-allocated out (and lse). All arrays in (b, h, s, d) order.");
-  m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+  m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("scale"),
         py::arg("causal"), py::arg("q_offset"), py::arg("window_left"), py::arg("window_right"), py::arg("isa"),
         py::arg("num_threads"), py::arg("names"),

@@ -87,6 +87,22 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
   params.dq = tensor_ref(views.dq);
   params.dk = tensor_ref(views.dk);
   params.dv = tensor_ref(views.dv);
+  if (views.dlse) {
+    const TensorView& dlse = *views.dlse;
+    const TensorView& lse = *views.forward.lse;
+    check_rank(dlse, 3, "(batch, heads, seqlen_q)");
+    if (dlse.dtype.code != dlpack::kFloat || dlse.dtype.bits != 32 || dlse.dtype.lanes != 1) {
+      throw py::type_error(dlse.name + " must be float32, got " + dlse.dtype_string());
+    }
+    check_cpu(dlse, lse);
+    for (int64_t d = 0; d < 3; ++d) {
+      if (dlse.shape[d] != lse.shape[d]) fail(dlse.name + " must have the shape of lse " + lse.shape_string());
+    }
+    const bool contiguous = dlse.strides[2] == 1 && dlse.strides[1] == dlse.shape[2] &&
+                            dlse.strides[0] == dlse.shape[1] * dlse.shape[2];
+    if (!contiguous && dlse.shape[0] * dlse.shape[1] * dlse.shape[2] > 1) fail(dlse.name + " must be contiguous");
+    params.dlse = static_cast<const float*>(dlse.data);
+  }
   return params;
 }
 

@@ -33,6 +33,7 @@ struct BackwardViews {
   TensorView dq;         // like q
   TensorView dk;         // like k
   TensorView dv;         // like v
+  std::optional<TensorView> dlse;  // like lse
 };
 
 BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options);

@@ -51,6 +51,9 @@ struct BackwardParams {
   TensorRef dq;    // like q
   TensorRef dk;    // like k
   TensorRef dv;    // like v
+  // Gradient of the lse output, (batch, num_heads, seqlen_q) fp32 contiguous; null = none.
+  // It enters as dS += P·dlse (d lse_i / d s_ij = P_ij), i.e. Dsum_i -= dlse_i.
+  const float* dlse = nullptr;
 };
 
 }  // namespace fusedattn

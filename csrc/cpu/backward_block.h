@@ -83,7 +83,7 @@ inline int64_t row_pitch_t(const AttentionParams& params) {
   return round_up(params.head_dim, Vec<Acc>::kWidth);
 }
 
-// dsum[i] = sum_d dO[i][d]·O[i][d] for the rows of one (batch, head); dsum is Acc[seqlen_q].
+// dsum[i] = sum_d dO[i][d]·O[i][d] - dlse[i] for the rows of one (batch, head); dsum is Acc[seqlen_q].
 template <typename T>
 void backward_dsum_t(const BackwardParams& bp, int64_t batch, int64_t head, void* dsum) {
   using Acc = typename ComputeType<T>::type;
@@ -98,7 +98,7 @@ void backward_dsum_t(const BackwardParams& bp, int64_t batch, int64_t head, void
     for (int64_t d = 0; d < p.head_dim; ++d) {
       sum += static_cast<Acc>(to_float(o_row[d])) * static_cast<Acc>(to_float(do_row[d]));
     }
-    result[i] = sum;
+    result[i] = bp.dlse == nullptr ? sum : sum - static_cast<Acc>(bp.dlse[(batch * p.num_heads + head) * p.seqlen_q + i]);
   }
 }
 

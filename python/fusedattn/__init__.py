@@ -8,13 +8,19 @@
 Inputs may be torch tensors, numpy arrays or any DLPack CPU array; the result has the caller's kind.
 """
 
+import sys
+
 from ._runtime import get_num_threads, info, set_num_threads
-from .functional import attention, flash_attn_func, scaled_dot_product_attention
+from .functional import attention, attention_backward, flash_attn_func, scaled_dot_product_attention
+
+if "torch" in sys.modules:  # register the torch ops now, outside any torch.compile trace
+    from . import _torch_ops  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_backward",
     "scaled_dot_product_attention",
     "flash_attn_func",
     "get_num_threads",

@@ -33,6 +33,34 @@ def as_array(x, name: str):
     )
 
 
+def check_same_kind(arrays, names) -> None:
+    """All torch tensors or none: a result has one kind, and torch ops take only tensors."""
+    torch_flags = [is_torch(x) for x in arrays]
+    if any(torch_flags) and not all(torch_flags):
+        odd = names[torch_flags.index(not torch_flags[0])]
+        kind = "a torch tensor" if torch_flags[0] else "not a torch tensor"
+        raise TypeError(f"{odd} must be of the same kind as {names[0]} ({names[0]} is {kind})")
+
+
+def torch_mode(*tensors) -> str:
+    """How to run torch tensors: "op" (the torch.library op: torch.compile traces and tensor
+    subclasses such as FakeTensor or DTensor), "autograd" (eager with a gradient to record), or
+    "direct" (eager, no gradient: the kernel is called with no dispatcher or autograd cost)."""
+    torch = torch_module()
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return "op"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "autograd"
+    return "direct"
+
+
+def torch_ops():
+    """The torch.library ops (registered on first use when torch was imported after fusedattn)."""
+    from . import _torch_ops
+
+    return _torch_ops
+
+
 def check_rank(x, rank: int, name: str, dims: str) -> None:
     if x.ndim != rank:
         raise ValueError(f"{name} must be {rank}-D {dims}, got shape {tuple(x.shape)}")
@@ -54,7 +82,3 @@ def empty_like_kind(reference, shape, dtype=None):
 def float32_of(reference):
     return torch_module().float32 if is_torch(reference) else np.float32
 
-
-def for_kernel(x):
-    """What the extension reads: torch tensors lose autograd (DLPack refuses requires_grad)."""
-    return x.detach() if is_torch(x) and x.requires_grad else x

@@ -12,22 +12,13 @@ import math
 
 from . import _C, _arrays, _runtime
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func"]
+__all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "flash_attn_func"]
 
 _DIMS = {"bhsd": "(batch, heads, seqlen, head_dim)", "bshd": "(batch, seqlen, heads, head_dim)"}
 
 
 def _not_implemented(feature: str):
     return NotImplementedError(f"fusedattn: {feature} is not implemented yet")
-
-
-def _check_no_grad(*arrays) -> None:
-    torch = _arrays.torch_module()
-    if torch is not None and torch.is_grad_enabled():
-        if any(_arrays.is_torch(x) and x.requires_grad for x in arrays):
-            raise _not_implemented(
-                "the backward pass (gradients)"
-            ) from None
 
 
 def _window_pair(window, name: str) -> tuple[int, int]:
@@ -40,36 +31,42 @@ def _window_pair(window, name: str) -> tuple[int, int]:
     return left, right
 
 
-def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, names):
-    """Shared body: validate the layout, allocate the outputs, call the kernel."""
+def _arrays_of(q, k, v, layout, names):
+    """Checks kinds, ranks and layout; returns the three arrays (numpy / torch, zero-copy)."""
     if layout not in _DIMS:
         raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
-    q = _arrays.as_array(q, names[0])
-    k = _arrays.as_array(k, names[1])
-    v = _arrays.as_array(v, names[2])
-    for x, name in zip((q, k, v), names):
+    arrays = tuple(_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
+    for x, name in zip(arrays, names):
         _arrays.check_rank(x, 4, name, _DIMS[layout])
-    _check_no_grad(q, k, v)
+    _arrays.check_same_kind(arrays, names)
+    return arrays
+
+
+def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, names):
+    """Shared body: validate, allocate the outputs in the caller's framework, call the kernel."""
+    q, k, v = _arrays_of(q, k, v, layout, names)
     left, right = _window_pair(window, "window")
+    bshd = layout == "bshd"
+    seq_dim = 1 if bshd else 2
+    seqlen_q, seqlen_k, head_dim = q.shape[seq_dim], k.shape[seq_dim], q.shape[3]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    q_offset = seqlen_k - seqlen_q if q_offset is None else int(q_offset)
 
+    if _arrays.is_torch(q):
+        mode = _arrays.torch_mode(q, k, v)
+        if mode != "direct":
+            ops = _arrays.torch_ops()
+            run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
+            out, lse = run(q, k, v, scale, bool(causal), q_offset, left, right, bshd)
+            return (out, lse) if return_lse else out
+
+    # numpy, or eager torch with no gradient to record: call the kernel directly.
     out = _arrays.empty_like_kind(q, q.shape)
-    if layout == "bshd":
-        q_n, k_n, v_n, out_n = (_arrays.swap_seq_heads(x) for x in (q, k, v, out))
-    else:
-        q_n, k_n, v_n, out_n = q, k, v, out
-    batch, num_heads, seqlen_q, head_dim = q_n.shape
-    seqlen_k = k_n.shape[2]
-    lse = _arrays.empty_like_kind(q, (batch, num_heads, seqlen_q), _arrays.float32_of(q)) if return_lse else None
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if q_offset is None:
-        q_offset = seqlen_k - seqlen_q
-
-    _C.attention_forward(
-        _arrays.for_kernel(q_n), _arrays.for_kernel(k_n), _arrays.for_kernel(v_n), out_n, lse,
-        float(scale), bool(causal), int(q_offset), left, right,
-        _runtime.cpu_isa(), _runtime.get_num_threads(), names,
-    )
+    lse_shape = (q.shape[0], q.shape[3 - seq_dim], seqlen_q)
+    lse = _arrays.empty_like_kind(q, lse_shape, _arrays.float32_of(q)) if return_lse else None
+    views = [_arrays.swap_seq_heads(x) if bshd else x for x in (q, k, v, out)]
+    _C.attention_forward(*views, lse, scale, bool(causal), q_offset, left, right,
+                         _runtime.cpu_isa(), _runtime.get_num_threads(), names)
     return (out, lse) if return_lse else out
 
 
@@ -94,6 +91,40 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None
     """
     return _forward(q, k, v, causal=causal, scale=scale, layout=layout, q_offset=q_offset, window=window,
                     return_lse=return_lse, names=("q", "k", "v"))
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, layout="bhsd", q_offset=None,
+                       window=(-1, -1)):
+    """Gradients (dq, dk, dv) of attention, given the forward's out and lse from outside.
+
+    For context-parallel and ring attention, where the forward's out and lse are merged across
+    devices before the backward. Arguments mean what they mean in attention(); dout has out's
+    shape; lse is the float32 (batch, heads, seqlen_q) log-sum-exp. Gradients have the kinds,
+    dtypes and shapes of q, k, v (contiguous in the given layout).
+    """
+    names = ("q", "k", "v")
+    q, k, v = _arrays_of(q, k, v, layout, names)
+    dout = _arrays.as_array(dout, "dout")
+    out = _arrays.as_array(out, "out")
+    lse = _arrays.as_array(lse, "lse")
+    _arrays.check_same_kind((q, dout, out, lse), ("q", "dout", "out", "lse"))
+    _arrays.check_rank(dout, 4, "dout", _DIMS[layout])
+    _arrays.check_rank(out, 4, "out", _DIMS[layout])
+    left, right = _window_pair(window, "window")
+    bshd = layout == "bshd"
+    seq_dim = 1 if bshd else 2
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    q_offset = k.shape[seq_dim] - q.shape[seq_dim] if q_offset is None else int(q_offset)
+
+    if _arrays.is_torch(q):
+        return _arrays.torch_ops().attention_backward(dout, None, q, k, v, out, lse, scale, bool(causal), q_offset,
+                                                      left, right, bshd)
+    grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (q, k, v))
+    views = [_arrays.swap_seq_heads(x) if bshd else x for x in (dout, q, k, v, out)]
+    grad_views = [_arrays.swap_seq_heads(x) if bshd else x for x in grads]
+    _C.attention_backward(views[0], None, *views[1:], lse, *grad_views, scale, bool(causal), q_offset, left, right,
+                          _runtime.cpu_isa(), _runtime.get_num_threads(), names)
+    return grads
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
