@@ -1,0 +1,104 @@
+"""Threads: results do not depend on the thread count (bitwise: each q-block is computed by one
+thread in a fixed order), set_num_threads validates its argument, and concurrent calls from
+several Python threads (the GIL is released in the kernel) all give correct results.
+"""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import torch
+
+import fusedattn
+from conftest import ISAS, check_attention, force_isa, make_qkv
+
+
+def _run_with_threads(num_threads, q, k, v, **kwargs):
+    fusedattn.set_num_threads(num_threads)
+    return fusedattn.attention(q, k, v, return_lse=True, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("num_threads", [2, 3, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_thread_count_does_not_change_results(dtype, num_threads, causal):
+    q, k, v = make_qkv(2, 4, 2, 300, 260, 64, dtype, k_scale=2.0)
+    out_1, lse_1 = _run_with_threads(1, q, k, v, causal=causal)
+    out_n, lse_n = _run_with_threads(num_threads, q, k, v, causal=causal)
+    assert torch.equal(out_1, out_n)
+    assert torch.equal(lse_1, lse_n)
+
+
+@pytest.mark.parametrize("num_threads", [2, 8])
+def test_thread_count_does_not_change_results_with_window(num_threads):
+    """Also with a sliding window, where each q-block starts at its own first visible key."""
+    q, k, v = make_qkv(2, 4, 2, 300, 260, 64, k_scale=2.0)
+    out_1, lse_1 = _run_with_threads(1, q, k, v, causal=True, window=(100, -1))
+    out_n, lse_n = _run_with_threads(num_threads, q, k, v, causal=True, window=(100, -1))
+    assert torch.equal(out_1, out_n), f"max difference {(out_1 - out_n).abs().max().item():.3g}"
+    assert torch.equal(lse_1, lse_n)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_thread_count_does_not_change_results_per_isa(isa_name):
+    q, k, v = make_qkv(1, 2, 2, 129, 129, 59)
+    with force_isa(isa_name):
+        fusedattn.set_num_threads(1)
+        out_1 = fusedattn.attention(q, k, v, causal=True)
+        fusedattn.set_num_threads(None)  # the default: torch's thread count
+        out_default = fusedattn.attention(q, k, v, causal=True)
+    assert torch.equal(out_1, out_default)
+
+
+def test_default_follows_torch():
+    fusedattn.set_num_threads(None)
+    assert fusedattn.get_num_threads() == torch.get_num_threads()
+    fusedattn.set_num_threads(3)
+    assert fusedattn.get_num_threads() == 3
+    assert fusedattn.info(verbose=False)["num_threads"] == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
+def test_set_num_threads_rejects_bad_values(bad):
+    fusedattn.set_num_threads(2)
+    with pytest.raises(ValueError, match="num_threads"):
+        fusedattn.set_num_threads(bad)
+    assert fusedattn.get_num_threads() == 2  # unchanged
+
+
+def test_more_threads_than_tasks():
+    q, k, v = make_qkv(1, 1, 1, 3, 5, 8)
+    fusedattn.set_num_threads(16)
+    out = fusedattn.attention(q, k, v, causal=True)
+    check_attention(out, q, k, v, causal=True)
+
+
+def test_concurrent_calls_from_python_threads():
+    """4 Python threads x 20 calls, each with its own inputs and options, all correct."""
+    generator = np.random.default_rng(7)
+    jobs = []
+    for index in range(80):
+        seqlen_q, seqlen_k = (int(n) for n in generator.integers(1, 80, size=2))
+        head_dim = int(generator.choice([8, 40, 59, 64]))
+        dtype = [torch.float32, torch.float64, torch.bfloat16][index % 3]
+        kwargs = dict(causal=bool(index % 2), window=[(-1, -1), (6, -1), (3, 3)][index % 3])
+        jobs.append((make_qkv(1, 4, 2, seqlen_q, seqlen_k, head_dim, dtype), kwargs))
+
+    def run(job):
+        (q, k, v), kwargs = job
+        return fusedattn.attention(q, k, v, return_lse=True, **kwargs)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    for ((q, k, v), kwargs), result in zip(jobs, results):
+        check_attention(result, q, k, v, return_lse=True, **kwargs)
+
+
+def test_concurrent_calls_are_deterministic():
+    """The same call made concurrently from 4 threads gives bitwise the same result as alone."""
+    q, k, v = make_qkv(2, 4, 4, 129, 129, 64)
+    expected = fusedattn.attention(q, k, v, causal=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: fusedattn.attention(q, k, v, causal=True), range(16)))
+    for out in results:
+        assert torch.equal(out, expected)
