@@ -47,7 +47,9 @@ void check_size(const TensorView& view, int64_t dim, int64_t expected, const cha
 }
 
 void check_last_dim_contiguous(const TensorView& view) {
-  if (view.shape.back() > 1 && view.strides.back() != 1) {
+  int64_t elements = 1;
+  for (const int64_t size : view.shape) elements *= size;
+  if (elements > 0 && view.shape.back() > 1 && view.strides.back() != 1) {
     fail(view.name + " must be contiguous in its last dim (stride 1), got strides (" +
          std::to_string(view.strides[0]) + ", " + std::to_string(view.strides[1]) + ", " +
          std::to_string(view.strides[2]) + ", " + std::to_string(view.strides[3]) + ")");

@@ -17,6 +17,19 @@ struct TensorRef {
   int64_t row_stride = 0;    // stride of seqlen
 };
 
+// An optional attn_mask broadcast to (batch, num_heads, seqlen_q, seqlen_k) by its strides
+// (a broadcast dim has stride 0). Bool: true = attend. Float: added to the scores.
+enum class MaskType : int { kNone = 0, kBool = 1, kFloat32 = 2, kFloat64 = 3, kFloat16 = 4, kBFloat16 = 5 };
+
+struct MaskRef {
+  const void* data = nullptr;
+  MaskType type = MaskType::kNone;
+  int64_t batch_stride = 0;  // elements
+  int64_t head_stride = 0;
+  int64_t row_stride = 0;    // over query rows
+  int64_t col_stride = 0;    // over keys
+};
+
 struct AttentionParams {
   DType dtype = DType::kFloat32;  // q, k, v and out share it
 
@@ -41,6 +54,17 @@ struct AttentionParams {
   // Sliding window (left, right) around the query position; -1 = unbounded.
   int64_t window_left = -1;
   int64_t window_right = -1;
+
+  // Score modifications, applied in DESIGN.md's order (see variant.h):
+  // s = scale·q·k → softcap → ALiBi → + float mask → masking → softmax (with sink) → dropout.
+  float softcap = 0.0f;                  // > 0: s = softcap · tanh(s / softcap)
+  const float* alibi_slopes = nullptr;   // fp32 slope of (batch, head) at b·alibi_batch_stride + h
+  int64_t alibi_batch_stride = 0;        // 0 for (num_heads,) slopes, num_heads for (batch, num_heads)
+  MaskRef mask;
+  const float* sinks = nullptr;          // (num_heads,) fp32 logits in each row's softmax denominator
+  float dropout_p = 0.0f;                // probability of dropping each attention weight
+  uint64_t dropout_seed = 0;             // Philox key; the mask depends on (seed, offset, b, h, i, j)
+  uint64_t dropout_offset = 0;
 };
 
 // The backward reads q, k, v, out and the forward's lse (all in `forward`; lse is an input
@@ -54,6 +78,10 @@ struct BackwardParams {
   // Gradient of the lse output, (batch, num_heads, seqlen_q) fp32 contiguous; null = none.
   // It enters as dS += P·dlse (d lse_i / d s_ij = P_ij), i.e. Dsum_i -= dlse_i.
   const float* dlse = nullptr;
+  // Gradient of a float attn_mask, dense (batch, num_heads, seqlen_q, seqlen_k) fp32 and
+  // zero-filled by the caller (entries of skipped tiles stay 0); null = not requested. The
+  // caller sums it over the mask's broadcast dims.
+  float* dmask = nullptr;
 };
 
 }  // namespace fusedattn

@@ -181,7 +181,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   }
   for (int64_t i = 0; i < s.ldq; ++i) {
     const KeyRange range = visible_keys(params, block.row_begin + (i < rows ? i : rows - 1));
-    s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin < params.seqlen_k ? range.begin : params.seqlen_k);
+    s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin);
     s.key_end[i] = static_cast<MaskIndex<Acc>>(range.end);
     s.row_max[i] = -std::numeric_limits<Acc>::infinity();
     s.row_sum[i] = Acc(0);
@@ -190,7 +190,9 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   const KeyRange keys = visible_keys_of_rows(params, block.row_begin, block.row_end);
   const bool use_direct_v = kDirect && head_dim % W == 0;
   bool first = true;
-  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockN) {
+  // Key blocks start at multiples of kBlockN, so a row's summation order (and result) does not
+  // depend on which q-block, hence which thread count, it was computed in.
+  for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
     const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
     // Sᵀ = K_blk · Qᵀ
     StridedA<Acc> k_blk;

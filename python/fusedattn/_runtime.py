@@ -57,9 +57,11 @@ def cpu_isa() -> str:
 def _set_cpu_isa(name: str | None) -> None:
     """Forces a CPU ISA in this process (None = best available), as FUSEDATTN_CPU_ISA does. For tests."""
     global _forced_isa
+    if name is not None and name not in _C.available_isas():
+        raise ValueError(
+            f"FUSEDATTN_CPU_ISA={name!r} is not available on this machine; available: {', '.join(_C.available_isas())}"
+        )
     _forced_isa = name
-    if name is not None:
-        cpu_isa()  # validate now
 
 
 def _cuda_report() -> dict:

@@ -42,14 +42,22 @@ def _arrays_of(q, k, v, layout, names):
     return arrays
 
 
-def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, names):
+def _default_scale(scale, head_dim: int, name: str) -> float:
+    if head_dim < 1:
+        raise ValueError(f"{name} has head_dim {head_dim}; supported: 1..256")
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, names, window_name="window"):
     """Shared body: validate, allocate the outputs in the caller's framework, call the kernel."""
     q, k, v = _arrays_of(q, k, v, layout, names)
-    left, right = _window_pair(window, "window")
+    left, right = _window_pair(window, window_name)
     bshd = layout == "bshd"
     seq_dim = 1 if bshd else 2
     seqlen_q, seqlen_k, head_dim = q.shape[seq_dim], k.shape[seq_dim], q.shape[3]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    scale = _default_scale(scale, head_dim, names[0])
     q_offset = seqlen_k - seqlen_q if q_offset is None else int(q_offset)
 
     if _arrays.is_torch(q):
@@ -57,7 +65,7 @@ def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, na
         if mode != "direct":
             ops = _arrays.torch_ops()
             run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
-            out, lse = run(q, k, v, scale, bool(causal), q_offset, left, right, bshd)
+            out, lse = run(q, k, v, scale, bool(causal), q_offset, left, right, bshd, ",".join(names))
             return (out, lse) if return_lse else out
 
     # numpy, or eager torch with no gradient to record: call the kernel directly.
@@ -113,12 +121,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
     left, right = _window_pair(window, "window")
     bshd = layout == "bshd"
     seq_dim = 1 if bshd else 2
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    scale = _default_scale(scale, q.shape[3], "q")
     q_offset = k.shape[seq_dim] - q.shape[seq_dim] if q_offset is None else int(q_offset)
 
     if _arrays.is_torch(q):
         return _arrays.torch_ops().attention_backward(dout, None, q, k, v, out, lse, scale, bool(causal), q_offset,
-                                                      left, right, bshd)
+                                                      left, right, bshd, ",".join(names))
     grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (q, k, v))
     views = [_arrays.swap_seq_heads(x) if bshd else x for x in (dout, q, k, v, out)]
     grad_views = [_arrays.swap_seq_heads(x) if bshd else x for x in grads]
@@ -147,6 +155,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"query has {query.shape[-3]} heads but key has {key.shape[-3]}; pass enable_gqa=True for GQA"
         )
     lead = query.shape[:-3]
+    for x, name in ((key, "key"), (value, "value")):
+        if tuple(x.shape[:-3]) != tuple(lead):
+            raise ValueError(f"{name} has leading (batch) dims {tuple(x.shape[:-3])} but query has {tuple(lead)}")
     batch = math.prod(lead)
     q4, k4, v4 = (x.reshape((batch,) + tuple(x.shape[-3:])) for x in (query, key, value))
     out = _forward(q4, k4, v4, causal=is_causal, scale=scale, layout="bhsd", q_offset=0, window=(-1, -1),
@@ -167,4 +178,4 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         raise _not_implemented("return_attn_probs")
     del deterministic  # the forward is always deterministic
     return _forward(q, k, v, causal=causal, scale=softmax_scale, layout="bshd", q_offset=None,
-                    window=window_size, return_lse=False, names=("q", "k", "v"))
+                    window=window_size, return_lse=False, names=("q", "k", "v"), window_name="window_size")
