@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -75,7 +76,84 @@ void check_like(const TensorView& view, const TensorView& like, bool writable) {
   if (writable && view.read_only) fail(view.name + " is read-only");
 }
 
+MaskType mask_type(const TensorView& view) {
+  if (view.dtype.lanes == 1) {
+    if (view.dtype.code == dlpack::kBool) return MaskType::kBool;
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 32) return MaskType::kFloat32;
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 64) return MaskType::kFloat64;
+    if (view.dtype.code == dlpack::kFloat && view.dtype.bits == 16) return MaskType::kFloat16;
+    if (view.dtype.code == dlpack::kBfloat && view.dtype.bits == 16) return MaskType::kBFloat16;
+  }
+  throw py::type_error(view.name + " must be bool or floating point, got " + view.dtype_string());
+}
+
+void check_float32_vector(const TensorView& view, const std::vector<std::vector<int64_t>>& shapes,
+                          const std::string& expected) {
+  if (view.dtype.code != dlpack::kFloat || view.dtype.bits != 32 || view.dtype.lanes != 1) {
+    throw py::type_error(view.name + " must be float32, got " + view.dtype_string());
+  }
+  bool matches = false;
+  for (const auto& shape : shapes) matches |= view.shape == shape;
+  if (!matches) fail(view.name + " must have shape " + expected + ", got " + view.shape_string());
+  int64_t expected_stride = 1;
+  for (int64_t d = view.ndim() - 1; d >= 0; --d) {
+    if (view.shape[d] > 1 && view.strides[d] != expected_stride) fail(view.name + " must be contiguous");
+    expected_stride *= view.shape[d];
+  }
+}
+
+void fill_variant(const ForwardViews& views, AttentionParams& params) {
+  const TensorView& q = views.q;
+  const std::string dims = "(" + std::to_string(params.batch) + ", " + std::to_string(params.num_heads) + ", " +
+                           std::to_string(params.seqlen_q) + ", " + std::to_string(params.seqlen_k) + ")";
+  if (views.mask) {
+    const TensorView& mask = *views.mask;
+    check_cpu(mask, q);
+    params.mask.type = mask_type(mask);
+    const std::vector<int64_t> expected{params.batch, params.num_heads, params.seqlen_q, params.seqlen_k};
+    if (mask.shape != expected) fail(mask.name + " must broadcast to " + dims + ", got " + mask.shape_string());
+    params.mask.data = mask.data;
+    params.mask.batch_stride = mask.strides[0];
+    params.mask.head_stride = mask.strides[1];
+    params.mask.row_stride = mask.strides[2];
+    params.mask.col_stride = mask.strides[3];
+  }
+  if (views.alibi_slopes) {
+    const TensorView& slopes = *views.alibi_slopes;
+    check_cpu(slopes, q);
+    const std::string heads = std::to_string(params.num_heads);
+    check_float32_vector(slopes, {{params.num_heads}, {params.batch, params.num_heads}},
+                         "(" + heads + ",) or (" + std::to_string(params.batch) + ", " + heads + ")");
+    params.alibi_slopes = static_cast<const float*>(slopes.data);
+    params.alibi_batch_stride = slopes.ndim() == 2 ? params.num_heads : 0;
+  }
+  if (views.sinks) {
+    const TensorView& sinks = *views.sinks;
+    check_cpu(sinks, q);
+    check_float32_vector(sinks, {{params.num_heads}}, "(" + std::to_string(params.num_heads) + ",)");
+    params.sinks = static_cast<const float*>(sinks.data);
+  }
+}
+
 }  // namespace
+
+ForwardOptions parse_variant(const py::tuple& variant, ForwardViews& views) {
+  if (variant.size() != 12) fail("variant must have 12 entries, got " + std::to_string(variant.size()));
+  ForwardOptions options;
+  options.scale = variant[0].cast<double>();
+  options.causal = variant[1].cast<bool>();
+  options.q_offset = variant[2].cast<int64_t>();
+  options.window_left = variant[3].cast<int64_t>();
+  options.window_right = variant[4].cast<int64_t>();
+  options.softcap = variant[5].cast<double>();
+  if (!variant[6].is_none()) views.mask = view_array(variant[6], "attn_mask");
+  if (!variant[7].is_none()) views.alibi_slopes = view_array(variant[7], "alibi_slopes");
+  if (!variant[8].is_none()) views.sinks = view_array(variant[8], "sinks");
+  options.dropout_p = variant[9].cast<double>();
+  options.seed = variant[10].cast<uint64_t>();
+  options.offset = variant[11].cast<uint64_t>();
+  return options;
+}
 
 BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options) {
   if (!views.forward.lse) fail("the backward needs the forward's lse");
@@ -104,6 +182,23 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
                             dlse.strides[0] == dlse.shape[1] * dlse.shape[2];
     if (!contiguous && dlse.shape[0] * dlse.shape[1] * dlse.shape[2] > 1) fail(dlse.name + " must be contiguous");
     params.dlse = static_cast<const float*>(dlse.data);
+  }
+  if (views.dmask) {
+    const TensorView& dmask = *views.dmask;
+    const AttentionParams& f = params.forward;
+    if (dmask.dtype.code != dlpack::kFloat || dmask.dtype.bits != 32 || dmask.dtype.lanes != 1) {
+      throw py::type_error(dmask.name + " must be float32, got " + dmask.dtype_string());
+    }
+    const std::vector<int64_t> expected{f.batch, f.num_heads, f.seqlen_q, f.seqlen_k};
+    const std::vector<int64_t> contiguous{f.num_heads * f.seqlen_q * f.seqlen_k, f.seqlen_q * f.seqlen_k, f.seqlen_k, 1};
+    if (dmask.shape != expected) fail(dmask.name + " must have shape (batch, heads, seqlen_q, seqlen_k)");
+    if (dmask.strides != contiguous && f.batch * f.num_heads * f.seqlen_q * f.seqlen_k > 0) {
+      fail(dmask.name + " must be contiguous");
+    }
+    if (f.mask.type == MaskType::kNone || f.mask.type == MaskType::kBool) {
+      fail("dmask (the attn_mask gradient) needs a float attn_mask");
+    }
+    params.dmask = static_cast<float*>(dmask.data);
   }
   return params;
 }
@@ -185,6 +280,17 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
     fail("window_size must be (left, right) with each >= 0 or -1 (unbounded), got (" +
          std::to_string(options.window_left) + ", " + std::to_string(options.window_right) + ")");
   }
+  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
+    fail("softcap must be >= 0 (0 = off), got " + std::to_string(options.softcap));
+  }
+  if (!(options.dropout_p >= 0.0 && options.dropout_p <= 1.0)) {
+    fail("dropout_p must be in [0, 1], got " + std::to_string(options.dropout_p));
+  }
+  params.softcap = static_cast<float>(options.softcap);
+  params.dropout_p = static_cast<float>(options.dropout_p);
+  params.dropout_seed = options.seed;
+  params.dropout_offset = options.offset;
+  fill_variant(views, params);
   params.scale = options.scale;
   params.causal = options.causal;
   params.q_offset = options.q_offset;

@@ -15,15 +15,27 @@ struct ForwardViews {
   TensorView v;    // (batch, num_heads_kv, seqlen_k, head_dim)
   TensorView out;  // like q
   std::optional<TensorView> lse;  // (batch, num_heads, seqlen_q) float32, contiguous
+  std::optional<TensorView> mask;          // (batch, num_heads, seqlen_q, seqlen_k), bool or float
+  std::optional<TensorView> alibi_slopes;  // (num_heads,) or (batch, num_heads) float32
+  std::optional<TensorView> sinks;         // (num_heads,) float32
 };
 
 struct ForwardOptions {
-  double scale;
-  bool causal;
-  int64_t q_offset;
-  int64_t window_left;
-  int64_t window_right;
+  double scale = 1.0;
+  bool causal = false;
+  int64_t q_offset = 0;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  double softcap = 0.0;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+  uint64_t offset = 0;
 };
+
+// The Python-side "variant" tuple: (scale, causal, q_offset, window_left, window_right, softcap,
+// mask, alibi_slopes, sinks, dropout_p, seed, offset); arrays may be None. Fills the options
+// and the optional views.
+ForwardOptions parse_variant(const pybind11::tuple& variant, ForwardViews& views);
 
 AttentionParams make_forward_params(const ForwardViews& views, const ForwardOptions& options);
 
@@ -34,6 +46,7 @@ struct BackwardViews {
   TensorView dk;         // like k
   TensorView dv;         // like v
   std::optional<TensorView> dlse;  // like lse
+  std::optional<TensorView> dmask;  // float32 (batch, num_heads, seqlen_q, seqlen_k), contiguous, zeroed
 };
 
 BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options);

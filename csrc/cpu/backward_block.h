@@ -20,6 +20,7 @@
 #include "cpu/convert.h"
 #include "cpu/forward_block.h"
 #include "cpu/gemm_tile.h"
+#include "cpu/score_mods.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
@@ -44,12 +45,16 @@ struct BackwardScratch {
   Acc* do_rows;  // [kBwdBlockM x ldo] converted dO
   Acc* p;        // [kBwdBlockM x ldn]
   Acc* ds;       // [kBwdBlockM x ldn]
+  Acc* p_drop;   // [kBwdBlockM x ldn] P with dropout applied (the weights that multiplied V)
+  Acc* drop;     // [kBwdBlockM x ldn] dropout factors
+  Acc* cap_t;    // [kBwdBlockM x ldn] tanh(s / softcap), for the softcap chain rule
+  Acc* mask;     // [kBwdBlockM x ldn] attn_mask values
 
   static int64_t elements(int64_t head_dim) {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldn = round_up(kBwdBlockN, W);
     const int64_t ldo = round_up(head_dim, W);
-    return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 2 * kBwdBlockM * ldn;
+    return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 6 * kBwdBlockM * ldn;
   }
 
   static BackwardScratch carve(void* base, int64_t head_dim) {
@@ -66,7 +71,11 @@ struct BackwardScratch {
     s.q_rows = p;  p += kBwdBlockM * s.ldo;
     s.do_rows = p; p += kBwdBlockM * s.ldo;
     s.p = p;       p += kBwdBlockM * s.ldn;
-    s.ds = p;
+    s.ds = p;      p += kBwdBlockM * s.ldn;
+    s.p_drop = p;  p += kBwdBlockM * s.ldn;
+    s.drop = p;    p += kBwdBlockM * s.ldn;
+    s.cap_t = p;   p += kBwdBlockM * s.ldn;
+    s.mask = p;
     return s;
   }
 };
@@ -118,13 +127,24 @@ inline const Acc* operand_rows(const T* rows, int64_t row_stride, int64_t m, int
   return buffer;
 }
 
-// P[r][c] = exp(scale·S[r][c] - lse[r]) for visible keys, else 0 (rows with LSE -inf are all 0).
+// Recomputes the forward's weights of the m x n tile from S = Q·Kᵀ (in s.p):
+// scale → softcap → ALiBi → + attn_mask → P = exp(s - lse) on visible keys, else 0 (rows with
+// LSE -inf are all 0). The attn_mask tile is already in s.mask. Leaves tanh(s / softcap) in
+// s.cap_t for the chain rule.
 template <typename Acc>
-inline void probabilities_from_lse(const AttentionParams& params, const BackwardScratch<Acc>& s, int64_t i0,
-                                   int64_t m, int64_t j0, int64_t n, const float* lse) {
+inline void probabilities_from_lse(const AttentionParams& params, const BackwardScratch<Acc>& s, int64_t batch,
+                                   int64_t head, int64_t i0, int64_t m, int64_t j0, int64_t n, const float* lse) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   const V scale = vec_set1<Acc>(static_cast<Acc>(params.scale));
+  for (int64_t e = 0; e < m * s.ldn; e += W) vec_store<Acc>(s.p + e, vec_load<Acc>(s.p + e) * scale);
+  if (params.softcap > 0.0f) apply_softcap<Acc>(s.p, m * s.ldn, params.softcap, s.cap_t);
+  V key_offsets;  // j0 + lane, for ALiBi
+  for (int lane = 0; lane < W; ++lane) {
+    if constexpr (W == 1) key_offsets = static_cast<Acc>(j0);
+    else key_offsets[lane] = static_cast<Acc>(j0 + lane);
+  }
+  const Acc slope = static_cast<Acc>(alibi_slope(params, batch, head));
   for (int64_t r = 0; r < m; ++r) {
     Acc* row = s.p + r * s.ldn;
     const float row_lse = lse[i0 + r];
@@ -134,7 +154,13 @@ inline void probabilities_from_lse(const AttentionParams& params, const Backward
     hi = hi < lo ? lo : (hi > n ? n : hi);
     if (row_lse == -std::numeric_limits<float>::infinity()) lo = hi = 0;
     const V shift = vec_set1<Acc>(static_cast<Acc>(row_lse));
-    for (int64_t c = 0; c < s.ldn; c += W) vec_store<Acc>(row + c, exp_vec<Acc>(vec_load<Acc>(row + c) * scale - shift));
+    const V position = vec_set1<Acc>(static_cast<Acc>(query_position(params, i0 + r)));
+    for (int64_t c = 0; c < s.ldn; c += W) {
+      V score = vec_load<Acc>(row + c);
+      if (params.alibi_slopes != nullptr) score = alibi_score(score, slope, position, key_offsets + static_cast<Acc>(c));
+      if (params.mask.type != MaskType::kNone) score += vec_load<Acc>(s.mask + r * s.ldn + c);
+      vec_store<Acc>(row + c, exp_vec<Acc>(score - shift));
+    }
     for (int64_t c = 0; c < lo; ++c) row[c] = Acc(0);
     for (int64_t c = hi; c < s.ldn; ++c) row[c] = Acc(0);
   }
@@ -186,6 +212,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
   for (int64_t e = 0; e < kBwdBlockN * s.ldo; ++e) s.dk[e] = s.dv[e] = Acc(0);
 
   const RowRange rows = visible_rows_of_keys(p, j0, j0 + n);
+  const bool dropout = p.dropout_p > 0.0f;
   for (int64_t g = 0; g < group; ++g) {
     const int64_t head = kv_head * group + g;
     const T* q = static_cast<const T*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride;
@@ -195,16 +222,42 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
     Acc* dq = static_cast<Acc*>(dq_partial) + g * p.seqlen_q * s.ldo;
     for (int64_t i0 = rows.begin; i0 < rows.end; i0 += kBwdBlockM) {
       const int64_t m = rows.end - i0 < kBwdBlockM ? rows.end - i0 : kBwdBlockM;
+      if (p.mask.type != MaskType::kNone &&
+          !load_mask_tile(p.mask, batch, head, i0, m, j0, n, s.mask, Orientation{s.ldn, 1})) {
+        continue;  // a bool mask hides the whole tile: no gradient flows through it
+      }
       int64_t q_stride, do_stride;
       const Acc* q_blk = operand_rows(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_rows, s.ldo, &q_stride);
       const Acc* do_blk =
           operand_rows(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_rows, s.ldo, &do_stride);
 
       gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{q_blk, q_stride, 1}, s.k_t, s.ldn, s.p, s.ldn, false);
-      probabilities_from_lse(p, s, i0, m, j0, n, lse);
-      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.p, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
+      probabilities_from_lse(p, s, batch, head, i0, m, j0, n, lse);
+      const Acc* weights = s.p;  // what multiplied V in the forward
+      if (dropout) {
+        dropout_tile(p, batch, head, i0, m, j0, n, s.drop, Orientation{s.ldn, 1});
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t c = 0; c < n; ++c) s.p_drop[r * s.ldn + c] = s.p[r * s.ldn + c] * s.drop[r * s.ldn + c];
+        }
+        weights = s.p_drop;
+      }
+      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{weights, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
       gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{do_blk, do_stride, 1}, s.v_t, s.ldn, s.ds, s.ldn, false);
+      if (dropout) {
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t c = 0; c < n; ++c) s.ds[r * s.ldn + c] *= s.drop[r * s.ldn + c];
+        }
+      }
       softmax_gradient(s, m, head_dsum + i0);
+      if (bp.dmask != nullptr) {
+        float* dmask = bp.dmask + ((batch * p.num_heads + head) * p.seqlen_q + i0) * p.seqlen_k + j0;
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t c = 0; c < n; ++c) dmask[r * p.seqlen_k + c] = static_cast<float>(s.ds[r * s.ldn + c]);
+        }
+      }
+      if (p.softcap > 0.0f) {  // d(cap·tanh(s/cap))/ds = 1 - tanh²
+        for (int64_t e = 0; e < m * s.ldn; ++e) s.ds[e] *= Acc(1) - s.cap_t[e] * s.cap_t[e];
+      }
       gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.ds, 1, s.ldn}, q_blk, q_stride, s.dk, s.ldo, true);
       gemm<Acc>(m, s.ldo, n, StridedA<Acc>{s.ds, s.ldn, 1}, s.k_rows, s.ldo, dq + i0 * s.ldo, s.ldo, true);
     }

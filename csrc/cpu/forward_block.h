@@ -24,6 +24,7 @@
 #include "cpu/convert.h"
 #include "cpu/gemm_tile.h"
 #include "cpu/kernel_table.h"
+#include "cpu/score_mods.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
@@ -53,6 +54,9 @@ struct ForwardScratch {
   Acc* row_max;       // [ldq]
   Acc* row_sum;       // [ldq]
   Acc* row_rescale;   // [ldq]
+  Acc* query_pos;     // [ldq] position of each query row (ALiBi)
+  Acc* mask_tile;     // [kBlockN x ldq] attn_mask values of the current key block
+  Acc* drop_tile;     // [kBlockN x ldq] dropout factors of the current key block
   MaskIndex<Acc>* key_begin;  // [ldq] first visible key per query row
   MaskIndex<Acc>* key_end;    // [ldq] one past the last visible key
 
@@ -61,7 +65,7 @@ struct ForwardScratch {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldq = round_up(block_rows, W);
     const int64_t ldo = round_up(head_dim, W);
-    return head_dim * ldq + kBlockN * ldq + ldq * ldo + 2 * kBlockN * ldo + 5 * ldq;
+    return head_dim * ldq + 3 * kBlockN * ldq + ldq * ldo + 2 * kBlockN * ldo + 6 * ldq;
   }
 
   static ForwardScratch carve(void* base, int64_t head_dim, int64_t block_rows) {
@@ -78,6 +82,9 @@ struct ForwardScratch {
     s.row_max = p;     p += s.ldq;
     s.row_sum = p;     p += s.ldq;
     s.row_rescale = p; p += s.ldq;
+    s.query_pos = p;   p += s.ldq;
+    s.mask_tile = p;   p += kBlockN * s.ldq;
+    s.drop_tile = p;   p += kBlockN * s.ldq;
     s.key_begin = reinterpret_cast<MaskIndex<Acc>*>(p); p += s.ldq;
     s.key_end = reinterpret_cast<MaskIndex<Acc>*>(p);
     return s;
@@ -123,6 +130,30 @@ inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
         const auto hidden = (begin > key) | (end <= key);
         vec_store<Acc>(row + i, hidden ? minus_inf : vec_load<Acc>(row + i));
       }
+    }
+  }
+}
+
+// softcap → ALiBi → + attn_mask on the n x ldq block of scores (DESIGN.md's order).
+template <typename Acc>
+inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n,
+                          Acc slope) {
+  constexpr int W = Vec<Acc>::kWidth;
+  if (params.softcap > 0.0f) apply_softcap<Acc>(s.s_t, n * s.ldq, params.softcap, nullptr);
+  if (params.alibi_slopes != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const VecT<Acc> key = vec_set1<Acc>(static_cast<Acc>(j0 + j));
+      Acc* row = s.s_t + j * s.ldq;
+      for (int64_t i = 0; i < s.ldq; i += W) {
+        vec_store<Acc>(row + i, alibi_score(vec_load<Acc>(row + i), slope, vec_load<Acc>(s.query_pos + i), key));
+      }
+    }
+  }
+  if (params.mask.type != MaskType::kNone) {
+    for (int64_t j = 0; j < n; ++j) {
+      Acc* row = s.s_t + j * s.ldq;
+      const Acc* bias = s.mask_tile + j * s.ldq;
+      for (int64_t i = 0; i < s.ldq; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) + vec_load<Acc>(bias + i));
     }
   }
 }
@@ -179,13 +210,21 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     for (int64_t i = 0; i < rows; ++i) dst[i] = static_cast<Acc>(to_float(q[i * params.q.row_stride + d])) * scale;
     for (int64_t i = rows; i < s.ldq; ++i) dst[i] = Acc(0);
   }
+  // A sink is a virtual key with score sink[head] and no value: the running max and sum start
+  // from it instead of from (-inf, 0).
+  const bool has_sink = params.sinks != nullptr;
+  const Acc sink = has_sink ? static_cast<Acc>(params.sinks[block.head]) : Acc(0);
   for (int64_t i = 0; i < s.ldq; ++i) {
-    const KeyRange range = visible_keys(params, block.row_begin + (i < rows ? i : rows - 1));
+    const int64_t row = block.row_begin + (i < rows ? i : rows - 1);
+    const KeyRange range = visible_keys(params, row);
     s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin);
     s.key_end[i] = static_cast<MaskIndex<Acc>>(range.end);
-    s.row_max[i] = -std::numeric_limits<Acc>::infinity();
-    s.row_sum[i] = Acc(0);
+    s.row_max[i] = has_sink ? sink : -std::numeric_limits<Acc>::infinity();
+    s.row_sum[i] = has_sink ? Acc(1) : Acc(0);
+    s.query_pos[i] = static_cast<Acc>(query_position(params, row));
   }
+  const Orientation transposed{1, s.ldq};  // Sᵀ: element (query i, key j) at j * ldq + i
+  const Acc slope = static_cast<Acc>(alibi_slope(params, block.batch, block.head));
 
   const KeyRange keys = visible_keys_of_rows(params, block.row_begin, block.row_end);
   const bool use_direct_v = kDirect && head_dim % W == 0;
@@ -194,6 +233,10 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
     const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
+    if (params.mask.type != MaskType::kNone &&
+        !load_mask_tile(params.mask, block.batch, block.head, block.row_begin, rows, j0, n, s.mask_tile, transposed)) {
+      continue;  // a bool mask hides the whole tile
+    }
     // Sᵀ = K_blk · Qᵀ
     StridedA<Acc> k_blk;
     if constexpr (kDirect) {
@@ -203,10 +246,17 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       k_blk = {s.k_rows, s.ldo, 1};
     }
     gemm<Acc>(n, s.ldq, head_dim, k_blk, s.q_t, s.ldq, s.s_t, s.ldq, false);
+    modify_scores(params, s, j0, n, slope);
 
     const bool fully_visible = j0 >= s.key_begin[rows - 1] && j0 + n <= s.key_end[0];
     if (!fully_visible) mask_scores(s, j0, n);
     softmax_step(s, n);
+    if (params.dropout_p > 0.0f) {
+      dropout_tile(params, block.batch, block.head, block.row_begin, rows, j0, n, s.drop_tile, transposed);
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t i = 0; i < rows; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
+      }
+    }
 
     if (!first) {
       for (int64_t i = 0; i < rows; ++i) {
@@ -239,14 +289,15 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
                    : params.lse + (block.batch * params.num_heads + block.head) * params.seqlen_q + block.row_begin;
   for (int64_t i = 0; i < rows; ++i) {
     const Acc sum = s.row_sum[i];
-    const bool empty = first || sum == Acc(0);  // a NaN sum stays NaN
+    const bool no_weight = sum == Acc(0);  // no visible key and no sink (a NaN sum stays NaN)
+    const bool empty = first || no_weight;
     const Acc inv = empty ? Acc(0) : Acc(1) / sum;
     T* out_row = out + i * params.out.row_stride;
     const Acc* o_row = s.o + i * s.ldo;
     for (int64_t c = 0; c < head_dim; ++c) out_row[c] = from_float<T>(empty ? Acc(0) : o_row[c] * inv);
     if (lse != nullptr) {
-      lse[i] = empty ? -std::numeric_limits<float>::infinity()
-                     : static_cast<float>(s.row_max[i] + std::log(sum));
+      lse[i] = no_weight ? -std::numeric_limits<float>::infinity()
+                         : static_cast<float>(s.row_max[i] + std::log(sum));
     }
   }
 }

@@ -71,6 +71,37 @@ def swap_seq_heads(x):
     return x.transpose(1, 2) if is_torch(x) else x.swapaxes(1, 2)
 
 
+def broadcast_view(x, shape):
+    """x broadcast to `shape` as a view (stride 0 on broadcast dims, never a copy).
+
+    Leading dims are added as needed; raises ValueError when x does not broadcast. Numpy views
+    are made writeable-flagged (they are only read) so that any DLPack version exports them.
+    """
+    shape = tuple(int(s) for s in shape)
+    if x.ndim > len(shape):
+        raise ValueError(f"shape {tuple(x.shape)} has more dims than {shape}")
+    if is_torch(x):
+        return x.expand(shape)
+    view = np.broadcast_to(x, shape)
+    return np.lib.stride_tricks.as_strided(x, shape=view.shape, strides=view.strides, writeable=True)
+
+
+def float32_contiguous(x):
+    """A per-head parameter array as contiguous float32 (None stays None)."""
+    if x is None:
+        return None
+    if is_torch(x):
+        return x.detach().to(torch_module().float32).contiguous()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def from_numpy_like(reference, array: np.ndarray):
+    """array converted to reference's kind and dtype (and device, for torch)."""
+    if is_torch(reference):
+        return torch_module().from_numpy(np.ascontiguousarray(array)).to(dtype=reference.dtype, device=reference.device)
+    return array.astype(reference.dtype)
+
+
 def empty_like_kind(reference, shape, dtype=None):
     """An uninitialised array of reference's kind and device (dtype defaults to reference's)."""
     if is_torch(reference):

@@ -1,14 +1,15 @@
 """PyTorch integration: the kernels as torch.library ops with fake (meta) kernels and autograd.
 
-    fusedattn::attention_forward(q, k, v, ...)  -> (out, lse)
-    fusedattn::attention_backward(dout, dlse, q, k, v, out, lse, ...) -> (dq, dk, dv)
+    fusedattn::attention_forward(q, k, v, attn_mask?, alibi_slopes?, sinks?, rng_seed?, ...) -> (out, lse)
+    fusedattn::attention_backward(dout, dlse?, q, k, v, out, lse, ...) -> (dq, dk, dv, dmask, dsinks)
 
 Tensors are passed in the caller's layout (`bshd` says (b, s, h, d), else (b, h, s, d)); outputs
-are contiguous in that layout, in the real and the fake kernel alike. Being real ops (not a
-Python autograd.Function around an opaque call), they trace under torch.compile(fullgraph=True)
-without graph breaks, pass torch.library.opcheck, and get gradients through register_autograd.
-In eager mode, EagerAttention runs the same kernels without the dispatcher (fewer µs per call).
-The lse output is always produced: backward needs it, and it costs B·H·Lq floats.
+are contiguous in that layout, in the real and the fake kernel alike. attn_mask comes already
+expanded to (b, h, Lq, Lk) (a view), so autograd's expand reduces its dense gradient to the
+mask's own shape. rng_seed is an int64 scalar tensor (traceable under torch.compile).
+Being real ops, they trace under torch.compile(fullgraph=True) without graph breaks, pass
+torch.library.opcheck, and get gradients through register_autograd. In eager mode,
+EagerAttention runs the same functions without the dispatcher (fewer µs per call).
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ import torch
 
 from . import _C, _runtime
 
+_VARIANT_ARGS = (
+    "float scale, bool causal, int q_offset, int window_left, int window_right, float softcap, "
+    "float dropout_p, bool bshd, str names"
+)
 torch.library.define(
     "fusedattn::attention_forward",
-    "(Tensor q, Tensor k, Tensor v, float scale, bool causal, int q_offset, int window_left, "
-    "int window_right, bool bshd, str names) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? alibi_slopes, Tensor? sinks, Tensor? rng_seed, "
+    f"{_VARIANT_ARGS}) -> (Tensor, Tensor)",
 )
 torch.library.define(
     "fusedattn::attention_backward",
-    "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-    "bool causal, int q_offset, int window_left, int window_right, bool bshd, str names) -> (Tensor, Tensor, Tensor)",
+    "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, "
+    f"Tensor? alibi_slopes, Tensor? sinks, Tensor? rng_seed, {_VARIANT_ARGS}, bool mask_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -38,63 +44,108 @@ def _lse_shape(q: torch.Tensor, bshd: bool):
     return (q.shape[0], q.shape[2], q.shape[1]) if bshd else (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _attention_forward_cpu(q, k, v, scale, causal, q_offset, window_left, window_right, bshd, names):
+def _float32(x):
+    return None if x is None else x.detach().to(torch.float32).contiguous()
+
+
+def _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right, softcap,
+             dropout_p):
+    """The extension's variant tuple (see csrc/bindings/validate.h)."""
+    seed = int(rng_seed.item()) if rng_seed is not None and dropout_p > 0.0 else 0
+    return (scale, causal, q_offset, window_left, window_right, softcap, attn_mask, _float32(alibi_slopes),
+            _float32(sinks), dropout_p, seed, 0)
+
+
+def _forward_cpu(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
+                 window_right, softcap, dropout_p, bshd, names):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, bshd), dtype=torch.float32, device=q.device)
-    _C.attention_forward(
-        _bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, scale, causal, q_offset,
-        window_left, window_right, _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")),
-    )
+    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
+                       softcap, dropout_p)
+    _C.attention_forward(_bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, variant,
+                         _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")))
     return out, lse
 
 
-def _attention_backward_cpu(dout, dlse, q, k, v, out, lse, scale, causal, q_offset, window_left, window_right,
-                            bshd, names):
+def sink_gradient(sinks, dout, out, lse, dlse, bshd):
+    """d loss / d sinks[h] = -sum_{b,i} exp(sinks[h] - lse[b,h,i]) · (rowsum(dO∘O) - dlse)[b,h,i]."""
+    dsum = (dout.float() * out.float()).sum(-1)
+    if bshd:
+        dsum = dsum.transpose(1, 2)
+    if dlse is not None:
+        dsum = dsum - dlse
+    sink_weight = torch.exp(sinks.float()[None, :, None] - lse)
+    return (-(sink_weight * dsum).sum((0, 2))).to(sinks.dtype)
+
+
+def _backward_cpu(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
+                  window_left, window_right, softcap, dropout_p, bshd, names, mask_grad):
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    batch, num_heads, seqlen_q = _lse_shape(q, bshd)
+    seqlen_k = k.shape[1] if bshd else k.shape[2]
+    dmask = (torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device)
+             if mask_grad else q.new_empty((0,), dtype=torch.float32))
     if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum()
         dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
-    _C.attention_backward(
-        _bhsd(dout, bshd), dlse, _bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse,
-        _bhsd(dq, bshd), _bhsd(dk, bshd), _bhsd(dv, bshd), scale, causal, q_offset, window_left, window_right,
-        _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")),
-    )
-    return dq, dk, dv
+    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
+                       softcap, dropout_p)
+    _C.attention_backward(_bhsd(dout, bshd), dlse, _bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd),
+                          lse, _bhsd(dq, bshd), _bhsd(dk, bshd), _bhsd(dv, bshd), dmask if mask_grad else None,
+                          variant, _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")))
+    dsinks = sink_gradient(sinks, dout, out, lse, dlse, bshd) if sinks is not None else q.new_empty((0,))
+    return dq, dk, dv, dmask, dsinks
 
 
-def _attention_forward_fake(q, k, v, scale, causal, q_offset, window_left, window_right, bshd, names):
+def _forward_fake(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
+                  window_right, softcap, dropout_p, bshd, names):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, bshd), dtype=torch.float32)
 
 
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, scale, causal, q_offset, window_left, window_right,
-                             bshd, names):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _backward_fake(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
+                   window_left, window_right, softcap, dropout_p, bshd, names, mask_grad):
+    batch, num_heads, seqlen_q = _lse_shape(q, bshd)
+    seqlen_k = k.shape[1] if bshd else k.shape[2]
+    dmask_shape = (batch, num_heads, seqlen_q, seqlen_k) if mask_grad else (0,)
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(dmask_shape, dtype=torch.float32), dsinks)
 
 
-def _gradients_needed(ctx, dq, dk, dv):
-    """(dq, dk, dv, None × 7): no gradient for inputs that do not require one."""
+_NO_GRAD_OPTIONS = (None,) * 10  # rng_seed and the nine variant scalars
+
+
+def _gradients(ctx, grads):
+    """Gradients of (q, k, v, attn_mask, alibi_slopes, sinks, ...): None where none is needed."""
+    dq, dk, dv, dmask, dsinks = grads
     needs = ctx.needs_input_grad
-    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None) + (None,) * 7
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            dmask.to(ctx.mask_dtype) if needs[3] else None, None, dsinks if needs[5] else None) + _NO_GRAD_OPTIONS
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, *options = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.options = options  # scale, causal, q_offset, window_left, window_right, bshd, names
+def _save(ctx, inputs, output):
+    q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, *options = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, alibi_slopes, sinks, rng_seed)
+    ctx.options = options
+    ctx.mask_dtype = attn_mask.dtype if attn_mask is not None else None
+
+
+def _backward_args(ctx, dout, dlse):
+    q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed = ctx.saved_tensors
+    return (dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed, *ctx.options,
+            bool(ctx.needs_input_grad[3]))
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return _gradients_needed(ctx, *attention_backward(dout, dlse, q, k, v, out, lse, *ctx.options))
+    return _gradients(ctx, attention_backward(*_backward_args(ctx, dout, dlse)))
 
 
-torch.library.impl("fusedattn::attention_forward", "CPU")(_attention_forward_cpu)
-torch.library.impl("fusedattn::attention_backward", "CPU")(_attention_backward_cpu)
-torch.library.register_fake("fusedattn::attention_forward")(_attention_forward_fake)
-torch.library.register_fake("fusedattn::attention_backward")(_attention_backward_fake)
-torch.library.register_autograd("fusedattn::attention_forward", _backward, setup_context=_setup_context)
+torch.library.impl("fusedattn::attention_forward", "CPU")(_forward_cpu)
+torch.library.impl("fusedattn::attention_backward", "CPU")(_backward_cpu)
+torch.library.register_fake("fusedattn::attention_forward")(_forward_fake)
+torch.library.register_fake("fusedattn::attention_backward")(_backward_fake)
+torch.library.register_autograd("fusedattn::attention_forward", _backward, setup_context=_save)
 
 attention_forward = torch.ops.fusedattn.attention_forward.default
 attention_backward = torch.ops.fusedattn.attention_backward.default
@@ -104,13 +155,11 @@ class EagerAttention(torch.autograd.Function):
     """The same forward and backward for eager mode, calling the kernels without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, q, k, v, *options):
-        out, lse = _attention_forward_cpu(q, k, v, *options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = options
-        return out, lse
+    def forward(ctx, *inputs):
+        output = _forward_cpu(*inputs)
+        _save(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        return _gradients_needed(ctx, *_attention_backward_cpu(dout, dlse, q, k, v, out, lse, *ctx.options))
+        return _gradients(ctx, _backward_cpu(*_backward_args(ctx, dout, dlse)))

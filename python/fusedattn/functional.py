@@ -1,24 +1,126 @@
 """The attention functions: the native API and the SDPA- and flash-attn-compatible drop-ins.
 
-All three are one kernel call. Layouts are views: "bhsd" (batch, heads, seqlen, head_dim) is
+All of them are one kernel call. Layouts are views: "bhsd" (batch, heads, seqlen, head_dim) is
 native, "bshd" (flash-attn's) is the same call with the seqlen and heads strides swapped.
 Positions follow DESIGN.md: query row i sits at i + q_offset; the native API and flash-attn
 default to q_offset = seqlen_k - seqlen_q (bottom-right causal), SDPA uses 0 (top-left).
+The score pipeline is DESIGN.md's: scale → softcap → ALiBi → + float mask → masking →
+softmax (with sinks) → dropout → ·V.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import _C, _arrays, _runtime
 
 __all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "flash_attn_func"]
 
 _DIMS = {"bhsd": "(batch, heads, seqlen, head_dim)", "bshd": "(batch, seqlen, heads, head_dim)"}
+_MAX_SEED = 2**63
 
 
-def _not_implemented(feature: str):
-    return NotImplementedError(f"fusedattn: {feature} is not implemented yet")
+class _Call:
+    """One validated attention call: arrays in the caller's layout plus the score variant."""
+
+    def __init__(self, q, k, v, *, layout, names, causal, scale, q_offset, window, window_name="window",
+                 attn_mask=None, alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0, seed=None):
+        if layout not in _DIMS:
+            raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+        self.names = names
+        self.q, self.k, self.v = (_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
+        for x, name in zip((self.q, self.k, self.v), names):
+            _arrays.check_rank(x, 4, name, _DIMS[layout])
+        _arrays.check_same_kind((self.q, self.k, self.v), names)
+        self.bshd = layout == "bshd"
+        seq_dim, head_dim_ = (1, 2) if self.bshd else (2, 1)
+        self.batch, self.num_heads = self.q.shape[0], self.q.shape[head_dim_]
+        self.seqlen_q, self.seqlen_k = self.q.shape[seq_dim], self.k.shape[seq_dim]
+        head_dim = self.q.shape[3]
+        if head_dim < 1:
+            raise ValueError(f"{names[0]} has head_dim {head_dim}; supported: 1..256")
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        self.causal = bool(causal)
+        self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else int(q_offset)
+        self.window = _window_pair(window, window_name)
+        self.softcap = float(softcap)
+        if not self.softcap >= 0.0:
+            raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+        self.attn_mask = None if attn_mask is None else self._broadcast_mask(attn_mask)
+        self.alibi_slopes = None if alibi_slopes is None else self._small_float32(alibi_slopes, "alibi_slopes")
+        self.sinks = None if sinks is None else self._small_float32(sinks, "sinks")
+        self.dropout_p = float(dropout_p)
+        if not 0.0 <= self.dropout_p <= 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+        self.seed = self._seed(seed) if self.dropout_p > 0.0 else 0
+
+    def _broadcast_mask(self, attn_mask):
+        """attn_mask as a (batch, heads, Lq, Lk) view; broadcast dims get stride 0 (no copy)."""
+        mask = _arrays.as_array(attn_mask, "attn_mask")
+        _arrays.check_same_kind((self.q, mask), (self.names[0], "attn_mask"))
+        shape = (self.batch, self.num_heads, self.seqlen_q, self.seqlen_k)
+        if mask.ndim > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+        try:
+            return _arrays.broadcast_view(mask, shape)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {shape}") from None
+
+    def _small_float32(self, x, name):
+        """Per-head parameters (ALiBi slopes, sinks): torch tensors stay tensors (autograd for
+        sinks; the op converts them), others become contiguous float32 numpy arrays."""
+        x = _arrays.as_array(x, name)
+        _arrays.check_same_kind((self.q, x), (self.names[0], name))
+        return x if _arrays.is_torch(x) else np.ascontiguousarray(x, dtype=np.float32)
+
+    def _seed(self, seed):
+        if seed is None:  # torch's default generator for torch callers (torch.manual_seed applies)
+            if _arrays.is_torch(self.q):
+                return int(_arrays.torch_module().randint(0, _MAX_SEED, (), dtype=_arrays.torch_module().int64))
+            return int(np.random.randint(0, _MAX_SEED, dtype=np.int64))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        return int(seed)
+
+    def variant(self, alibi_slopes, sinks):
+        """The extension's variant tuple (csrc/bindings/validate.h)."""
+        return (self.scale, self.causal, self.q_offset, *self.window, self.softcap, self.attn_mask, alibi_slopes,
+                sinks, self.dropout_p, self.seed, 0)
+
+    def op_args(self):
+        """Arguments of the torch ops after (q, k, v) / before the tensors they add."""
+        torch = _arrays.torch_module()
+        rng_seed = torch.tensor(self.seed, dtype=torch.int64) if self.dropout_p > 0.0 else None
+        return (self.attn_mask, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
+                *self.window, self.softcap, self.dropout_p, self.bshd, ",".join(self.names))
+
+    def bhsd(self, x):
+        return _arrays.swap_seq_heads(x) if self.bshd else x
+
+    def lse_shape(self):
+        return (self.batch, self.num_heads, self.seqlen_q)
+
+    def forward(self, return_lse: bool):
+        q, k, v = self.q, self.k, self.v
+        if _arrays.is_torch(q):
+            grad_inputs = (q, k, v, self.attn_mask, self.sinks)
+            mode = _arrays.torch_mode(*(x for x in grad_inputs if x is not None))
+            if mode != "direct":
+                if self.alibi_slopes is not None and self.alibi_slopes.requires_grad and mode == "autograd":
+                    raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi)")
+                ops = _arrays.torch_ops()
+                run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
+                out, lse = run(q, k, v, *self.op_args())
+                return (out, lse) if return_lse else out
+        # numpy, or eager torch with no gradient to record: call the kernel directly.
+        out = _arrays.empty_like_kind(q, q.shape)
+        lse = _arrays.empty_like_kind(q, self.lse_shape(), _arrays.float32_of(q)) if return_lse else None
+        variant = self.variant(_arrays.float32_contiguous(self.alibi_slopes), _arrays.float32_contiguous(self.sinks))
+        _C.attention_forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant,
+                             _runtime.cpu_isa(), _runtime.get_num_threads(), self.names)
+        return (out, lse) if return_lse else out
 
 
 def _window_pair(window, name: str) -> tuple[int, int]:
@@ -31,56 +133,9 @@ def _window_pair(window, name: str) -> tuple[int, int]:
     return left, right
 
 
-def _arrays_of(q, k, v, layout, names):
-    """Checks kinds, ranks and layout; returns the three arrays (numpy / torch, zero-copy)."""
-    if layout not in _DIMS:
-        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
-    arrays = tuple(_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
-    for x, name in zip(arrays, names):
-        _arrays.check_rank(x, 4, name, _DIMS[layout])
-    _arrays.check_same_kind(arrays, names)
-    return arrays
-
-
-def _default_scale(scale, head_dim: int, name: str) -> float:
-    if head_dim < 1:
-        raise ValueError(f"{name} has head_dim {head_dim}; supported: 1..256")
-    if scale is not None:
-        return float(scale)
-    return 1.0 / math.sqrt(head_dim)
-
-
-def _forward(q, k, v, *, causal, scale, layout, q_offset, window, return_lse, names, window_name="window"):
-    """Shared body: validate, allocate the outputs in the caller's framework, call the kernel."""
-    q, k, v = _arrays_of(q, k, v, layout, names)
-    left, right = _window_pair(window, window_name)
-    bshd = layout == "bshd"
-    seq_dim = 1 if bshd else 2
-    seqlen_q, seqlen_k, head_dim = q.shape[seq_dim], k.shape[seq_dim], q.shape[3]
-    scale = _default_scale(scale, head_dim, names[0])
-    q_offset = seqlen_k - seqlen_q if q_offset is None else int(q_offset)
-
-    if _arrays.is_torch(q):
-        mode = _arrays.torch_mode(q, k, v)
-        if mode != "direct":
-            ops = _arrays.torch_ops()
-            run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
-            out, lse = run(q, k, v, scale, bool(causal), q_offset, left, right, bshd, ",".join(names))
-            return (out, lse) if return_lse else out
-
-    # numpy, or eager torch with no gradient to record: call the kernel directly.
-    out = _arrays.empty_like_kind(q, q.shape)
-    lse_shape = (q.shape[0], q.shape[3 - seq_dim], seqlen_q)
-    lse = _arrays.empty_like_kind(q, lse_shape, _arrays.float32_of(q)) if return_lse else None
-    views = [_arrays.swap_seq_heads(x) if bshd else x for x in (q, k, v, out)]
-    _C.attention_forward(*views, lse, scale, bool(causal), q_offset, left, right,
-                         _runtime.cpu_isa(), _runtime.get_num_threads(), names)
-    return (out, lse) if return_lse else out
-
-
-def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None, window=(-1, -1),
-              return_lse=False):
-    """Exact attention softmax(q·kᵀ·scale)·v without materialising the score matrix.
+def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None, window=(-1, -1), attn_mask=None,
+              alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0, seed=None, return_lse=False):
+    """Exact attention softmax(q·kᵀ·scale + bias)·v without materialising the score matrix.
 
     Args:
         q: (batch, num_heads, seqlen_q, head_dim) for layout "bhsd", or (batch, seqlen_q,
@@ -90,66 +145,78 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None
         scale: multiplies q·k; default 1/sqrt(head_dim).
         layout: "bhsd" (native, as SDPA) or "bshd" (flash-attn); any other strides are views.
         q_offset: position of query row 0; default seqlen_k - seqlen_q (bottom-right).
-        window: (left, right) sliding window around the query position, -1 = unbounded.
-        return_lse: also return the float32 log-sum-exp of the scores, shape (batch, heads, seqlen_q).
+        window: (left, right) sliding window: position - left <= j <= position + right; -1 = unbounded.
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (batch, num_heads, seqlen_q, seqlen_k) in either layout; read in place (no copy).
+            A float mask that requires grad gets its gradient.
+        alibi_slopes: (num_heads,) or (batch, num_heads); adds -slope·|position - j|.
+        softcap: > 0 replaces scores s by softcap·tanh(s / softcap) (Gemma-2).
+        sinks: (num_heads,) learnable logits that join each row's softmax denominator but carry
+            no value (gpt-oss); they get gradients.
+        dropout_p: probability of dropping each attention weight (Philox, counter-based).
+        seed: dropout seed; default: drawn from torch's default generator for torch inputs
+            (torch.manual_seed makes runs reproducible), from numpy's global RNG otherwise.
+        return_lse: also return the float32 log-sum-exp of the final scores, (batch, heads, seqlen_q).
 
     Returns:
         out (same kind, dtype and layout as q), or (out, lse) when return_lse.
-        Rows that see no key give 0 (and LSE -inf).
+        Rows that see no key give 0 (and LSE -inf, or the sink's logit when sinks are given).
     """
-    return _forward(q, k, v, causal=causal, scale=scale, layout=layout, q_offset=q_offset, window=window,
-                    return_lse=return_lse, names=("q", "k", "v"))
+    call = _Call(q, k, v, layout=layout, names=("q", "k", "v"), causal=causal, scale=scale, q_offset=q_offset,
+                 window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                 dropout_p=dropout_p, seed=seed)
+    return call.forward(return_lse)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, layout="bhsd", q_offset=None,
-                       window=(-1, -1)):
+                       window=(-1, -1), attn_mask=None, alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0,
+                       seed=None):
     """Gradients (dq, dk, dv) of attention, given the forward's out and lse from outside.
 
     For context-parallel and ring attention, where the forward's out and lse are merged across
-    devices before the backward. Arguments mean what they mean in attention(); dout has out's
-    shape; lse is the float32 (batch, heads, seqlen_q) log-sum-exp. Gradients have the kinds,
-    dtypes and shapes of q, k, v (contiguous in the given layout).
+    devices before the backward. Arguments mean what they mean in attention() and must be the
+    forward's (with dropout, the same explicit seed); dout has out's shape; lse is the float32
+    (batch, heads, seqlen_q) log-sum-exp. Gradients have the kinds, dtypes and shapes of q, k, v
+    (contiguous in the given layout).
     """
-    names = ("q", "k", "v")
-    q, k, v = _arrays_of(q, k, v, layout, names)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("attention_backward with dropout needs the forward's seed")
+    call = _Call(q, k, v, layout=layout, names=("q", "k", "v"), causal=causal, scale=scale, q_offset=q_offset,
+                 window=window, attn_mask=attn_mask, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                 dropout_p=dropout_p, seed=seed)
     dout = _arrays.as_array(dout, "dout")
     out = _arrays.as_array(out, "out")
     lse = _arrays.as_array(lse, "lse")
-    _arrays.check_same_kind((q, dout, out, lse), ("q", "dout", "out", "lse"))
+    _arrays.check_same_kind((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
     _arrays.check_rank(dout, 4, "dout", _DIMS[layout])
     _arrays.check_rank(out, 4, "out", _DIMS[layout])
-    left, right = _window_pair(window, "window")
-    bshd = layout == "bshd"
-    seq_dim = 1 if bshd else 2
-    scale = _default_scale(scale, q.shape[3], "q")
-    q_offset = k.shape[seq_dim] - q.shape[seq_dim] if q_offset is None else int(q_offset)
-
-    if _arrays.is_torch(q):
-        return _arrays.torch_ops().attention_backward(dout, None, q, k, v, out, lse, scale, bool(causal), q_offset,
-                                                      left, right, bshd, ",".join(names))
-    grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (q, k, v))
-    views = [_arrays.swap_seq_heads(x) if bshd else x for x in (dout, q, k, v, out)]
-    grad_views = [_arrays.swap_seq_heads(x) if bshd else x for x in grads]
-    _C.attention_backward(views[0], None, *views[1:], lse, *grad_views, scale, bool(causal), q_offset, left, right,
-                          _runtime.cpu_isa(), _runtime.get_num_threads(), names)
+    if _arrays.is_torch(call.q):
+        dq, dk, dv, _, _ = _arrays.torch_ops().attention_backward(dout, None, call.q, call.k, call.v, out, lse,
+                                                                  *call.op_args(), False)
+        return dq, dk, dv
+    grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (call.q, call.k, call.v))
+    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    _C.attention_backward(call.bhsd(dout), None, call.bhsd(call.q), call.bhsd(call.k), call.bhsd(call.v),
+                          call.bhsd(out), lse, *(call.bhsd(g) for g in grads), None, variant, _runtime.cpu_isa(),
+                          _runtime.get_num_threads(), call.names)
     return grads
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention (same signature and semantics).
 
-    (..., heads, seqlen, head_dim) inputs; is_causal is top-left aligned, as in torch.
+    (..., heads, seqlen, head_dim) inputs; is_causal is top-left aligned, as in torch; a bool
+    attn_mask marks the keys to attend, a float one is added to the scores; rows that see no
+    key give 0. Dropout draws its seed from torch's default generator.
     """
-    if attn_mask is not None:
-        raise _not_implemented("attn_mask")
-    if dropout_p != 0.0:
-        raise _not_implemented("dropout (dropout_p > 0)")
     names = ("query", "key", "value")
     query, key, value = (_arrays.as_array(x, n) for x, n in zip((query, key, value), names))
     for x, name in zip((query, key, value), names):
         if x.ndim < 3:
             raise ValueError(f"{name} must be at least 3-D (..., heads, seqlen, head_dim), got shape {tuple(x.shape)}")
+    if attn_mask is not None and is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch's SDPA requires)")
     if not enable_gqa and query.shape[-3] != key.shape[-3]:
         raise ValueError(
             f"query has {query.shape[-3]} heads but key has {key.shape[-3]}; pass enable_gqa=True for GQA"
@@ -160,22 +227,48 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"{name} has leading (batch) dims {tuple(x.shape[:-3])} but query has {tuple(lead)}")
     batch = math.prod(lead)
     q4, k4, v4 = (x.reshape((batch,) + tuple(x.shape[-3:])) for x in (query, key, value))
-    out = _forward(q4, k4, v4, causal=is_causal, scale=scale, layout="bhsd", q_offset=0, window=(-1, -1),
-                   return_lse=False, names=names)
+    mask4 = attn_mask
+    if attn_mask is not None and query.ndim != 4:  # fold the mask's leading dims like the inputs'
+        full = tuple(lead) + (query.shape[-3], query.shape[-2], key.shape[-2])
+        mask = _arrays.as_array(attn_mask, "attn_mask")
+        try:
+            mask4 = _arrays.broadcast_view(mask, full).reshape((batch,) + full[-3:])
+        except (RuntimeError, ValueError):
+            raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {full}") from None
+    call = _Call(q4, k4, v4, layout="bhsd", names=names, causal=is_causal, scale=scale, q_offset=0,
+                 window=(-1, -1), attn_mask=mask4, dropout_p=dropout_p)
+    out = call.forward(return_lse=False)
     return out.reshape(tuple(lead) + tuple(out.shape[1:]))
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Drop-in for flash_attn.flash_attn_func: (batch, seqlen, heads, head_dim), bottom-right causal."""
-    if dropout_p != 0.0:
-        raise _not_implemented("dropout (dropout_p > 0)")
-    if softcap != 0.0:
-        raise _not_implemented("softcap")
-    if alibi_slopes is not None:
-        raise _not_implemented("alibi_slopes")
-    if return_attn_probs:
-        raise _not_implemented("return_attn_probs")
-    del deterministic  # the forward is always deterministic
-    return _forward(q, k, v, causal=causal, scale=softmax_scale, layout="bshd", q_offset=None,
-                    window=window_size, return_lse=False, names=("q", "k", "v"), window_name="window_size")
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for flash_attn.flash_attn_func: (batch, seqlen, heads, head_dim), bottom-right causal.
+
+    deterministic is accepted and always true here (the backward never uses atomics).
+    return_attn_probs=True returns (out, softmax_lse, S_dmask) as flash-attn does, for testing:
+    S_dmask is the dense (batch, heads, Lq, Lk) attention probability matrix, negated where
+    dropout dropped the weight (it is O(L²): small shapes only).
+    """
+    del deterministic
+    call = _Call(q, k, v, layout="bshd", names=("q", "k", "v"), causal=causal, scale=softmax_scale, q_offset=None,
+                 window=window_size, window_name="window_size", alibi_slopes=alibi_slopes, softcap=softcap,
+                 dropout_p=dropout_p)
+    if not return_attn_probs:
+        return call.forward(return_lse=False)
+    out, lse = call.forward(return_lse=True)
+    return out, lse, _attention_probabilities(call)
+
+
+def _attention_probabilities(call: _Call):
+    """Dense attention probabilities of `call` (float64 reference math), sign-encoding dropout."""
+    from . import reference
+
+    probs, _ = reference.attention_probabilities(
+        call.q, call.k, causal=call.causal, scale=call.scale, q_offset=call.q_offset, window=call.window,
+        layout="bshd" if call.bshd else "bhsd", attn_mask=call.attn_mask, alibi_slopes=call.alibi_slopes,
+        softcap=call.softcap, sinks=call.sinks)
+    if call.dropout_p > 0.0:
+        keep = reference.dropout_keep_mask(*probs.shape, call.dropout_p, call.seed)
+        probs = np.where(keep, probs, -probs)
+    return _arrays.from_numpy_like(call.q, probs)

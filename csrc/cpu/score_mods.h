@@ -1,0 +1,159 @@
+// Tile-level score modifications of the CPU kernels: softcap, ALiBi, attn_mask tiles and the
+// dropout mask, vectorised on the Vec vocabulary. The formulas themselves (ALiBi's distance,
+// softcap, Philox and the keep rule) come from common/variant.h, shared with CUDA.
+//
+// Tiles are addressed by an Orientation: the forward works on Sᵀ (rows = keys, lanes = query
+// rows), the backward on S (rows = query rows, columns = keys). Element (query i, key j) of a
+// tile lives at tile[i * query_step + j * key_step].
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/params.h"
+#include "common/variant.h"
+#include "cpu/convert.h"
+#include "cpu/vec.h"
+
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {
+
+struct Orientation {
+  int64_t query_step;
+  int64_t key_step;
+};
+
+// tanh on every lane: an odd polynomial below |x| = 0.3 (where 1 - 2/(e^2x + 1) would cancel)
+// and the exp form above; |rel err| < 3e-7. Scalars and doubles use libm.
+template <typename T>
+inline VecT<T> tanh_vec(VecT<T> x) {
+  if constexpr (Vec<T>::kWidth == 1) {
+    return std::tanh(x);
+  } else if constexpr (sizeof(T) == 8) {
+    VecT<T> y;
+    for (int lane = 0; lane < Vec<T>::kWidth; ++lane) y[lane] = std::tanh(x[lane]);
+    return y;
+  } else {
+    const VecT<T> x2 = x * x;
+    VecT<T> poly = x2 * (62.0f / 2835.0f) - (17.0f / 315.0f);
+    poly = poly * x2 + (2.0f / 15.0f);
+    poly = poly * x2 - (1.0f / 3.0f);
+    poly = poly * (x2 * x) + x;
+    const VecT<T> large = 1.0f - 2.0f / (exp_vec<T>(x + x) + 1.0f);
+    const VecT<T> magnitude = x < 0.0f ? -x : x;
+    return magnitude < 0.3f ? poly : large;
+  }
+}
+
+// s -> softcap · tanh(s / softcap), in place over `count` elements (a multiple of W).
+template <typename Acc>
+inline void apply_softcap(Acc* scores, int64_t count, float softcap, Acc* tanh_out) {
+  constexpr int W = Vec<Acc>::kWidth;
+  const Acc cap = static_cast<Acc>(softcap);
+  const VecT<Acc> inv_cap = vec_set1<Acc>(Acc(1) / cap);
+  for (int64_t e = 0; e < count; e += W) {
+    const VecT<Acc> t = tanh_vec<Acc>(vec_load<Acc>(scores + e) * inv_cap);
+    if (tanh_out != nullptr) vec_store<Acc>(tanh_out + e, t);
+    vec_store<Acc>(scores + e, softcap_score(t, cap));
+  }
+}
+
+// Reads the attn_mask tile of (batch, head), queries [row_begin, row_begin + rows) and keys
+// [key_begin, key_begin + keys) into `tile` as additive values (bool: 0 or -inf). Returns
+// whether any entry attends (bool masks) — a tile with none is skipped by the caller.
+template <typename M, typename Acc>
+inline bool load_mask_tile_t(const MaskRef& mask, int64_t batch, int64_t head, int64_t row_begin, int64_t rows,
+                             int64_t key_begin, int64_t keys, Acc* tile, Orientation o) {
+  const M* base = static_cast<const M*>(mask.data) + batch * mask.batch_stride + head * mask.head_stride +
+                  row_begin * mask.row_stride + key_begin * mask.col_stride;
+  const Acc minus_inf = -std::numeric_limits<Acc>::infinity();
+  bool any = false;
+  for (int64_t i = 0; i < rows; ++i) {
+    const M* row = base + i * mask.row_stride;
+    Acc* out = tile + i * o.query_step;
+    for (int64_t j = 0; j < keys; ++j) {
+      const M value = row[j * mask.col_stride];
+      if constexpr (std::is_same_v<M, bool>) {
+        any |= value;
+        out[j * o.key_step] = value ? Acc(0) : minus_inf;
+      } else {
+        out[j * o.key_step] = static_cast<Acc>(to_float(value));
+      }
+    }
+  }
+  if constexpr (!std::is_same_v<M, bool>) any = true;
+  return any;
+}
+
+template <typename Acc>
+inline bool load_mask_tile(const MaskRef& mask, int64_t batch, int64_t head, int64_t row_begin, int64_t rows,
+                           int64_t key_begin, int64_t keys, Acc* tile, Orientation o) {
+  switch (mask.type) {
+    case MaskType::kBool:
+      return load_mask_tile_t<bool>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
+    case MaskType::kFloat32:
+      return load_mask_tile_t<float>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
+    case MaskType::kFloat64:
+      return load_mask_tile_t<double>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
+    case MaskType::kFloat16:
+      return load_mask_tile_t<Half>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
+    case MaskType::kBFloat16:
+      return load_mask_tile_t<BFloat16>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
+    case MaskType::kNone:
+      break;
+  }
+  return true;
+}
+
+// The 32x32 -> 64 product of mulhilo, on every lane of a uint32 vector (as many lanes as floats).
+constexpr int kRandomLanes = vec_width<float>();
+struct VectorMulHiLo {
+  typedef uint32_t U32 __attribute__((vector_size(kRandomLanes * sizeof(uint32_t))));
+  typedef uint64_t U64 __attribute__((vector_size(kRandomLanes * sizeof(uint64_t))));
+  void operator()(uint32_t a, U32 x, U32& hi, U32& lo) const {
+    const U64 product = __builtin_convertvector(x, U64) * static_cast<uint64_t>(a);
+    hi = __builtin_convertvector(product >> 32, U32);
+    lo = __builtin_convertvector(product, U32);
+  }
+};
+
+// Dropout factors of the tile (0 for dropped weights, 1/(1 - p) for kept ones), written like a
+// mask tile. key_begin must be a multiple of 4 (Philox gives the keys of one word group together).
+// Lanes run over query rows: one Philox call yields 4 keys for W rows.
+template <typename Acc>
+inline void dropout_tile(const AttentionParams& p, int64_t batch, int64_t head, int64_t row_begin, int64_t rows,
+                         int64_t key_begin, int64_t keys, Acc* tile, Orientation o) {
+  constexpr int W = kRandomLanes;
+  const DropoutKey key = dropout_key(p);
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const Acc keep_scale = static_cast<Acc>(dropout_scale(p.dropout_p));
+  const uint32_t stream = static_cast<uint32_t>(batch * p.num_heads + head);
+  for (int64_t i0 = 0; i0 < rows; i0 += W) {
+    for (int64_t g = 0; g < keys; g += 4) {
+      const uint32_t group = static_cast<uint32_t>((key_begin + g) >> 2);
+      uint32_t words[4][W];
+      if constexpr (W == 1) {
+        uint32_t counter[4] = {group, static_cast<uint32_t>(row_begin + i0), stream, key.counter3};
+        philox4x32_10(counter, key.key0, key.key1, mulhilo_scalar);
+        for (int w = 0; w < 4; ++w) words[w][0] = counter[w];
+      } else {
+        typedef VectorMulHiLo::U32 U32;
+        U32 lane_rows;
+        for (int lane = 0; lane < W; ++lane) lane_rows[lane] = static_cast<uint32_t>(row_begin + i0 + lane);
+        U32 counter[4] = {U32{} + group, lane_rows, U32{} + stream, U32{} + key.counter3};
+        philox4x32_10(counter, key.key0, key.key1, VectorMulHiLo{});
+        for (int w = 0; w < 4; ++w) std::memcpy(words[w], &counter[w], sizeof(words[w]));
+      }
+      for (int w = 0; w < 4 && g + w < keys; ++w) {
+        for (int lane = 0; lane < W && i0 + lane < rows; ++lane) {
+          tile[(i0 + lane) * o.query_step + (g + w) * o.key_step] = words[w][lane] < threshold ? keep_scale : Acc(0);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn
