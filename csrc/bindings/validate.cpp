@@ -122,8 +122,9 @@ void fill_variant(const ForwardViews& views, AttentionParams& params) {
     const TensorView& slopes = *views.alibi_slopes;
     check_cpu(slopes, q);
     const std::string heads = std::to_string(params.num_heads);
-    check_float32_vector(slopes, {{params.num_heads}, {params.batch, params.num_heads}},
-                         "(" + heads + ",) or (" + std::to_string(params.batch) + ", " + heads + ")");
+    const int64_t batch = views.sequence_count >= 0 ? views.sequence_count : params.batch;
+    check_float32_vector(slopes, {{params.num_heads}, {batch, params.num_heads}},
+                         "(" + heads + ",) or (" + std::to_string(batch) + ", " + heads + ")");
     params.alibi_slopes = static_cast<const float*>(slopes.data);
     params.alibi_batch_stride = slopes.ndim() == 2 ? params.num_heads : 0;
   }
@@ -214,8 +215,12 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
   for (const TensorView* view : {&k, &v, &out}) check_same_dtype(*view, q);
   for (const TensorView* view : {&q, &k, &v, &out}) check_cpu(*view, q);
 
-  check_size(k, 0, q.shape[0], "batch size", q);
-  check_size(v, 0, q.shape[0], "batch size", q);
+  if (!views.kv_is_cache) {
+    check_size(k, 0, q.shape[0], "batch size", q);
+    check_size(v, 0, q.shape[0], "batch size", q);
+  } else {
+    check_size(v, 0, k.shape[0], "cache rows", k);
+  }
   check_size(k, 3, q.shape[3], "head_dim", q);
   check_size(v, 3, q.shape[3], "head_dim", q);
   check_size(v, 1, k.shape[1], "num_heads", k);
@@ -273,6 +278,8 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
     if (!contiguous && params.seqlen_q > 0 && num_heads > 0) fail(lse.name + " must be contiguous");
     if (lse.read_only) fail(lse.name + " is read-only");
     params.lse = static_cast<float*>(lse.data);
+    params.lse_batch_stride = lse.strides[0];
+    params.lse_head_stride = lse.strides[1];
   }
 
   if (!std::isfinite(options.scale)) fail("scale must be finite, got " + std::to_string(options.scale));

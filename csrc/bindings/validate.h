@@ -18,6 +18,8 @@ struct ForwardViews {
   std::optional<TensorView> mask;          // (batch, num_heads, seqlen_q, seqlen_k), bool or float
   std::optional<TensorView> alibi_slopes;  // (num_heads,) or (batch, num_heads) float32
   std::optional<TensorView> sinks;         // (num_heads,) float32
+  bool kv_is_cache = false;  // k/v are a KV cache: their batch dim counts cache rows or pages
+  int64_t sequence_count = -1;  // varlen: the number of sequences (rows of (batch, heads) alibi_slopes)
 };
 
 struct ForwardOptions {

@@ -30,6 +30,27 @@ struct MaskRef {
   int64_t col_stride = 0;    // over keys
 };
 
+// Variable-length batches and KV caches. With any of these set, `batch` counts sequences and
+// each sequence b has its own lengths (and q_offset = its seqlen_k - seqlen_q, bottom-right):
+//  - varlen: q/out rows of sequence b are rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of the packed
+//    (total, heads, head_dim) tensors (their batch strides are 0); keys likewise with cu_seqlens_k.
+//  - KV cache: sequence b reads cache row cache_batch_idx[b] (default b), keys [k_begin[b],
+//    seqlens_k[b]) (k_begin = cache_leftpad, default 0).
+//  - paged KV: key row j of sequence b is slot j % page_size of page block_table[b][j / page_size];
+//    k/v batch_stride is then the page stride and row_stride the slot stride.
+struct SequenceLayout {
+  const int32_t* cu_seqlens_q = nullptr;     // (batch + 1,)
+  const int32_t* cu_seqlens_k = nullptr;     // (batch + 1,)
+  const int32_t* seqlens_k = nullptr;        // (batch,)
+  const int32_t* k_begin = nullptr;          // (batch,)
+  const int32_t* cache_batch_idx = nullptr;  // (batch,)
+  const int32_t* block_table = nullptr;      // (batch, block_table_stride)
+  int64_t block_table_stride = 0;
+  int64_t page_size = 0;
+
+  bool any() const { return cu_seqlens_q != nullptr || seqlens_k != nullptr; }
+};
+
 struct AttentionParams {
   DType dtype = DType::kFloat32;  // q, k, v and out share it
 
@@ -37,12 +58,14 @@ struct AttentionParams {
   TensorRef k;    // (batch, num_heads_kv, seqlen_k, head_dim)
   TensorRef v;    // (batch, num_heads_kv, seqlen_k, head_dim)
   TensorRef out;  // (batch, num_heads,    seqlen_q, head_dim)
-  float* lse = nullptr;  // (batch, num_heads, seqlen_q) fp32, contiguous; null = not requested
+  float* lse = nullptr;  // (batch, num_heads, seqlen_q) fp32, rows contiguous; null = not requested
+  int64_t lse_batch_stride = 0;  // elements
+  int64_t lse_head_stride = 0;
 
   int64_t batch = 0;
   int64_t num_heads = 0;
   int64_t num_heads_kv = 0;
-  int64_t seqlen_q = 0;
+  int64_t seqlen_q = 0;  // for a SequenceLayout: the longest sequence
   int64_t seqlen_k = 0;
   int64_t head_dim = 0;
 
@@ -65,7 +88,13 @@ struct AttentionParams {
   float dropout_p = 0.0f;                // probability of dropping each attention weight
   uint64_t dropout_seed = 0;             // Philox key; the mask depends on (seed, offset, b, h, i, j)
   uint64_t dropout_offset = 0;
+
+  SequenceLayout sequences;
 };
+
+inline int64_t dtype_size(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : (dtype == DType::kFloat32 ? 4 : 2);
+}
 
 // The backward reads q, k, v, out and the forward's lse (all in `forward`; lse is an input
 // here and must be given) and writes dq, dk, dv. Gradients have the shapes of q, k, v.

@@ -1,18 +1,31 @@
-// CPU driver of the forward: tasks are (batch, head, q-block); the heaviest q-blocks (the
-// last rows see the most keys under causal masking) are handed out first so the dynamic
-// scheduler ends with short tasks. Each worker allocates its scratch once per call.
+// CPU driver of the forward: plans the blocks, runs them on the thread pool, merges key splits.
+//
+// Blocks (ForwardBlock) are q-blocks of one (sequence, head); for short queries (decode,
+// Lq·group <= kPackedLanes) the query heads of a GQA group are packed into one block so K/V
+// are read once per group. When there are fewer blocks than 2x the threads and the keys are
+// long, each block's key axis is split (split-KV) and the partial results merged by LSE.
+// Blocks are handed out heaviest first (estimated by rows x keys), which keeps threads busy
+// to the end even when sequence lengths are very uneven.
 #include "cpu/attention_cpu.h"
 
+#include <algorithm>
 #include <memory>
 #include <new>
+#include <numeric>
 #include <vector>
 
+#include "common/variant.h"
 #include "cpu/isa.h"
 #include "cpu/thread_pool.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace {
+
+// Packed GQA lanes per block at most: 64 lanes keep Qᵀ and the score tile within L1/L2.
+constexpr int64_t kPackedLanes = 64;
+// A key split is at least this many keys (4 kernel key blocks), so merging stays cheap.
+constexpr int64_t kMinSplitKeys = 256;
 
 struct AlignedDelete {
   void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
@@ -23,7 +36,51 @@ ScratchBuffer allocate_scratch(size_t bytes) {
   return ScratchBuffer(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
 }
 
+struct PlannedBlock {
+  ForwardBlock block;
+  int64_t cost;
+  int64_t merge_index;  // -1, or which merged block this split belongs to
+};
+
 }  // namespace
+
+AttentionParams sequence_params(const AttentionParams& p, int64_t b) {
+  const SequenceLayout& s = p.sequences;
+  if (!s.any()) return p;
+  AttentionParams q = p;
+  const int64_t element = dtype_size(p.dtype);
+  auto advance = [element](TensorRef& t, int64_t rows) {
+    t.data = static_cast<char*>(t.data) + rows * t.row_stride * element;
+    t.batch_stride = 0;
+  };
+  if (s.cu_seqlens_q != nullptr) {
+    q.seqlen_q = s.cu_seqlens_q[b + 1] - s.cu_seqlens_q[b];
+    advance(q.q, s.cu_seqlens_q[b]);
+    advance(q.out, s.cu_seqlens_q[b]);
+    if (q.lse != nullptr) q.lse += s.cu_seqlens_q[b];
+    q.lse_batch_stride = 0;
+  }
+  if (s.cu_seqlens_k != nullptr) {
+    q.seqlen_k = s.cu_seqlens_k[b + 1] - s.cu_seqlens_k[b];
+    advance(q.k, s.cu_seqlens_k[b]);
+    advance(q.v, s.cu_seqlens_k[b]);
+  } else if (s.seqlens_k != nullptr) {
+    const int64_t begin = s.k_begin != nullptr ? s.k_begin[b] : 0;
+    q.seqlen_k = s.seqlens_k[b] - begin;
+    if (s.block_table != nullptr) {
+      q.sequences.block_table = s.block_table + b * s.block_table_stride;  // the kernel indexes it with batch b
+      q.sequences.block_table_stride = 0;
+    } else {
+      const int64_t cache_row = s.cache_batch_idx != nullptr ? s.cache_batch_idx[b] : b;
+      for (TensorRef* t : {&q.k, &q.v}) {
+        t->data = static_cast<char*>(t->data) + (cache_row * t->batch_stride + begin * t->row_stride) * element;
+        t->batch_stride = 0;
+      }
+    }
+  }
+  q.q_offset = q.seqlen_k - q.seqlen_q;  // bottom-right, per sequence
+  return q;
+}
 
 int64_t forward_block_rows(const AttentionParams& params, int num_threads) {
   const int64_t heads = params.batch * params.num_heads;
@@ -32,26 +89,120 @@ int64_t forward_block_rows(const AttentionParams& params, int num_threads) {
   return rows < params.seqlen_q ? rows : params.seqlen_q;
 }
 
+namespace {
+
+std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_threads) {
+  std::vector<PlannedBlock> plan;
+  const int64_t group = params.num_heads / params.num_heads_kv;
+  const int64_t block_rows = std::max<int64_t>(1, forward_block_rows(params, num_threads));
+  const bool mask_per_head = params.mask.type != MaskType::kNone && params.mask.head_stride != 0;
+  for (int64_t b = 0; b < params.batch; ++b) {
+    const AttentionParams seq = sequence_params(params, b);
+    if (seq.seqlen_q <= 0) continue;
+    const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && params.dropout_p == 0.0f && !mask_per_head;
+    const int64_t heads_per_block = pack ? group : 1;
+    const int64_t rows = pack ? seq.seqlen_q : block_rows;
+    for (int64_t head = 0; head < params.num_heads; head += heads_per_block) {
+      for (int64_t r = 0; r < seq.seqlen_q; r += rows) {
+        ForwardBlock block;
+        block.batch = b;
+        block.head_begin = head;
+        block.head_count = heads_per_block;
+        block.row_begin = r;
+        block.row_end = std::min(seq.seqlen_q, r + rows);
+        block.key_lo = 0;
+        block.key_hi = seq.seqlen_k;
+        const KeyRange keys = visible_keys_of_rows(seq, block.row_begin, block.row_end);
+        const int64_t cost = (block.row_end - block.row_begin) * heads_per_block * (keys.end - keys.begin + 64);
+        plan.push_back({block, cost, -1});
+      }
+    }
+  }
+  return plan;
+}
+
+// Splits the key axis of blocks when there are too few blocks for the threads (decode).
+int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads) {
+  const int64_t blocks = static_cast<int64_t>(plan.size());
+  if (blocks == 0 || blocks >= 2 * num_threads) return 0;
+  std::vector<PlannedBlock> split;
+  int64_t merged = 0;
+  for (const PlannedBlock& planned : plan) {
+    const AttentionParams seq = sequence_params(params, planned.block.batch);
+    const KeyRange keys = visible_keys_of_rows(seq, planned.block.row_begin, planned.block.row_end);
+    const int64_t span = keys.end - keys.begin;
+    const int64_t want = (2 * num_threads + blocks - 1) / blocks;
+    const int64_t splits = std::min<int64_t>(want, span / kMinSplitKeys);
+    if (splits < 2) {
+      split.push_back(planned);
+      continue;
+    }
+    const int64_t chunk = ((span + splits - 1) / splits + 63) / 64 * 64;  // key blocks stay aligned
+    for (int64_t lo = keys.begin / 64 * 64; lo < keys.end; lo += chunk) {
+      PlannedBlock part = planned;
+      part.block.key_lo = lo == keys.begin / 64 * 64 ? 0 : lo;  // the first split also owns the sink
+      part.block.key_hi = std::min(keys.end, lo + chunk);
+      part.cost = planned.cost / splits;
+      part.merge_index = merged;
+      split.push_back(part);
+    }
+    ++merged;
+  }
+  plan.swap(split);
+  return merged;
+}
+
+}  // namespace
+
 void attention_forward(const AttentionParams& params, const std::string& isa, int num_threads) {
   const CpuKernelTable& kernels = kernels_for_isa(isa);
-  if (params.seqlen_q == 0 || params.batch == 0 || params.num_heads == 0) return;
-  const int64_t block_rows = forward_block_rows(params, num_threads);
-  const int64_t num_blocks = (params.seqlen_q + block_rows - 1) / block_rows;
-  const int64_t heads = params.batch * params.num_heads;
-  const size_t scratch_bytes = kernels.forward_scratch_bytes(params, block_rows);
-  std::vector<ScratchBuffer> scratch(num_threads > 0 ? num_threads : 1);
+  if (params.batch == 0 || params.num_heads == 0) return;
+  std::vector<PlannedBlock> plan = plan_blocks(params, num_threads);
+  const int64_t merged = split_keys(plan, params, num_threads);
+  std::stable_sort(plan.begin(), plan.end(),
+                   [](const PlannedBlock& a, const PlannedBlock& b) { return a.cost > b.cost; });
 
-  parallel_for(heads * num_blocks, num_threads, [&](int64_t task, int worker) {
-    const int64_t block_index = num_blocks - 1 - task / heads;  // heaviest first
-    const int64_t head_index = task % heads;
-    ForwardBlock block;
-    block.batch = head_index / params.num_heads;
-    block.head = head_index % params.num_heads;
-    block.row_begin = block_index * block_rows;
-    block.row_end = block.row_begin + block_rows < params.seqlen_q ? block.row_begin + block_rows
-                                                                   : params.seqlen_q;
+  // (after sorting: parts_of indexes the final plan order)
+  int64_t max_lanes = 1;
+  for (const PlannedBlock& p : plan) {
+    max_lanes = std::max(max_lanes, (p.block.row_end - p.block.row_begin) * p.block.head_count);
+  }
+  // Partial results of split blocks: [lanes][head_dim] outputs and [lanes] LSEs each.
+  std::vector<float> partials;
+  std::vector<std::vector<int64_t>> parts_of(merged);
+  if (merged > 0) {
+    size_t offset = 0;
+    for (size_t i = 0; i < plan.size(); ++i) {
+      if (plan[i].merge_index < 0) continue;
+      parts_of[plan[i].merge_index].push_back(static_cast<int64_t>(i));
+      offset += static_cast<size_t>(max_lanes * (params.head_dim + 1));
+    }
+    partials.resize(offset);
+    offset = 0;
+    for (PlannedBlock& p : plan) {
+      if (p.merge_index < 0) continue;
+      p.block.partial_out = partials.data() + offset;
+      p.block.partial_lse = p.block.partial_out + max_lanes * params.head_dim;
+      offset += static_cast<size_t>(max_lanes * (params.head_dim + 1));
+    }
+  }
+
+  const size_t scratch_bytes = kernels.forward_scratch_bytes(params, max_lanes);
+  std::vector<ScratchBuffer> scratch(std::max(num_threads, 1));
+  parallel_for(static_cast<int64_t>(plan.size()), num_threads, [&](int64_t task, int worker) {
+    const ForwardBlock& block = plan[task].block;
     if (!scratch[worker]) scratch[worker] = allocate_scratch(scratch_bytes);
-    kernels.forward_block(params, block, scratch[worker].get());
+    kernels.forward_block(sequence_params(params, block.batch), block, scratch[worker].get());
+  });
+  parallel_for(merged, num_threads, [&](int64_t m, int) {
+    std::vector<const float*> outs, lses;
+    for (const int64_t i : parts_of[m]) {
+      outs.push_back(plan[i].block.partial_out);
+      lses.push_back(plan[i].block.partial_lse);
+    }
+    const ForwardBlock& block = plan[parts_of[m].front()].block;
+    kernels.merge_block_partials(sequence_params(params, block.batch), block, outs.data(), lses.data(),
+                                 static_cast<int64_t>(outs.size()));
   });
 }
 

@@ -14,6 +14,11 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
 // Backward: writes dq, dk, dv from dout, q, k, v, out and lse (see backward_cpu.cpp).
 void attention_backward(const BackwardParams& params, const std::string& isa, int num_threads);
 
+// The per-sequence view of a varlen / KV-cache call (see SequenceLayout in params.h): the
+// lengths, bottom-right q_offset and base pointers of sequence b, batch strides 0 (so kernels
+// keep using b for dropout and ALiBi). Returns params unchanged for plain batches.
+AttentionParams sequence_params(const AttentionParams& params, int64_t b);
+
 // Query rows per task: the largest of 256, 128, 64, 32 (capped by seqlen_q) that still gives
 // every thread about four tasks, so dynamic scheduling can balance causal work.
 int64_t forward_block_rows(const AttentionParams& params, int num_threads);

@@ -35,6 +35,11 @@ void forward_block(const AttentionParams& params, const ForwardBlock& block, voi
   dispatch_dtype(params.dtype, [&](auto tag) { forward_block_t<decltype(tag)>(params, block, scratch); });
 }
 
+void merge_block_partials(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
+                          const float* const* lses, int64_t count) {
+  dispatch_dtype(params.dtype, [&](auto tag) { merge_block_partials_t<decltype(tag)>(params, block, outs, lses, count); });
+}
+
 size_t backward_scratch_bytes(const AttentionParams& params) {
   return dispatch_dtype(params.dtype, [&](auto tag) { return backward_scratch_bytes_t<decltype(tag)>(params); });
 }
@@ -67,6 +72,7 @@ const CpuKernelTable& kernel_table() {
   static const CpuKernelTable table{FUSEDATTN_STRINGIFY(FUSEDATTN_ISA),
                                     &forward_scratch_bytes,
                                     &forward_block,
+                                    &merge_block_partials,
                                     &backward_scratch_bytes,
                                     &row_pitch,
                                     &backward_dsum,

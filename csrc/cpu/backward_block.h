@@ -107,7 +107,8 @@ void backward_dsum_t(const BackwardParams& bp, int64_t batch, int64_t head, void
     for (int64_t d = 0; d < p.head_dim; ++d) {
       sum += static_cast<Acc>(to_float(o_row[d])) * static_cast<Acc>(to_float(do_row[d]));
     }
-    result[i] = bp.dlse == nullptr ? sum : sum - static_cast<Acc>(bp.dlse[(batch * p.num_heads + head) * p.seqlen_q + i]);
+    const int64_t lse_index = batch * p.lse_batch_stride + head * p.lse_head_stride + i;  // dlse shares lse's layout
+    result[i] = bp.dlse == nullptr ? sum : sum - static_cast<Acc>(bp.dlse[lse_index]);
   }
 }
 
@@ -183,7 +184,7 @@ inline void softmax_gradient(const BackwardScratch<Acc>& s, int64_t m, const Acc
 
 // One task: keys [key_begin, key_begin + kBwdBlockN) of (batch, kv_head).
 // dq_partial: Acc[group][seqlen_q][ldo], this thread's accumulator for the group's query heads.
-// dsum: Acc[batch][num_heads][seqlen_q].
+// dsum: Acc[num_heads][seqlen_q], the Dsum rows of this batch entry.
 template <typename T>
 void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_head, int64_t key_begin,
                          void* dq_partial, const void* dsum, void* scratch) {
@@ -217,8 +218,8 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
     const int64_t head = kv_head * group + g;
     const T* q = static_cast<const T*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride;
     const T* dout = static_cast<const T*>(bp.dout.data) + batch * bp.dout.batch_stride + head * bp.dout.head_stride;
-    const float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q;
-    const Acc* head_dsum = static_cast<const Acc*>(dsum) + (batch * p.num_heads + head) * p.seqlen_q;
+    const float* lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride;
+    const Acc* head_dsum = static_cast<const Acc*>(dsum) + head * p.seqlen_q;
     Acc* dq = static_cast<Acc*>(dq_partial) + g * p.seqlen_q * s.ldo;
     for (int64_t i0 = rows.begin; i0 < rows.end; i0 += kBwdBlockM) {
       const int64_t m = rows.end - i0 < kBwdBlockM ? rows.end - i0 : kBwdBlockM;

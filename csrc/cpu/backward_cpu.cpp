@@ -19,22 +19,26 @@
 namespace fusedattn {
 namespace cpu {
 
-void attention_backward(const BackwardParams& bp, const std::string& isa, int num_threads) {
-  const CpuKernelTable& kernels = kernels_for_isa(isa);
+namespace {
+
+// The backward of batch entries [batch_begin, batch_end) of bp (all of them, or one sequence).
+void run_backward(const BackwardParams& bp, const CpuKernelTable& kernels, int64_t batch_begin, int64_t batch_end,
+                  int num_threads) {
   const AttentionParams& p = bp.forward;
-  const int64_t heads = p.batch * p.num_heads;
+  const int64_t batches = batch_end - batch_begin;
+  const int64_t heads = batches * p.num_heads;
   const int64_t group = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
   const size_t acc_bytes = p.dtype == DType::kFloat64 ? 8 : 4;
 
   std::vector<char> dsum(static_cast<size_t>(heads * p.seqlen_q) * acc_bytes);
   parallel_for(heads, num_threads, [&](int64_t t, int) {
-    kernels.backward_dsum(bp, t / p.num_heads, t % p.num_heads, dsum.data() + t * p.seqlen_q * acc_bytes);
+    kernels.backward_dsum(bp, batch_begin + t / p.num_heads, t % p.num_heads, dsum.data() + t * p.seqlen_q * acc_bytes);
   });
 
   // Tasks (group g = batch * num_heads_kv + kv_head, key block) and their estimated costs.
   const int64_t block_keys = kernels.backward_block_keys;
   const int64_t blocks_per_group = (p.seqlen_k + block_keys - 1) / block_keys;
-  const int64_t num_tasks = p.batch * p.num_heads_kv * blocks_per_group;
+  const int64_t num_tasks = batches * p.num_heads_kv * blocks_per_group;
   std::vector<int64_t> cost_prefix(num_tasks + 1, 0);
   for (int64_t t = 0; t < num_tasks; ++t) {
     const int64_t key_begin = (t % blocks_per_group) * block_keys;
@@ -64,9 +68,10 @@ void attention_backward(const BackwardParams& bp, const std::string& isa, int nu
     void* aligned_scratch = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / blocks_per_group;
-      kernels.backward_kv_block(bp, g / p.num_heads_kv, g % p.num_heads_kv, (t % blocks_per_group) * block_keys,
+      const int64_t batch = g / p.num_heads_kv;  // relative to batch_begin
+      kernels.backward_kv_block(bp, batch_begin + batch, g % p.num_heads_kv, (t % blocks_per_group) * block_keys,
                                 partials[c].data() + (g - first_group[c]) * group_elements * acc_bytes,
-                                dsum.data(), aligned_scratch);
+                                dsum.data() + batch * p.num_heads * p.seqlen_q * acc_bytes, aligned_scratch);
     }
   });
 
@@ -79,8 +84,35 @@ void attention_backward(const BackwardParams& bp, const std::string& isa, int nu
       if (partials[c].empty() || g < first_group[c] || g > last_group[c]) continue;
       parts.push_back(partials[c].data() + (g - first_group[c]) * group_elements * acc_bytes + head_offset);
     }
-    kernels.backward_reduce_dq(bp, batch, head, parts.data(), static_cast<int64_t>(parts.size()));
+    kernels.backward_reduce_dq(bp, batch_begin + batch, head, parts.data(), static_cast<int64_t>(parts.size()));
   });
+}
+
+}  // namespace
+
+void attention_backward(const BackwardParams& bp, const std::string& isa, int num_threads) {
+  const CpuKernelTable& kernels = kernels_for_isa(isa);
+  if (!bp.forward.sequences.any()) {
+    run_backward(bp, kernels, 0, bp.forward.batch, num_threads);
+    return;
+  }
+  // Variable-length sequences: one sequence at a time, each parallel over its key blocks.
+  for (int64_t b = 0; b < bp.forward.batch; ++b) {
+    BackwardParams sequence = bp;
+    sequence.forward = sequence_params(bp.forward, b);
+    const int64_t element = dtype_size(bp.forward.dtype);
+    const SequenceLayout& s = bp.forward.sequences;
+    for (TensorRef* t : {&sequence.dout, &sequence.dq}) {
+      t->data = static_cast<char*>(t->data) + s.cu_seqlens_q[b] * t->row_stride * element;
+      t->batch_stride = 0;
+    }
+    for (TensorRef* t : {&sequence.dk, &sequence.dv}) {
+      t->data = static_cast<char*>(t->data) + s.cu_seqlens_k[b] * t->row_stride * element;
+      t->batch_stride = 0;
+    }
+    if (sequence.dlse != nullptr) sequence.dlse += s.cu_seqlens_q[b];
+    run_backward(sequence, kernels, b, b + 1, num_threads);
+  }
 }
 
 }  // namespace cpu

@@ -19,6 +19,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/kv_layout.h"
 #include "common/params.h"
 #include "common/variant.h"
 #include "cpu/convert.h"
@@ -55,6 +56,7 @@ struct ForwardScratch {
   Acc* row_sum;       // [ldq]
   Acc* row_rescale;   // [ldq]
   Acc* query_pos;     // [ldq] position of each query row (ALiBi)
+  Acc* lane_slope;    // [ldq] ALiBi slope of each lane's head
   Acc* mask_tile;     // [kBlockN x ldq] attn_mask values of the current key block
   Acc* drop_tile;     // [kBlockN x ldq] dropout factors of the current key block
   MaskIndex<Acc>* key_begin;  // [ldq] first visible key per query row
@@ -65,7 +67,7 @@ struct ForwardScratch {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldq = round_up(block_rows, W);
     const int64_t ldo = round_up(head_dim, W);
-    return head_dim * ldq + 3 * kBlockN * ldq + ldq * ldo + 2 * kBlockN * ldo + 6 * ldq;
+    return head_dim * ldq + 3 * kBlockN * ldq + ldq * ldo + 2 * kBlockN * ldo + 7 * ldq;
   }
 
   static ForwardScratch carve(void* base, int64_t head_dim, int64_t block_rows) {
@@ -83,6 +85,7 @@ struct ForwardScratch {
     s.row_sum = p;     p += s.ldq;
     s.row_rescale = p; p += s.ldq;
     s.query_pos = p;   p += s.ldq;
+    s.lane_slope = p;  p += s.ldq;
     s.mask_tile = p;   p += kBlockN * s.ldq;
     s.drop_tile = p;   p += kBlockN * s.ldq;
     s.key_begin = reinterpret_cast<MaskIndex<Acc>*>(p); p += s.ldq;
@@ -136,8 +139,7 @@ inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
 
 // softcap → ALiBi → + attn_mask on the n x ldq block of scores (DESIGN.md's order).
 template <typename Acc>
-inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n,
-                          Acc slope) {
+inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
   constexpr int W = Vec<Acc>::kWidth;
   if (params.softcap > 0.0f) apply_softcap<Acc>(s.s_t, n * s.ldq, params.softcap, nullptr);
   if (params.alibi_slopes != nullptr) {
@@ -145,7 +147,8 @@ inline void modify_scores(const AttentionParams& params, const ForwardScratch<Ac
       const VecT<Acc> key = vec_set1<Acc>(static_cast<Acc>(j0 + j));
       Acc* row = s.s_t + j * s.ldq;
       for (int64_t i = 0; i < s.ldq; i += W) {
-        vec_store<Acc>(row + i, alibi_score(vec_load<Acc>(row + i), slope, vec_load<Acc>(s.query_pos + i), key));
+        vec_store<Acc>(row + i, alibi_score(vec_load<Acc>(row + i), vec_load<Acc>(s.lane_slope + i),
+                                            vec_load<Acc>(s.query_pos + i), key));
       }
     }
   }
@@ -186,80 +189,168 @@ inline void softmax_step(const ForwardScratch<Acc>& s, int64_t n) {
   }
 }
 
+// Keys [j0, j0 + n) of (batch, kv_head) as a matrix of Acc rows: in place when the element type
+// is Acc and the rows are evenly strided (and, for `padded`, a whole number of vectors wide),
+// else converted (and zero-padded to ld) into `buffer`.
+template <typename T, typename Acc>
+inline const Acc* kv_block(const AttentionParams& p, const TensorRef& t, int64_t batch, int64_t kv_head, int64_t j0,
+                           int64_t n, bool padded, Acc* buffer, int64_t ld, int64_t* stride) {
+  const T* base = static_cast<const T*>(t.data);
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (kv_rows_strided(p, j0, n) && (!padded || p.head_dim % Vec<Acc>::kWidth == 0)) {
+      *stride = t.row_stride;
+      return base + kv_row_offset(p, t, batch, kv_head, j0);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) convert_rows(base + kv_row_offset(p, t, batch, kv_head, j0 + j), 0, 1, p.head_dim,
+                                               buffer + j * ld, ld);
+  *stride = ld;
+  return buffer;
+}
+
+// Rows of a block: lane r is query row block.row_begin + r % rows of head block.head_begin + r / rows
+// (GQA heads of one kv head are packed into the block, so K/V are read once for all of them).
+struct BlockLanes {
+  int64_t rows;   // query rows per head
+  int64_t lanes;  // rows * head_count
+  int64_t head(const ForwardBlock& b, int64_t lane) const { return b.head_begin + lane / rows; }
+  int64_t row(const ForwardBlock& b, int64_t lane) const { return b.row_begin + lane % rows; }
+};
+
+// out = O / l and LSE = m + log(l) for every lane (rows that saw no key: 0 and -inf, or the
+// sink's logit), into params.out / params.lse or into the block's fp32 partial buffers.
+template <typename T, typename Acc>
+void write_block_output(const AttentionParams& params, const ForwardBlock& block, const BlockLanes& lanes,
+                        const ForwardScratch<Acc>& s, bool no_key_visited) {
+  for (int64_t i = 0; i < lanes.lanes; ++i) {
+    const Acc sum = s.row_sum[i];
+    const bool no_weight = sum == Acc(0);  // no visible key and no sink (a NaN sum stays NaN)
+    const bool empty = no_key_visited || no_weight;
+    const Acc inv = empty ? Acc(0) : Acc(1) / sum;
+    const float lse = no_weight ? -std::numeric_limits<float>::infinity()
+                                : static_cast<float>(s.row_max[i] + std::log(sum));
+    const Acc* o_row = s.o + i * s.ldo;
+    if (block.partial_out != nullptr) {
+      float* out_row = block.partial_out + i * params.head_dim;
+      for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = static_cast<float>(empty ? Acc(0) : o_row[c] * inv);
+      block.partial_lse[i] = lse;
+      continue;
+    }
+    const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
+    T* out_row = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
+                 head * params.out.head_stride + row * params.out.row_stride;
+    for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(empty ? Acc(0) : o_row[c] * inv);
+    if (params.lse != nullptr) {
+      params.lse[block.batch * params.lse_batch_stride + head * params.lse_head_stride + row] = lse;
+    }
+  }
+}
+
+// Merges the fp32 partial results of `count` key splits of one block (split-KV) by their LSE
+// and writes out / lse: lse = log Σ exp(lse_s), out = Σ exp(lse_s - lse) · out_s; splits with
+// LSE -inf contribute nothing, and a row with none gives 0 and -inf.
+template <typename T>
+void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
+                            const float* const* lses, int64_t count) {
+  using Acc = typename ComputeType<T>::type;
+  const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
+  for (int64_t i = 0; i < lanes.lanes; ++i) {
+    float max_lse = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < count; ++s) max_lse = lses[s][i] > max_lse ? lses[s][i] : max_lse;
+    const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
+    T* out_row = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
+                 head * params.out.head_stride + row * params.out.row_stride;
+    float lse = -std::numeric_limits<float>::infinity();
+    if (max_lse == -std::numeric_limits<float>::infinity()) {
+      for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(Acc(0));
+    } else {
+      float total = 0.0f;
+      for (int64_t s = 0; s < count; ++s) total += std::exp(lses[s][i] - max_lse);
+      for (int64_t c = 0; c < params.head_dim; ++c) {
+        float value = 0.0f;
+        for (int64_t s = 0; s < count; ++s) value += std::exp(lses[s][i] - max_lse) * outs[s][i * params.head_dim + c];
+        out_row[c] = from_float<T>(static_cast<Acc>(value / total));
+      }
+      lse = max_lse + std::log(total);
+    }
+    if (params.lse != nullptr) params.lse[block.batch * params.lse_batch_stride + head * params.lse_head_stride + row] = lse;
+  }
+}
+
 template <typename T>
 void forward_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
   using Acc = typename ComputeType<T>::type;
-  constexpr bool kDirect = std::is_same_v<T, Acc>;  // K/V can be read in place
   constexpr int W = Vec<Acc>::kWidth;
   const int64_t head_dim = params.head_dim;
-  const int64_t rows = block.row_end - block.row_begin;
-  const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, rows);
+  const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
+  const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
+  const int64_t kv_head = kv_head_of(params, block.head_begin);
 
-  const int64_t kv_head = kv_head_of(params, block.head);
-  const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
-               block.head * params.q.head_stride + block.row_begin * params.q.row_stride;
-  const T* k = static_cast<const T*>(params.k.data) + block.batch * params.k.batch_stride +
-               kv_head * params.k.head_stride;
-  const T* v = static_cast<const T*>(params.v.data) + block.batch * params.v.batch_stride +
-               kv_head * params.v.head_stride;
-
-  // Qᵀ, scaled; padding columns are zero and reuse the last row's key range.
+  // Qᵀ (scaled) and per-lane state. Padding lanes are zero and copy the last lane's key range.
   const Acc scale = static_cast<Acc>(params.scale);
-  for (int64_t d = 0; d < head_dim; ++d) {
-    Acc* dst = s.q_t + d * s.ldq;
-    for (int64_t i = 0; i < rows; ++i) dst[i] = static_cast<Acc>(to_float(q[i * params.q.row_stride + d])) * scale;
-    for (int64_t i = rows; i < s.ldq; ++i) dst[i] = Acc(0);
-  }
-  // A sink is a virtual key with score sink[head] and no value: the running max and sum start
-  // from it instead of from (-inf, 0).
   const bool has_sink = params.sinks != nullptr;
-  const Acc sink = has_sink ? static_cast<Acc>(params.sinks[block.head]) : Acc(0);
   for (int64_t i = 0; i < s.ldq; ++i) {
-    const int64_t row = block.row_begin + (i < rows ? i : rows - 1);
-    const KeyRange range = visible_keys(params, row);
+    const int64_t lane = i < lanes.lanes ? i : lanes.lanes - 1;
+    const int64_t head = lanes.head(block, lane), row = lanes.row(block, lane);
+    const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
+                 head * params.q.head_stride + row * params.q.row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      s.q_t[d * s.ldq + i] = i < lanes.lanes ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
+    }
+    KeyRange range = visible_keys(params, row);
+    range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
+    range.end = range.end < block.key_hi ? range.end : block.key_hi;
+    if (range.end < range.begin) range.end = range.begin;
     s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin);
     s.key_end[i] = static_cast<MaskIndex<Acc>>(range.end);
-    s.row_max[i] = has_sink ? sink : -std::numeric_limits<Acc>::infinity();
-    s.row_sum[i] = has_sink ? Acc(1) : Acc(0);
+    // A sink is a virtual key with score sinks[head] and no value: the running max and sum start
+    // from it (in the first key split only) instead of from (-inf, 0).
+    const bool sink_here = has_sink && block.key_lo == 0;
+    s.row_max[i] = sink_here ? static_cast<Acc>(params.sinks[head]) : -std::numeric_limits<Acc>::infinity();
+    s.row_sum[i] = sink_here ? Acc(1) : Acc(0);
     s.query_pos[i] = static_cast<Acc>(query_position(params, row));
+    s.lane_slope[i] = static_cast<Acc>(alibi_slope(params, block.batch, head));
   }
-  const Orientation transposed{1, s.ldq};  // Sᵀ: element (query i, key j) at j * ldq + i
-  const Acc slope = static_cast<Acc>(alibi_slope(params, block.batch, block.head));
+  MaskIndex<Acc> max_begin = s.key_begin[0], min_end = s.key_end[0];
+  KeyRange keys{s.key_begin[0], s.key_end[0]};
+  for (int64_t i = 1; i < lanes.lanes; ++i) {
+    max_begin = s.key_begin[i] > max_begin ? s.key_begin[i] : max_begin;
+    min_end = s.key_end[i] < min_end ? s.key_end[i] : min_end;
+    keys.begin = s.key_begin[i] < keys.begin ? s.key_begin[i] : keys.begin;
+    keys.end = s.key_end[i] > keys.end ? s.key_end[i] : keys.end;
+  }
+  const Orientation transposed{1, s.ldq};  // Sᵀ: element (query lane i, key j) at j * ldq + i
 
-  const KeyRange keys = visible_keys_of_rows(params, block.row_begin, block.row_end);
-  const bool use_direct_v = kDirect && head_dim % W == 0;
   bool first = true;
   // Key blocks start at multiples of kBlockN, so a row's summation order (and result) does not
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
     const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
     if (params.mask.type != MaskType::kNone &&
-        !load_mask_tile(params.mask, block.batch, block.head, block.row_begin, rows, j0, n, s.mask_tile, transposed)) {
-      continue;  // a bool mask hides the whole tile
+        !load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n,
+                        s.mask_tile, transposed)) {
+      continue;  // a bool mask hides the whole tile (packed heads share a mask: head stride 0)
     }
     // Sᵀ = K_blk · Qᵀ
-    StridedA<Acc> k_blk;
-    if constexpr (kDirect) {
-      k_blk = {k + j0 * params.k.row_stride, params.k.row_stride, 1};
-    } else {
-      convert_rows(k + j0 * params.k.row_stride, params.k.row_stride, n, head_dim, s.k_rows, s.ldo);
-      k_blk = {s.k_rows, s.ldo, 1};
-    }
-    gemm<Acc>(n, s.ldq, head_dim, k_blk, s.q_t, s.ldq, s.s_t, s.ldq, false);
-    modify_scores(params, s, j0, n, slope);
+    int64_t k_stride;
+    const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, false, s.k_rows, s.ldo,
+                                        &k_stride);
+    gemm<Acc>(n, s.ldq, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t, s.ldq, s.s_t, s.ldq, false);
+    modify_scores(params, s, j0, n);
 
-    const bool fully_visible = j0 >= s.key_begin[rows - 1] && j0 + n <= s.key_end[0];
+    const bool fully_visible = j0 >= max_begin && j0 + n <= min_end;
     if (!fully_visible) mask_scores(s, j0, n);
     softmax_step(s, n);
     if (params.dropout_p > 0.0f) {
-      dropout_tile(params, block.batch, block.head, block.row_begin, rows, j0, n, s.drop_tile, transposed);
+      dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile,
+                   transposed);
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t i = 0; i < rows; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
+        for (int64_t i = 0; i < lanes.lanes; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
       }
     }
 
     if (!first) {
-      for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t i = 0; i < lanes.lanes; ++i) {
         const Acc rescale = s.row_rescale[i];
         if (rescale == Acc(1)) continue;
         Acc* o_row = s.o + i * s.ldo;
@@ -267,39 +358,13 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       }
     }
     // O += P · V_blk, with Pᵀ read column-wise.
-    const Acc* v_blk;
     int64_t v_stride;
-    if (use_direct_v) {
-      v_blk = reinterpret_cast<const Acc*>(v + j0 * params.v.row_stride);
-      v_stride = params.v.row_stride;
-    } else {
-      convert_rows(v + j0 * params.v.row_stride, params.v.row_stride, n, head_dim, s.v_rows, s.ldo);
-      v_blk = s.v_rows;
-      v_stride = s.ldo;
-    }
-    gemm<Acc>(rows, s.ldo, n, StridedA<Acc>{s.s_t, 1, s.ldq}, v_blk, v_stride, s.o, s.ldo, !first);
+    const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
+                                        &v_stride);
+    gemm<Acc>(lanes.lanes, s.ldo, n, StridedA<Acc>{s.s_t, 1, s.ldq}, v_blk, v_stride, s.o, s.ldo, !first);
     first = false;
   }
-
-  // out = O / l; LSE = m + log(l). Rows that saw no key: 0 and -inf.
-  T* out = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
-           block.head * params.out.head_stride + block.row_begin * params.out.row_stride;
-  float* lse = params.lse == nullptr
-                   ? nullptr
-                   : params.lse + (block.batch * params.num_heads + block.head) * params.seqlen_q + block.row_begin;
-  for (int64_t i = 0; i < rows; ++i) {
-    const Acc sum = s.row_sum[i];
-    const bool no_weight = sum == Acc(0);  // no visible key and no sink (a NaN sum stays NaN)
-    const bool empty = first || no_weight;
-    const Acc inv = empty ? Acc(0) : Acc(1) / sum;
-    T* out_row = out + i * params.out.row_stride;
-    const Acc* o_row = s.o + i * s.ldo;
-    for (int64_t c = 0; c < head_dim; ++c) out_row[c] = from_float<T>(empty ? Acc(0) : o_row[c] * inv);
-    if (lse != nullptr) {
-      lse[i] = no_weight ? -std::numeric_limits<float>::infinity()
-                         : static_cast<float>(s.row_max[i] + std::log(sum));
-    }
-  }
+  write_block_output<T>(params, block, lanes, s, first);
 }
 
 }  // namespace FUSEDATTN_ISA

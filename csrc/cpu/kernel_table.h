@@ -9,12 +9,21 @@
 namespace fusedattn {
 namespace cpu {
 
-// The forward's unit of work: one q-block of `block_rows` query rows of one (batch, head).
+// The forward's unit of work: query rows [row_begin, row_end) of heads [head_begin,
+// head_begin + head_count) (all reading one kv head), over keys [key_lo, key_hi) (a split of
+// the key axis for split-KV decode; [0, seqlen_k) otherwise). With partial_out set, the block
+// writes its normalised partial output (fp32, [head_count * rows][head_dim]) and partial LSE
+// ([head_count * rows]) there, to be merged by LSE, instead of into params.out / params.lse.
 struct ForwardBlock {
-  int64_t batch;
-  int64_t head;
-  int64_t row_begin;
-  int64_t row_end;
+  int64_t batch = 0;
+  int64_t head_begin = 0;
+  int64_t head_count = 1;
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  int64_t key_lo = 0;
+  int64_t key_hi = 0;
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
 };
 
 struct CpuKernelTable {
@@ -22,6 +31,9 @@ struct CpuKernelTable {
   // Bytes of per-thread scratch that forward_block needs for q-blocks of block_rows rows.
   size_t (*forward_scratch_bytes)(const AttentionParams& params, int64_t block_rows);
   void (*forward_block)(const AttentionParams& params, const ForwardBlock& block, void* scratch);
+  // Merges the partial results of `count` key splits of `block` (see ForwardBlock) into out / lse.
+  void (*merge_block_partials)(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
+                               const float* const* lses, int64_t count);
 
   // Backward (see backward_block.h). Buffers typed "Acc" hold the compute type: fp64 for fp64
   // inputs, else fp32. Row buffers have row_pitch() elements per row.

@@ -12,15 +12,29 @@ import sys
 
 from ._runtime import get_num_threads, info, set_num_threads
 from .functional import attention, attention_backward, flash_attn_func, scaled_dot_product_attention
+from .inference import (
+    attention_varlen,
+    attention_with_kvcache,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    merge_attention_states,
+    merge_attention_states_list,
+)
 
 if "torch" in sys.modules:  # register the torch ops now, outside any torch.compile trace
-    from . import _torch_ops  # noqa: F401
+    from . import _torch_ops, _torch_varlen  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "attention_backward",
+    "attention_varlen",
+    "flash_attn_varlen_func",
+    "attention_with_kvcache",
+    "flash_attn_with_kvcache",
+    "merge_attention_states",
+    "merge_attention_states_list",
     "scaled_dot_product_attention",
     "flash_attn_func",
     "get_num_threads",

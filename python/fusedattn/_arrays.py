@@ -54,6 +54,20 @@ def torch_mode(*tensors) -> str:
     return "direct"
 
 
+def check_no_grad(x, what: str) -> None:
+    """Raises for torch inputs that would need a gradient through an inference-only function."""
+    torch = torch_module()
+    if is_torch(x) and torch.is_grad_enabled() and x.requires_grad:
+        raise NotImplementedError(f"fusedattn: {what} has no backward; call it under torch.no_grad()")
+
+
+def index_like(reference, indices: np.ndarray):
+    """An integer index array usable to index arrays of reference's kind."""
+    if is_torch(reference):
+        return torch_module().as_tensor(np.asarray(indices, dtype=np.int64))
+    return np.asarray(indices, dtype=np.int64)
+
+
 def torch_ops():
     """The torch.library ops (registered on first use when torch was imported after fusedattn)."""
     from . import _torch_ops

@@ -1,0 +1,122 @@
+// See sequences.h. The index arrays are read here on the host (they are small: one entry per
+// sequence or page) to check every bound before a kernel uses them.
+#include "bindings/sequences.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+namespace py = pybind11;
+
+namespace fusedattn {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::string& shape) {
+  if (view.dtype.code != dlpack::kInt || view.dtype.bits != 32 || view.dtype.lanes != 1) {
+    throw py::type_error(view.name + " must be int32, got " + view.dtype_string());
+  }
+  if (view.ndim() != rank) fail(view.name + " must have shape " + shape + ", got " + view.shape_string());
+  if (view.device.device_type != dlpack::kCPU && view.device.device_type != dlpack::kCUDAHost) {
+    fail(view.name + " must be a CPU array, got one on " + view.device_string());
+  }
+  int64_t expected = 1;
+  for (int64_t d = view.ndim() - 1; d >= 0; --d) {
+    if (view.shape[d] > 1 && view.strides[d] != expected) fail(view.name + " must be contiguous");
+    expected *= view.shape[d];
+  }
+  return static_cast<const int32_t*>(view.data);
+}
+
+}  // namespace
+
+void apply_varlen(AttentionParams& params, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k) {
+  const int32_t* cu_q = int32_vector(cu_seqlens_q, 1, "(batch + 1,)");
+  const int32_t* cu_k = int32_vector(cu_seqlens_k, 1, "(batch + 1,)");
+  if (cu_seqlens_q.shape[0] < 1 || cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]) {
+    fail("cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got " + cu_seqlens_q.shape_string() +
+         " and " + cu_seqlens_k.shape_string());
+  }
+  const int64_t batch = cu_seqlens_q.shape[0] - 1;
+  int64_t max_q = 0, max_k = 0;
+  for (const auto& [cu, total, name, max_len] :
+       {std::tuple{cu_q, params.seqlen_q, cu_seqlens_q.name, &max_q}, std::tuple{cu_k, params.seqlen_k, cu_seqlens_k.name, &max_k}}) {
+    if (cu[0] != 0) fail(name + "[0] must be 0, got " + std::to_string(cu[0]));
+    for (int64_t b = 0; b < batch; ++b) {
+      if (cu[b + 1] < cu[b]) fail(name + " must be non-decreasing, but entry " + std::to_string(b + 1) + " < entry " + std::to_string(b));
+      *max_len = std::max<int64_t>(*max_len, cu[b + 1] - cu[b]);
+    }
+    if (cu[batch] > total) {
+      fail(name + " ends at " + std::to_string(cu[batch]) + ", beyond the " + std::to_string(total) + " packed rows");
+    }
+  }
+  params.batch = batch;
+  params.seqlen_q = max_q;
+  params.seqlen_k = max_k;
+  params.sequences.cu_seqlens_q = cu_q;
+  params.sequences.cu_seqlens_k = cu_k;
+  for (TensorRef* t : {&params.q, &params.k, &params.v, &params.out}) t->batch_stride = 0;
+}
+
+void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows) {
+  const int64_t batch = params.batch;
+  const std::string batch_shape = "(" + std::to_string(batch) + ",)";
+  const int32_t* seqlens = int32_vector(views.cache_seqlens, 1, batch_shape);
+  if (views.cache_seqlens.shape[0] != batch) fail("cache_seqlens must have shape " + batch_shape);
+  int64_t capacity = params.seqlen_k;  // cache length S_max, or page_size when paged
+  SequenceLayout& s = params.sequences;
+  s.seqlens_k = seqlens;
+  if (views.block_table) {
+    const TensorView& table = *views.block_table;
+    s.block_table = int32_vector(table, 2, "(batch, max_pages)");
+    if (table.shape[0] != batch) fail("block_table must have " + std::to_string(batch) + " rows, got " + table.shape_string());
+    s.block_table_stride = table.shape[1];
+    s.page_size = params.seqlen_k;
+    capacity = table.shape[1] * s.page_size;
+    if (views.cache_batch_idx) fail("cache_batch_idx cannot be combined with a paged cache (block_table)");
+    if (views.cache_leftpad) fail("cache_leftpad cannot be combined with a paged cache (block_table)");
+  }
+  if (views.cache_batch_idx) {
+    s.cache_batch_idx = int32_vector(*views.cache_batch_idx, 1, batch_shape);
+    if (views.cache_batch_idx->shape[0] != batch) fail("cache_batch_idx must have shape " + batch_shape);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (s.cache_batch_idx[b] < 0 || s.cache_batch_idx[b] >= cache_rows) {
+        fail("cache_batch_idx[" + std::to_string(b) + "] = " + std::to_string(s.cache_batch_idx[b]) +
+             " is outside the cache's " + std::to_string(cache_rows) + " rows");
+      }
+    }
+  } else if (!views.block_table && cache_rows < batch) {
+    fail("the cache has " + std::to_string(cache_rows) + " rows but q has batch " + std::to_string(batch));
+  }
+  if (views.cache_leftpad) {
+    s.k_begin = int32_vector(*views.cache_leftpad, 1, batch_shape);
+    if (views.cache_leftpad->shape[0] != batch) fail("cache_leftpad must have shape " + batch_shape);
+  }
+  int64_t max_k = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t begin = s.k_begin != nullptr ? s.k_begin[b] : 0;
+    if (seqlens[b] < 0 || seqlens[b] > capacity) {
+      fail("cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(seqlens[b]) + " is outside the cache capacity " +
+           std::to_string(capacity));
+    }
+    if (begin < 0 || begin > seqlens[b]) {
+      fail("cache_leftpad[" + std::to_string(b) + "] = " + std::to_string(begin) + " must be in [0, cache_seqlens[b]]");
+    }
+    if (s.block_table != nullptr) {
+      const int64_t pages = (seqlens[b] + s.page_size - 1) / s.page_size;
+      for (int64_t i = 0; i < pages; ++i) {
+        const int32_t page = s.block_table[b * s.block_table_stride + i];
+        if (page < 0 || page >= cache_rows) {
+          fail("block_table[" + std::to_string(b) + ", " + std::to_string(i) + "] = " + std::to_string(page) +
+               " is outside the cache's " + std::to_string(cache_rows) + " pages");
+        }
+      }
+    }
+    max_k = std::max<int64_t>(max_k, seqlens[b] - begin);
+  }
+  params.seqlen_k = max_k;
+}
+
+}  // namespace fusedattn

@@ -1,0 +1,157 @@
+// DESIGN.md's score pipeline on register tiles of the tensor-core kernels (layout: warp_tile.cuh):
+//   s = scale·q·k → softcap → ALiBi → + attn_mask → masking → (softmax) → dropout.
+// The formulas are common/variant.h's, shared with the CPU kernels. Scores leave in base 2
+// (·log2 e) for the exp2-based softmax. When nothing but the scale is on, the whole pipeline
+// is one multiply by scale·log2(e) plus the visible-range test on tiles that need it.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/params.h"
+#include "common/variant.h"
+#include "cuda/compat.cuh"
+#include "cuda/warp_tile.cuh"
+
+namespace fusedattn {
+namespace cuda {
+
+// Per-(batch, head) constants of the pipeline.
+struct ScoreMod {
+  float scale;       // multiplies q·k
+  float scale_log2;  // scale · log2(e)
+  float softcap;     // > 0: s -> softcap · tanh(s / softcap)
+  float slope;       // ALiBi slope of (batch, head)
+  bool alibi;
+  bool modified;     // softcap, ALiBi or an attn_mask: the per-element path
+};
+
+FA_DEVICE ScoreMod make_score_mod(const AttentionParams& p, int64_t batch, int64_t head, bool has_mask) {
+  ScoreMod mod;
+  mod.scale = static_cast<float>(p.scale);
+  mod.scale_log2 = mod.scale * kLog2e;
+  mod.softcap = p.softcap;
+  mod.alibi = p.alibi_slopes != nullptr;
+  mod.slope = alibi_slope(p, batch, head);
+  mod.modified = p.softcap > 0.0f || mod.alibi || has_mask;
+  return mod;
+}
+
+// One attn_mask entry as an additive score: bool -> 0 (attend) or -inf, floats as they are.
+FA_DEVICE float mask_value(const MaskRef& mask, const void* row, int64_t key) {
+  const int64_t offset = key * mask.col_stride;
+  switch (mask.type) {
+    case MaskType::kBool: return static_cast<const bool*>(row)[offset] ? 0.0f : kNegInf;
+    case MaskType::kFloat32: return static_cast<const float*>(row)[offset];
+    case MaskType::kFloat64: return static_cast<float>(static_cast<const double*>(row)[offset]);
+    case MaskType::kFloat16: return Fp16::to_float(static_cast<const uint16_t*>(row)[offset]);
+    case MaskType::kBFloat16: return Bf16::to_float(static_cast<const uint16_t*>(row)[offset]);
+    case MaskType::kNone: break;
+  }
+  return 0.0f;
+}
+
+// Element size of a mask type, for row pointers.
+FA_DEVICE int mask_element_size(MaskType type) {
+  return type == MaskType::kBool ? 1 : type == MaskType::kFloat64 ? 8 : type == MaskType::kFloat32 ? 4 : 2;
+}
+
+// Raw q·k products of a tile -> base-2 scores. key0: the key of the tile's column 0 (this
+// lane's columns are key0 + 8·nt + 2t + c). Row slot ri sits at position pos[ri] and sees keys
+// [lo[ri], hi[ri]); range_mask: some entry of the tile may fall outside those ranges.
+// mask_rows[ri]: the row's attn_mask entries at key 0 (nullptr when there is no attn_mask).
+template <int kMTiles, int kNTiles>
+FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& mod, const MaskRef& mask,
+                              const void* const (&mask_rows)[2 * kMTiles], int key0, int lane,
+                              const int (&lo)[2 * kMTiles], const int (&hi)[2 * kMTiles],
+                              const float (&pos)[2 * kMTiles], bool range_mask) {
+  const int t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ri = 2 * mt + e / 2;
+        const int key = key0 + 8 * nt + 2 * t + e % 2;
+        float x;
+        if (mod.modified) {
+          x = s[mt][nt][e] * mod.scale;
+          if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
+          if (mod.alibi) x = alibi_score(x, mod.slope, pos[ri], static_cast<float>(key));
+          if (mask_rows[ri] != nullptr) x += mask_value(mask, mask_rows[ri], key);
+          x *= kLog2e;
+        } else {
+          x = s[mt][nt][e] * mod.scale_log2;
+        }
+        if (range_mask && (key < lo[ri] || key >= hi[ri])) x = kNegInf;
+        s[mt][nt][e] = x;
+      }
+    }
+  }
+}
+
+// Whether any entry of a bool attn_mask tile is true for this lane (rows with a mask row,
+// keys in [lo, hi) only); the block skips a key tile that no lane can see.
+template <int kMTiles, int kNTiles>
+FA_DEVICE bool bool_mask_any(const MaskRef& mask, const void* const (&mask_rows)[2 * kMTiles], int key0, int lane,
+                             const int (&lo)[2 * kMTiles], const int (&hi)[2 * kMTiles]) {
+  const int t = lane % 4;
+  bool any = false;
+#pragma unroll
+  for (int ri = 0; ri < 2 * kMTiles; ++ri) {
+    if (mask_rows[ri] == nullptr) continue;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = key0 + 8 * nt + 2 * t + c;
+        if (key >= lo[ri] && key < hi[ri]) {
+          any |= static_cast<const bool*>(mask_rows[ri])[static_cast<int64_t>(key) * mask.col_stride];
+        }
+      }
+    }
+  }
+  return any;
+}
+
+// Dropout on a tile of softmax weights: weight (row, key) is kept iff word key % 4 of
+// Philox4x32-10(counter = (key / 4, row, batch·heads + head, offset_lo), key = (seed_lo,
+// seed_hi ^ offset_hi)) is below the threshold (variant.h); kept weights are scaled by
+// 1/(1 - p). A lane's two columns 2t, 2t+1 share one Philox call (words 0,1 or 2,3).
+struct Dropout {
+  DropoutKey key;
+  uint32_t threshold;
+  uint32_t stream;  // batch · num_heads + head
+  float keep_scale;
+};
+
+FA_DEVICE Dropout make_dropout(const AttentionParams& p, int64_t batch, int64_t head) {
+  return Dropout{dropout_key(p), dropout_threshold(p.dropout_p), static_cast<uint32_t>(batch * p.num_heads + head),
+                 dropout_scale(p.dropout_p)};
+}
+
+template <int kMTiles, int kNTiles>
+FA_DEVICE void apply_dropout(float (&p)[kMTiles][kNTiles][4], const Dropout& d, int key0, int lane,
+                             const int (&rows)[2 * kMTiles]) {
+  const int t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        const uint32_t key = static_cast<uint32_t>(key0 + 8 * nt + 2 * t);
+        uint32_t counter[4] = {key >> 2, static_cast<uint32_t>(rows[2 * mt + half]), d.stream, d.key.counter3};
+        philox4x32_10(counter, d.key.key0, d.key.key1, mulhilo_scalar);
+        const bool high = (key & 2u) != 0;  // key % 4 is 0 or 2: words (0, 1) or (2, 3)
+        const uint32_t w0 = high ? counter[2] : counter[0];
+        const uint32_t w1 = high ? counter[3] : counter[1];
+        p[mt][nt][2 * half] *= w0 < d.threshold ? d.keep_scale : 0.0f;
+        p[mt][nt][2 * half + 1] *= w1 < d.threshold ? d.keep_scale : 0.0f;
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fusedattn

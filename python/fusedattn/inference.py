@@ -1,0 +1,304 @@
+"""Inference APIs: variable-length batches, KV-cache attention (contiguous or paged), merging
+attention states, and their flash-attn drop-ins.
+
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
+        packed (total, heads, head_dim) sequences; forward and backward (autograd).
+    attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, ...)
+        appends k/v in place at cache_seqlens, then attends; bottom-right causal.
+    merge_attention_states(out_a, lse_a, out_b, lse_b) / merge_attention_states_list(outs, lses)
+
+Causal masks are bottom-right within each sequence, as in flash-attn. The split of long key
+axes across threads (split-KV decode) and the packing of a GQA group's query heads into one
+block happen inside the kernel driver (csrc/cpu/attention_cpu.cpp); nothing to set here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _C, _arrays, _runtime
+from .functional import _Call
+
+__all__ = [
+    "attention_varlen",
+    "flash_attn_varlen_func",
+    "attention_with_kvcache",
+    "flash_attn_with_kvcache",
+    "merge_attention_states",
+    "merge_attention_states_list",
+]
+
+
+def _int32(x, name, reference):
+    """An index array as contiguous int32 of reference's kind (torch or numpy)."""
+    if isinstance(x, int):
+        x = [x]
+    if _arrays.is_torch(reference):
+        torch = _arrays.torch_module()
+        x = torch.as_tensor(x)
+        if x.is_floating_point():
+            raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+        return x.to(device="cpu", dtype=torch.int32).contiguous()
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.int32)
+
+
+# ---- variable-length batches ------------------------------------------------------------------
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     window=(-1, -1), alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0, seed=None,
+                     return_lse=False):
+    """Attention over packed variable-length sequences (flash-attn's varlen layout).
+
+    Args:
+        q: (total_q, num_heads, head_dim); sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1].
+        k, v: (total_k, num_heads_kv, head_dim), split by cu_seqlens_k.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative lengths starting at 0.
+        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility (the kernel reads the
+            lengths from cu_seqlens); they must bound the real lengths.
+        The rest as in fusedattn.attention (causal is bottom-right per sequence).
+
+    Returns:
+        out (total_q, num_heads, head_dim), and lse (num_heads, total_q) when return_lse.
+    """
+    names = ("q", "k", "v")
+    arrays = []
+    for x, name in zip((q, k, v), names):
+        x = _arrays.as_array(x, name)
+        _arrays.check_rank(x, 3, name, "(total, heads, head_dim)")
+        arrays.append(x)
+    q, k, v = arrays
+    cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
+    lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
+    if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
+        raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
+    # (total, heads, d) viewed as (1, total, heads, d): the kernels' bshd layout with batch 1.
+    call = _Call(q[None], k[None], v[None], layout="bshd", names=names, causal=causal, scale=scale, q_offset=0,
+                 window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                 seed=seed)
+    if _arrays.is_torch(q):
+        mode = _arrays.torch_mode(*(x for x in (q, k, v, call.sinks) if x is not None))
+        if mode != "direct":
+            from . import _torch_varlen
+
+            run = _torch_varlen.varlen_forward if mode == "op" else _torch_varlen.EagerVarlen.apply
+            out, lse = run(q, k, v, cu_q, cu_k, *call.op_args())
+            return (out, lse) if return_lse else out
+    out = _arrays.empty_like_kind(q, q.shape)
+    lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.float32_of(q)) if return_lse else None
+    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    _C.attention_varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
+                                None if lse is None else lse[None], cu_q, cu_k, variant, _runtime.cpu_isa(),
+                                _runtime.get_num_threads(), names)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Drop-in for flash_attn.flash_attn_varlen_func. return_attn_probs returns (out, lse) (no
+    dense probabilities for packed batches); block_table (paged K/V) is not supported here: use
+    flash_attn_with_kvcache for paged caches."""
+    del deterministic
+    if block_table is not None:
+        raise NotImplementedError("fusedattn: flash_attn_varlen_func(block_table=...) is not supported; "
+                                  "use flash_attn_with_kvcache for paged KV caches")
+    result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                              scale=softmax_scale, window=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                              dropout_p=dropout_p, return_lse=return_attn_probs)
+    return result
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+
+
+def _apply_rotary(x, cos, sin, positions, interleaved):
+    """Rotates the first 2·cos.shape[1] channels of x (batch, seqlen, heads, d) at `positions`
+    (batch, seqlen): interleaved pairs (0,1),(2,3)... or GPT-NeoX halves (i, i + rotary_dim/2)."""
+    half = cos.shape[1]
+    c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]  # (batch, seqlen, 1, half)
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    if _arrays.is_torch(x):
+        torch = _arrays.torch_module()
+        rotated = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+        return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+    rotated = np.stack((y1, y2), axis=-1).reshape(y1.shape[:-1] + (2 * half,)) if interleaved else np.concatenate(
+        (y1, y2), axis=-1)
+    return np.concatenate((rotated.astype(x.dtype), rest), axis=-1)
+
+
+def _append(cache, new, rows, positions, block_table):
+    """Writes new (batch, n, heads, d) into cache at (rows[b], positions[b, t]) or into pages."""
+    if block_table is None:
+        cache[rows[:, None], positions] = new
+    else:
+        page_size = cache.shape[1]
+        pages = block_table[np.arange(len(rows))[:, None], positions // page_size]
+        cache[pages, positions % page_size] = new
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
+                           cache_batch_idx=None, cache_leftpad=None, causal=True, scale=None, window=(-1, -1),
+                           alibi_slopes=None, softcap=0.0, sinks=None, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved=True, return_lse=False):
+    """Appends k, v to the cache in place at cache_seqlens, then attends q over the cache.
+
+    Args:
+        q: (batch, seqlen_q, num_heads, head_dim); several query tokens (chunked prefill,
+            speculative decoding) see the cache bottom-right causally.
+        k_cache, v_cache: (cache_rows, max_seqlen, num_heads_kv, head_dim), or with block_table
+            a paged cache (num_pages, page_size, num_heads_kv, head_dim), any page_size >= 1.
+        k, v: (batch, seqlen_new, num_heads_kv, head_dim) new entries, or None.
+        cache_seqlens: int or int32 (batch,): tokens already in the cache (before k, v).
+        block_table: int32 (batch, max_pages_per_seq): pages of each sequence, in order.
+        cache_batch_idx: int32 (batch,): the cache row of each sequence (contiguous cache).
+        cache_leftpad: int32 (batch,): keys before this index are padding (contiguous cache).
+        rotary_cos, rotary_sin: (max_positions, rotary_dim / 2): rotary embedding applied to q
+            and the new k at their positions (cache_seqlens + t); with causal=False all of q
+            gets position cache_seqlens, as in flash-attn.
+        The rest as in fusedattn.attention.
+
+    Returns:
+        out like q, and lse (batch, num_heads, seqlen_q) when return_lse.
+    """
+    q = _arrays.as_array(q, "q")
+    k_cache, v_cache = _arrays.as_array(k_cache, "k_cache"), _arrays.as_array(v_cache, "v_cache")
+    for x, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+        _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
+    _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
+    _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    seqlens = np.asarray(_int32(cache_seqlens, "cache_seqlens", q)).astype(np.int64)
+    if seqlens.shape == (1,) and batch != 1:
+        seqlens = np.full(batch, seqlens[0])
+    if seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be an int or have shape ({batch},), got {seqlens.shape}")
+    table = None if block_table is None else _int32(block_table, "block_table", q)
+    rows = np.arange(batch) if cache_batch_idx is None else np.asarray(_int32(cache_batch_idx, "cache_batch_idx", q))
+    capacity = k_cache.shape[1] if table is None else np.asarray(table).shape[1] * k_cache.shape[1]
+
+    new_len = 0
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (new entries), or neither")
+    if k is not None:
+        k, v = _arrays.as_array(k, "k"), _arrays.as_array(v, "v")
+        _arrays.check_same_kind((q, k, v), ("q", "k", "v"))
+        if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        new_len = k.shape[1]
+    if (seqlens < 0).any() or (seqlens + new_len > capacity).any():
+        raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
+                         f"got cache_seqlens {seqlens.tolist()}")
+    if table is not None:
+        num_pages, table_np = k_cache.shape[0], np.asarray(table)
+        used = table_np[:, : max(1, int(math.ceil((seqlens.max() + new_len) / k_cache.shape[1])))]
+        if (used < 0).any() or (used >= num_pages).any():
+            raise ValueError(f"block_table entries must be in [0, {num_pages}) for the pages in use")
+    if cache_batch_idx is not None and ((rows < 0).any() or (rows >= k_cache.shape[0]).any()):
+        raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
+
+    positions_new = seqlens[:, None] + np.arange(new_len)[None, :]
+    if rotary_cos is not None:
+        cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
+        q_positions = seqlens[:, None] + np.arange(seqlen_q)[None, :] if causal or window != (-1, -1) else \
+            np.repeat(seqlens[:, None], seqlen_q, axis=1)
+        q = _apply_rotary(q, cos, sin, _arrays.index_like(q, q_positions), rotary_interleaved)
+        if k is not None:
+            k = _apply_rotary(k, cos, sin, _arrays.index_like(q, positions_new), rotary_interleaved)
+    if k is not None:
+        index_rows = _arrays.index_like(q, rows)
+        index_positions = _arrays.index_like(q, positions_new)
+        _append(k_cache, k, index_rows, index_positions, table)
+        _append(v_cache, v, index_rows, index_positions, table)
+
+    call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
+                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+    out = _arrays.empty_like_kind(q, q.shape)
+    lse = _arrays.empty_like_kind(q, (batch, q.shape[2], seqlen_q), _arrays.float32_of(q)) if return_lse else None
+    total = _int32(seqlens + new_len, "cache_seqlens", q)
+    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
+    batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
+    _C.attention_kvcache_forward(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, total,
+                                 table, batch_idx, leftpad, variant, _runtime.cpu_isa(), _runtime.get_num_threads())
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Drop-in for flash_attn.flash_attn_with_kvcache (same arguments and defaults).
+
+    num_splits is accepted and ignored: the CPU driver chooses the key splits from the thread
+    count. cache_seqlens=None means a full cache (every row holds max_seqlen tokens).
+    """
+    del num_splits
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when appending k, v")
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        cache_seqlens = [capacity] * q.shape[0]
+    return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                  cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal,
+                                  scale=softmax_scale, window=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                                  rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                  return_lse=return_softmax_lse)
+
+
+# ---- merging attention states ------------------------------------------------------------------
+
+
+def merge_attention_states_list(outs, lses, *, layout="bhsd"):
+    """Merges partial attention results over disjoint key sets by their LSE.
+
+    outs[i]: (batch, heads, seqlen, d) (or (batch, seqlen, heads, d) for layout "bshd"); lses[i]:
+    (batch, heads, seqlen) natural-log LSE. Returns (out, lse) with lse = log Σ exp(lse_i) and
+    out = Σ exp(lse_i - lse) · out_i; parts with LSE -inf (no visible key) contribute nothing, and
+    rows where every part is -inf give 0 and -inf. Differentiable for torch inputs.
+    """
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"need as many outs as lses (at least one), got {len(outs)} and {len(lses)}")
+    outs = [_arrays.as_array(o, f"outs[{i}]") for i, o in enumerate(outs)]
+    lses = [_arrays.as_array(x, f"lses[{i}]") for i, x in enumerate(lses)]
+    for i, (o, x) in enumerate(zip(outs, lses)):
+        expected = (o.shape[0], o.shape[2], o.shape[1]) if layout == "bshd" else tuple(o.shape[:-1])
+        if o.shape != outs[0].shape or tuple(x.shape) != expected:
+            raise ValueError(f"outs[{i}] / lses[{i}] have shapes {tuple(o.shape)} / {tuple(x.shape)}; expected "
+                             f"{tuple(outs[0].shape)} / {expected}")
+    if _arrays.is_torch(outs[0]):
+        torch = _arrays.torch_module()
+        stacked = torch.stack([x.float() for x in lses])
+        lse = torch.logsumexp(stacked, dim=0)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        weights = torch.where(torch.isfinite(stacked), torch.exp(stacked - safe), torch.zeros_like(stacked))
+    else:
+        stacked = np.stack([x.astype(np.float32) for x in lses])
+        top = stacked.max(axis=0)
+        safe = np.where(np.isfinite(top), top, 0.0).astype(np.float32)
+        weights = np.where(np.isfinite(stacked), np.exp(stacked - safe), 0.0).astype(np.float32)
+        total = weights.sum(axis=0)
+        with np.errstate(divide="ignore"):
+            lse = np.where(total > 0, safe + np.log(np.where(total > 0, total, 1.0)), -np.inf).astype(np.float32)
+        weights = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
+    if layout == "bshd":
+        weights = weights.transpose(2, 3) if _arrays.is_torch(outs[0]) else weights.swapaxes(2, 3)
+    out = sum(w[..., None] * o.astype(np.float32) if not _arrays.is_torch(o) else w[..., None] * o.float()
+              for w, o in zip(weights, outs))
+    return out.astype(outs[0].dtype) if not _arrays.is_torch(out) else out.to(outs[0].dtype), lse
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout="bhsd"):
+    """Merges two partial attention results (see merge_attention_states_list)."""
+    return merge_attention_states_list([out_a, out_b], [lse_a, lse_b], layout=layout)
