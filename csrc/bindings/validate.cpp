@@ -87,10 +87,10 @@ MaskType mask_type(const TensorView& view) {
   throw py::type_error(view.name + " must be bool or floating point, got " + view.dtype_string());
 }
 
-void check_float32_vector(const TensorView& view, const std::vector<std::vector<int64_t>>& shapes,
+void check_float64_vector(const TensorView& view, const std::vector<std::vector<int64_t>>& shapes,
                           const std::string& expected) {
-  if (view.dtype.code != dlpack::kFloat || view.dtype.bits != 32 || view.dtype.lanes != 1) {
-    throw py::type_error(view.name + " must be float32, got " + view.dtype_string());
+  if (view.dtype.code != dlpack::kFloat || view.dtype.bits != 64 || view.dtype.lanes != 1) {
+    throw py::type_error(view.name + " must be float64 (the Python layer converts it), got " + view.dtype_string());
   }
   bool matches = false;
   for (const auto& shape : shapes) matches |= view.shape == shape;
@@ -123,16 +123,16 @@ void fill_variant(const ForwardViews& views, AttentionParams& params) {
     check_cpu(slopes, q);
     const std::string heads = std::to_string(params.num_heads);
     const int64_t batch = views.sequence_count >= 0 ? views.sequence_count : params.batch;
-    check_float32_vector(slopes, {{params.num_heads}, {batch, params.num_heads}},
+    check_float64_vector(slopes, {{params.num_heads}, {batch, params.num_heads}},
                          "(" + heads + ",) or (" + std::to_string(batch) + ", " + heads + ")");
-    params.alibi_slopes = static_cast<const float*>(slopes.data);
+    params.alibi_slopes = static_cast<const double*>(slopes.data);
     params.alibi_batch_stride = slopes.ndim() == 2 ? params.num_heads : 0;
   }
   if (views.sinks) {
     const TensorView& sinks = *views.sinks;
     check_cpu(sinks, q);
-    check_float32_vector(sinks, {{params.num_heads}}, "(" + std::to_string(params.num_heads) + ",)");
-    params.sinks = static_cast<const float*>(sinks.data);
+    check_float64_vector(sinks, {{params.num_heads}}, "(" + std::to_string(params.num_heads) + ",)");
+    params.sinks = static_cast<const double*>(sinks.data);
   }
 }
 
@@ -172,8 +172,8 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
     const TensorView& dlse = *views.dlse;
     const TensorView& lse = *views.forward.lse;
     check_rank(dlse, 3, "(batch, heads, seqlen_q)");
-    if (dlse.dtype.code != dlpack::kFloat || dlse.dtype.bits != 32 || dlse.dtype.lanes != 1) {
-      throw py::type_error(dlse.name + " must be float32, got " + dlse.dtype_string());
+    if (dlse.dtype.code != lse.dtype.code || dlse.dtype.bits != lse.dtype.bits || dlse.dtype.lanes != 1) {
+      throw py::type_error(dlse.name + " must have lse's dtype " + lse.dtype_string() + ", got " + dlse.dtype_string());
     }
     check_cpu(dlse, lse);
     for (int64_t d = 0; d < 3; ++d) {
@@ -182,7 +182,11 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
     const bool contiguous = dlse.strides[2] == 1 && dlse.strides[1] == dlse.shape[2] &&
                             dlse.strides[0] == dlse.shape[1] * dlse.shape[2];
     if (!contiguous && dlse.shape[0] * dlse.shape[1] * dlse.shape[2] > 1) fail(dlse.name + " must be contiguous");
-    params.dlse = static_cast<const float*>(dlse.data);
+    if (dlse.dtype.bits == 64) {
+      params.dlse_f64 = static_cast<const double*>(dlse.data);
+    } else {
+      params.dlse = static_cast<const float*>(dlse.data);
+    }
   }
   if (views.dmask) {
     const TensorView& dmask = *views.dmask;
@@ -263,8 +267,11 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
   if (views.lse) {
     const TensorView& lse = *views.lse;
     check_rank(lse, 3, "(batch, heads, seqlen_q)");
-    if (lse.dtype.code != dlpack::kFloat || lse.dtype.bits != 32 || lse.dtype.lanes != 1) {
-      throw py::type_error(lse.name + " must be float32, got " + lse.dtype_string());
+    // float32, or float64 for float64 inputs (fp64 gradients stay fp64-accurate)
+    const bool fp64 = kernel_dtype(q) == DType::kFloat64;
+    if (lse.dtype.code != dlpack::kFloat || lse.dtype.bits != (fp64 ? 64 : 32) || lse.dtype.lanes != 1) {
+      throw py::type_error(lse.name + " must be " + (fp64 ? "float64 (as q)" : "float32") + ", got " +
+                           lse.dtype_string());
     }
     check_cpu(lse, q);
     for (int64_t d = 0; d < 3; ++d) {
@@ -277,7 +284,11 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
                             lse.strides[0] == lse.shape[1] * lse.shape[2];
     if (!contiguous && params.seqlen_q > 0 && num_heads > 0) fail(lse.name + " must be contiguous");
     if (lse.read_only) fail(lse.name + " is read-only");
-    params.lse = static_cast<float*>(lse.data);
+    if (fp64) {
+      params.lse_f64 = static_cast<double*>(lse.data);
+    } else {
+      params.lse = static_cast<float*>(lse.data);
+    }
     params.lse_batch_stride = lse.strides[0];
     params.lse_head_stride = lse.strides[1];
   }

@@ -58,7 +58,10 @@ struct AttentionParams {
   TensorRef k;    // (batch, num_heads_kv, seqlen_k, head_dim)
   TensorRef v;    // (batch, num_heads_kv, seqlen_k, head_dim)
   TensorRef out;  // (batch, num_heads,    seqlen_q, head_dim)
-  float* lse = nullptr;  // (batch, num_heads, seqlen_q) fp32, rows contiguous; null = not requested
+  // (batch, num_heads, seqlen_q), rows contiguous; fp32, or fp64 (lse_f64) for fp64 inputs so
+  // that fp64 gradients stay fp64-accurate. At most one is set; neither = not requested.
+  float* lse = nullptr;
+  double* lse_f64 = nullptr;
   int64_t lse_batch_stride = 0;  // elements
   int64_t lse_head_stride = 0;
 
@@ -81,16 +84,26 @@ struct AttentionParams {
   // Score modifications, applied in DESIGN.md's order (see variant.h):
   // s = scale·q·k → softcap → ALiBi → + float mask → masking → softmax (with sink) → dropout.
   float softcap = 0.0f;                  // > 0: s = softcap · tanh(s / softcap)
-  const float* alibi_slopes = nullptr;   // fp32 slope of (batch, head) at b·alibi_batch_stride + h
+  const double* alibi_slopes = nullptr;  // slope of (batch, head) at b·alibi_batch_stride + h
   int64_t alibi_batch_stride = 0;        // 0 for (num_heads,) slopes, num_heads for (batch, num_heads)
   MaskRef mask;
-  const float* sinks = nullptr;          // (num_heads,) fp32 logits in each row's softmax denominator
+  const double* sinks = nullptr;         // (num_heads,) logits in each row's softmax denominator
   float dropout_p = 0.0f;                // probability of dropping each attention weight
   uint64_t dropout_seed = 0;             // Philox key; the mask depends on (seed, offset, b, h, i, j)
   uint64_t dropout_offset = 0;
 
   SequenceLayout sequences;
 };
+
+// The LSE entry at `index` (batch·lse_batch_stride + head·lse_head_stride + row), in either precision.
+inline bool has_lse(const AttentionParams& p) { return p.lse != nullptr || p.lse_f64 != nullptr; }
+inline void store_lse(const AttentionParams& p, int64_t index, double value) {
+  if (p.lse_f64 != nullptr) p.lse_f64[index] = value;
+  else if (p.lse != nullptr) p.lse[index] = static_cast<float>(value);
+}
+inline double load_lse(const AttentionParams& p, int64_t index) {
+  return p.lse_f64 != nullptr ? p.lse_f64[index] : static_cast<double>(p.lse[index]);
+}
 
 inline int64_t dtype_size(DType dtype) {
   return dtype == DType::kFloat64 ? 8 : (dtype == DType::kFloat32 ? 4 : 2);
@@ -107,6 +120,7 @@ struct BackwardParams {
   // Gradient of the lse output, (batch, num_heads, seqlen_q) fp32 contiguous; null = none.
   // It enters as dS += P·dlse (d lse_i / d s_ij = P_ij), i.e. Dsum_i -= dlse_i.
   const float* dlse = nullptr;
+  const double* dlse_f64 = nullptr;  // instead of dlse, when the lse is fp64
   // Gradient of a float attn_mask, dense (batch, num_heads, seqlen_q, seqlen_k) fp32 and
   // zero-filled by the caller (entries of skipped tiles stay 0); null = not requested. The
   // caller sums it over the mask's broadcast dims.

@@ -85,8 +85,8 @@ FUSEDATTN_HOST_DEVICE int64_t kv_head_of(const AttentionParams& p, int64_t head)
 FUSEDATTN_HOST_DEVICE int64_t query_position(const AttentionParams& p, int64_t row) { return row + p.q_offset; }
 
 // ALiBi slope of (batch, head); 0 when ALiBi is off.
-FUSEDATTN_HOST_DEVICE float alibi_slope(const AttentionParams& p, int64_t batch, int64_t head) {
-  return p.alibi_slopes == nullptr ? 0.0f : p.alibi_slopes[batch * p.alibi_batch_stride + head];
+FUSEDATTN_HOST_DEVICE double alibi_slope(const AttentionParams& p, int64_t batch, int64_t head) {
+  return p.alibi_slopes == nullptr ? 0.0 : p.alibi_slopes[batch * p.alibi_batch_stride + head];
 }
 
 // ALiBi: s - slope·|position - key| (flash-attn's definition).

@@ -58,6 +58,7 @@ AttentionParams sequence_params(const AttentionParams& p, int64_t b) {
     advance(q.q, s.cu_seqlens_q[b]);
     advance(q.out, s.cu_seqlens_q[b]);
     if (q.lse != nullptr) q.lse += s.cu_seqlens_q[b];
+    if (q.lse_f64 != nullptr) q.lse_f64 += s.cu_seqlens_q[b];
     q.lse_batch_stride = 0;
   }
   if (s.cu_seqlens_k != nullptr) {
@@ -124,7 +125,8 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
 // Splits the key axis of blocks when there are too few blocks for the threads (decode).
 int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads) {
   const int64_t blocks = static_cast<int64_t>(plan.size());
-  if (blocks == 0 || blocks >= 2 * num_threads) return 0;
+  // fp64 keeps its full precision: no fp32 partials.
+  if (blocks == 0 || blocks >= 2 * num_threads || params.dtype == DType::kFloat64) return 0;
   std::vector<PlannedBlock> split;
   int64_t merged = 0;
   for (const PlannedBlock& planned : plan) {

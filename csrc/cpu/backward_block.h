@@ -108,7 +108,9 @@ void backward_dsum_t(const BackwardParams& bp, int64_t batch, int64_t head, void
       sum += static_cast<Acc>(to_float(o_row[d])) * static_cast<Acc>(to_float(do_row[d]));
     }
     const int64_t lse_index = batch * p.lse_batch_stride + head * p.lse_head_stride + i;  // dlse shares lse's layout
-    result[i] = bp.dlse == nullptr ? sum : sum - static_cast<Acc>(bp.dlse[lse_index]);
+    if (bp.dlse_f64 != nullptr) sum -= static_cast<Acc>(bp.dlse_f64[lse_index]);
+    else if (bp.dlse != nullptr) sum -= static_cast<Acc>(bp.dlse[lse_index]);
+    result[i] = sum;
   }
 }
 
@@ -134,7 +136,7 @@ inline const Acc* operand_rows(const T* rows, int64_t row_stride, int64_t m, int
 // s.cap_t for the chain rule.
 template <typename Acc>
 inline void probabilities_from_lse(const AttentionParams& params, const BackwardScratch<Acc>& s, int64_t batch,
-                                   int64_t head, int64_t i0, int64_t m, int64_t j0, int64_t n, const float* lse) {
+                                   int64_t head, int64_t i0, int64_t m, int64_t j0, int64_t n, int64_t lse_base) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   const V scale = vec_set1<Acc>(static_cast<Acc>(params.scale));
@@ -148,13 +150,13 @@ inline void probabilities_from_lse(const AttentionParams& params, const Backward
   const Acc slope = static_cast<Acc>(alibi_slope(params, batch, head));
   for (int64_t r = 0; r < m; ++r) {
     Acc* row = s.p + r * s.ldn;
-    const float row_lse = lse[i0 + r];
+    const Acc row_lse = static_cast<Acc>(load_lse(params, lse_base + i0 + r));
     const KeyRange keys = visible_keys(params, i0 + r);
     int64_t lo = keys.begin - j0, hi = keys.end - j0;
     lo = lo < 0 ? 0 : (lo > n ? n : lo);
     hi = hi < lo ? lo : (hi > n ? n : hi);
-    if (row_lse == -std::numeric_limits<float>::infinity()) lo = hi = 0;
-    const V shift = vec_set1<Acc>(static_cast<Acc>(row_lse));
+    if (row_lse == -std::numeric_limits<Acc>::infinity()) lo = hi = 0;
+    const V shift = vec_set1<Acc>(row_lse);
     const V position = vec_set1<Acc>(static_cast<Acc>(query_position(params, i0 + r)));
     for (int64_t c = 0; c < s.ldn; c += W) {
       V score = vec_load<Acc>(row + c);
@@ -218,7 +220,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
     const int64_t head = kv_head * group + g;
     const T* q = static_cast<const T*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride;
     const T* dout = static_cast<const T*>(bp.dout.data) + batch * bp.dout.batch_stride + head * bp.dout.head_stride;
-    const float* lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride;
+    const int64_t lse_base = batch * p.lse_batch_stride + head * p.lse_head_stride;
     const Acc* head_dsum = static_cast<const Acc*>(dsum) + head * p.seqlen_q;
     Acc* dq = static_cast<Acc*>(dq_partial) + g * p.seqlen_q * s.ldo;
     for (int64_t i0 = rows.begin; i0 < rows.end; i0 += kBwdBlockM) {
@@ -233,7 +235,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
           operand_rows(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_rows, s.ldo, &do_stride);
 
       gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{q_blk, q_stride, 1}, s.k_t, s.ldn, s.p, s.ldn, false);
-      probabilities_from_lse(p, s, batch, head, i0, m, j0, n, lse);
+      probabilities_from_lse(p, s, batch, head, i0, m, j0, n, lse_base);
       const Acc* weights = s.p;  // what multiplied V in the forward
       if (dropout) {
         dropout_tile(p, batch, head, i0, m, j0, n, s.drop, Orientation{s.ldn, 1});

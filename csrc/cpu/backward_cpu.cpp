@@ -111,6 +111,7 @@ void attention_backward(const BackwardParams& bp, const std::string& isa, int nu
       t->batch_stride = 0;
     }
     if (sequence.dlse != nullptr) sequence.dlse += s.cu_seqlens_q[b];
+    if (sequence.dlse_f64 != nullptr) sequence.dlse_f64 += s.cu_seqlens_q[b];
     run_backward(sequence, kernels, b, b + 1, num_threads);
   }
 }

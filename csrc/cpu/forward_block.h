@@ -227,22 +227,19 @@ void write_block_output(const AttentionParams& params, const ForwardBlock& block
     const bool no_weight = sum == Acc(0);  // no visible key and no sink (a NaN sum stays NaN)
     const bool empty = no_key_visited || no_weight;
     const Acc inv = empty ? Acc(0) : Acc(1) / sum;
-    const float lse = no_weight ? -std::numeric_limits<float>::infinity()
-                                : static_cast<float>(s.row_max[i] + std::log(sum));
+    const Acc lse = no_weight ? -std::numeric_limits<Acc>::infinity() : s.row_max[i] + std::log(sum);
     const Acc* o_row = s.o + i * s.ldo;
     if (block.partial_out != nullptr) {
       float* out_row = block.partial_out + i * params.head_dim;
       for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = static_cast<float>(empty ? Acc(0) : o_row[c] * inv);
-      block.partial_lse[i] = lse;
+      block.partial_lse[i] = static_cast<float>(lse);
       continue;
     }
     const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
     T* out_row = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
                  head * params.out.head_stride + row * params.out.row_stride;
     for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(empty ? Acc(0) : o_row[c] * inv);
-    if (params.lse != nullptr) {
-      params.lse[block.batch * params.lse_batch_stride + head * params.lse_head_stride + row] = lse;
-    }
+    store_lse(params, block.batch * params.lse_batch_stride + head * params.lse_head_stride + row, lse);
   }
 }
 
@@ -273,7 +270,7 @@ void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& b
       }
       lse = max_lse + std::log(total);
     }
-    if (params.lse != nullptr) params.lse[block.batch * params.lse_batch_stride + head * params.lse_head_stride + row] = lse;
+    store_lse(params, block.batch * params.lse_batch_stride + head * params.lse_head_stride + row, lse);
   }
 }
 
@@ -326,10 +323,15 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
     const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
-    if (params.mask.type != MaskType::kNone &&
-        !load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n,
-                        s.mask_tile, transposed)) {
-      continue;  // a bool mask hides the whole tile (packed heads share a mask: head stride 0)
+    if (params.mask.type != MaskType::kNone) {
+      if (!load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
+                          s.mask_tile, transposed)) {
+        continue;  // a bool mask hides the whole tile
+      }
+      for (int64_t j = 0; j < n; ++j) {  // packed heads share the mask (its head stride is 0)
+        Acc* tile_row = s.mask_tile + j * s.ldq;
+        for (int64_t i = lanes.rows; i < lanes.lanes; ++i) tile_row[i] = tile_row[i % lanes.rows];
+      }
     }
     // Sᵀ = K_blk · Qᵀ
     int64_t k_stride;

@@ -88,6 +88,9 @@ struct Fp32 {
   FA_DEVICE static float from_float(float x) { return x; }
 };
 
+FA_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+FA_DEVICE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
 // Dynamic shared memory of the running block, 128-byte aligned.
 FA_DEVICE char* shared_memory() {
 #if defined(FUSEDATTN_CUDA_EMULATION)

@@ -137,13 +137,13 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
   // end take the last row's range (they are computed on zero queries and never stored).
   const bool has_mask = p.mask.type != MaskType::kNone;
   const bool bool_mask = p.mask.type == MaskType::kBool;
-  const ScoreMod mod = make_score_mod(p, batch, head, has_mask);
+  const ScoreMod mod = make_score_mod(p, has_mask);
   const Dropout dropout = make_dropout(p, batch, head);
   const bool has_sink = p.sinks != nullptr;
   const float sink_log2 = has_sink ? p.sinks[head] * kLog2e : 0.0f;
   const int warp_row0 = warp * 16 * kMTiles;
   int lo[kRowSlots], hi[kRowSlots], row_of[kRowSlots];
-  float pos[kRowSlots], row_max[kRowSlots], row_sum[kRowSlots];
+  float pos[kRowSlots], slope[kRowSlots], row_max[kRowSlots], row_sum[kRowSlots];
   const void* mask_rows[kRowSlots];
 #pragma unroll
   for (int ri = 0; ri < kRowSlots; ++ri) {
@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
     hi[ri] = static_cast<int>(range.end);
     row_of[ri] = row;
     pos[ri] = static_cast<float>(query_position(p, row));
+    slope[ri] = alibi_slope(p, batch, head);
     mask_rows[ri] = has_mask && valid ? static_cast<const char*>(p.mask.data) +
                                             (batch * p.mask.batch_stride + head * p.mask.head_stride +
                                              row * p.mask.row_stride) * mask_element_size(p.mask.type)
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
       float s[kMTiles][Tr::kNTiles][4];
       gemm_qk<T, kMTiles, Tr::kNTiles, kHeadDim>(s, s_q + warp_row0 * kPitch, s_k + stage * kBlockN * kPitch, lane);
       const bool range_mask = !(key0 >= all_visible_begin && key0 + kBlockN <= all_visible_end);
-      scores_to_log2<kMTiles, Tr::kNTiles>(s, mod, p.mask, mask_rows, key0, lane, lo, hi, pos, range_mask);
+      scores_to_log2<kMTiles, Tr::kNTiles>(s, mod, p.mask, mask_rows, key0, lane, lo, hi, pos, slope, range_mask);
       online_softmax<kMTiles, Tr::kNTiles, Tr::kDTiles>(s, o, row_max, row_sum);
       if (p.dropout_p > 0.0f) apply_dropout<kMTiles, Tr::kNTiles>(s, dropout, key0, lane, row_of);
       gemm_pv<T, kMTiles, Tr::kNTiles, kHeadDim>(o, s, s_v + stage * kBlockN * kPitch, lane);

@@ -15,23 +15,21 @@
 namespace fusedattn {
 namespace cuda {
 
-// Per-(batch, head) constants of the pipeline.
+// Constants of the pipeline (the ALiBi slope is per row slot: decode packs several heads).
 struct ScoreMod {
   float scale;       // multiplies q·k
   float scale_log2;  // scale · log2(e)
   float softcap;     // > 0: s -> softcap · tanh(s / softcap)
-  float slope;       // ALiBi slope of (batch, head)
   bool alibi;
   bool modified;     // softcap, ALiBi or an attn_mask: the per-element path
 };
 
-FA_DEVICE ScoreMod make_score_mod(const AttentionParams& p, int64_t batch, int64_t head, bool has_mask) {
+FA_DEVICE ScoreMod make_score_mod(const AttentionParams& p, bool has_mask) {
   ScoreMod mod;
   mod.scale = static_cast<float>(p.scale);
   mod.scale_log2 = mod.scale * kLog2e;
   mod.softcap = p.softcap;
   mod.alibi = p.alibi_slopes != nullptr;
-  mod.slope = alibi_slope(p, batch, head);
   mod.modified = p.softcap > 0.0f || mod.alibi || has_mask;
   return mod;
 }
@@ -56,14 +54,16 @@ FA_DEVICE int mask_element_size(MaskType type) {
 }
 
 // Raw q·k products of a tile -> base-2 scores. key0: the key of the tile's column 0 (this
-// lane's columns are key0 + 8·nt + 2t + c). Row slot ri sits at position pos[ri] and sees keys
-// [lo[ri], hi[ri]); range_mask: some entry of the tile may fall outside those ranges.
+// lane's columns are key0 + 8·nt + 2t + c). Row slot ri sits at position pos[ri], has ALiBi
+// slope slope[ri] and sees keys [lo[ri], hi[ri]); range_mask: some entry of the tile may fall
+// outside those ranges.
 // mask_rows[ri]: the row's attn_mask entries at key 0 (nullptr when there is no attn_mask).
 template <int kMTiles, int kNTiles>
 FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& mod, const MaskRef& mask,
                               const void* const (&mask_rows)[2 * kMTiles], int key0, int lane,
                               const int (&lo)[2 * kMTiles], const int (&hi)[2 * kMTiles],
-                              const float (&pos)[2 * kMTiles], bool range_mask) {
+                              const float (&pos)[2 * kMTiles], const float (&slope)[2 * kMTiles],
+                              bool range_mask) {
   const int t = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
@@ -77,7 +77,7 @@ FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& m
         if (mod.modified) {
           x = s[mt][nt][e] * mod.scale;
           if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
-          if (mod.alibi) x = alibi_score(x, mod.slope, pos[ri], static_cast<float>(key));
+          if (mod.alibi) x = alibi_score(x, slope[ri], pos[ri], static_cast<float>(key));
           if (mask_rows[ri] != nullptr) x += mask_value(mask, mask_rows[ri], key);
           x *= kLog2e;
         } else {

@@ -100,13 +100,13 @@ def broadcast_view(x, shape):
     return np.lib.stride_tricks.as_strided(x, shape=view.shape, strides=view.strides, writeable=True)
 
 
-def float32_contiguous(x):
-    """A per-head parameter array as contiguous float32 (None stays None)."""
+def float64_contiguous(x):
+    """A per-head parameter array (ALiBi slopes, sinks) as contiguous float64 (None stays None)."""
     if x is None:
         return None
     if is_torch(x):
-        return x.detach().to(torch_module().float32).contiguous()
-    return np.ascontiguousarray(x, dtype=np.float32)
+        return x.detach().to(torch_module().float64).contiguous()
+    return np.ascontiguousarray(x, dtype=np.float64)
 
 
 def from_numpy_like(reference, array: np.ndarray):
@@ -124,6 +124,10 @@ def empty_like_kind(reference, shape, dtype=None):
     return np.empty(shape, dtype=dtype or reference.dtype)
 
 
-def float32_of(reference):
-    return torch_module().float32 if is_torch(reference) else np.float32
+def lse_dtype_of(reference):
+    """The LSE dtype for inputs like reference: float32, or float64 for float64 inputs."""
+    if is_torch(reference):
+        torch = torch_module()
+        return torch.float64 if reference.dtype == torch.float64 else torch.float32
+    return np.float64 if reference.dtype == np.float64 else np.float32
 

@@ -44,22 +44,27 @@ def _lse_shape(q: torch.Tensor, bshd: bool):
     return (q.shape[0], q.shape[2], q.shape[1]) if bshd else (q.shape[0], q.shape[1], q.shape[2])
 
 
-def _float32(x):
-    return None if x is None else x.detach().to(torch.float32).contiguous()
+def _float64(x):
+    return None if x is None else x.detach().to(torch.float64).contiguous()
+
+
+def lse_dtype(q):
+    """float32, or float64 for float64 inputs (fp64 gradients stay fp64-accurate)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right, softcap,
              dropout_p):
     """The extension's variant tuple (see csrc/bindings/validate.h)."""
     seed = int(rng_seed.item()) if rng_seed is not None and dropout_p > 0.0 else 0
-    return (scale, causal, q_offset, window_left, window_right, softcap, attn_mask, _float32(alibi_slopes),
-            _float32(sinks), dropout_p, seed, 0)
+    return (scale, causal, q_offset, window_left, window_right, softcap, attn_mask, _float64(alibi_slopes),
+            _float64(sinks), dropout_p, seed, 0)
 
 
 def _forward_cpu(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
                  window_right, softcap, dropout_p, bshd, names):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, bshd), dtype=torch.float32, device=q.device)
+    lse = torch.empty(_lse_shape(q, bshd), dtype=lse_dtype(q), device=q.device)
     variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
                        softcap, dropout_p)
     _C.attention_forward(_bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, variant,
@@ -69,12 +74,13 @@ def _forward_cpu(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causa
 
 def sink_gradient(sinks, dout, out, lse, dlse, bshd):
     """d loss / d sinks[h] = -sum_{b,i} exp(sinks[h] - lse[b,h,i]) · (rowsum(dO∘O) - dlse)[b,h,i]."""
-    dsum = (dout.float() * out.float()).sum(-1)
+    compute = lse.dtype
+    dsum = (dout.to(compute) * out.to(compute)).sum(-1)
     if bshd:
         dsum = dsum.transpose(1, 2)
     if dlse is not None:
         dsum = dsum - dlse
-    sink_weight = torch.exp(sinks.float()[None, :, None] - lse)
+    sink_weight = torch.exp(sinks.to(compute)[None, :, None] - lse)
     return (-(sink_weight * dsum).sum((0, 2))).to(sinks.dtype)
 
 
@@ -100,7 +106,7 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks,
 
 def _forward_fake(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
                   window_right, softcap, dropout_p, bshd, names):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, bshd), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, bshd), dtype=lse_dtype(q))
 
 
 def _backward_fake(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset,

@@ -4,7 +4,7 @@
     fusedattn::attention_varlen_backward(dout, dlse?, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ...)
         -> (dq, dk, dv, dsinks)
 
-q, out: (total_q, heads, d); k, v: (total_k, kv_heads, d); lse: (heads, total_q) float32;
+q, out: (total_q, heads, d); k, v: (total_k, kv_heads, d); lse: (heads, total_q) float32 (float64 for float64 inputs);
 cu_seqlens: int32 (batch + 1,) CPU tensors. The remaining arguments are those of
 fusedattn::attention_forward (see _torch_ops.py); attn_mask must be None.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, _runtime
-from ._torch_ops import _VARIANT_ARGS, _variant
+from ._torch_ops import _VARIANT_ARGS, _variant, lse_dtype
 
 torch.library.define(
     "fusedattn::attention_varlen_forward",
@@ -37,7 +37,7 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 def _forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal,
                  q_offset, window_left, window_right, softcap, dropout_p, bshd, names):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q), device=q.device)
     variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
                        softcap, dropout_p)
     _C.attention_varlen_forward(_packed(q), _packed(k), _packed(v), _packed(out), lse[None], cu_seqlens_q,
@@ -61,15 +61,15 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, att
                                  tuple(names.split(",")))
     dsinks = q.new_empty((0,))
     if sinks is not None:  # d sinks[h] = -Σ_i exp(sinks[h] - lse[h, i]) · (rowsum(dO∘O) - dlse)[h, i]
-        dsum = (dout.float() * out.float()).sum(-1).transpose(0, 1)
+        dsum = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(0, 1)
         if dlse is not None:
             dsum = dsum - dlse
-        dsinks = (-(torch.exp(sinks.float()[:, None] - lse) * dsum).sum(1)).to(sinks.dtype)
+        dsinks = (-(torch.exp(sinks.to(lse.dtype)[:, None] - lse) * dsum).sum(1)).to(sinks.dtype)
     return dq, dk, dv, dsinks
 
 
 def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, *rest):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q))
 
 
 def _backward_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes, sinks, *rest):

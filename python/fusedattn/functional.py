@@ -20,6 +20,7 @@ __all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "f
 
 _DIMS = {"bhsd": "(batch, heads, seqlen, head_dim)", "bshd": "(batch, seqlen, heads, head_dim)"}
 _MAX_SEED = 2**63
+_DRAWN_SEEDS = 2**62  # seeds drawn from torch's / numpy's generator are below this
 
 
 class _Call:
@@ -49,8 +50,8 @@ class _Call:
         if not self.softcap >= 0.0:
             raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
         self.attn_mask = None if attn_mask is None else self._broadcast_mask(attn_mask)
-        self.alibi_slopes = None if alibi_slopes is None else self._small_float32(alibi_slopes, "alibi_slopes")
-        self.sinks = None if sinks is None else self._small_float32(sinks, "sinks")
+        self.alibi_slopes = None if alibi_slopes is None else self._per_head(alibi_slopes, "alibi_slopes")
+        self.sinks = None if sinks is None else self._per_head(sinks, "sinks")
         self.dropout_p = float(dropout_p)
         if not 0.0 <= self.dropout_p <= 1.0:
             raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
@@ -68,18 +69,18 @@ class _Call:
         except (RuntimeError, ValueError):
             raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {shape}") from None
 
-    def _small_float32(self, x, name):
+    def _per_head(self, x, name):
         """Per-head parameters (ALiBi slopes, sinks): torch tensors stay tensors (autograd for
-        sinks; the op converts them), others become contiguous float32 numpy arrays."""
+        sinks; the op converts them), others become contiguous float64 numpy arrays."""
         x = _arrays.as_array(x, name)
         _arrays.check_same_kind((self.q, x), (self.names[0], name))
-        return x if _arrays.is_torch(x) else np.ascontiguousarray(x, dtype=np.float32)
+        return x if _arrays.is_torch(x) else np.ascontiguousarray(x, dtype=np.float64)
 
     def _seed(self, seed):
         if seed is None:  # torch's default generator for torch callers (torch.manual_seed applies)
             if _arrays.is_torch(self.q):
-                return int(_arrays.torch_module().randint(0, _MAX_SEED, (), dtype=_arrays.torch_module().int64))
-            return int(np.random.randint(0, _MAX_SEED, dtype=np.int64))
+                return int(_arrays.torch_module().randint(0, _DRAWN_SEEDS, (), dtype=_arrays.torch_module().int64))
+            return int(np.random.randint(0, _DRAWN_SEEDS, dtype=np.int64))
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         return int(seed)
@@ -116,8 +117,8 @@ class _Call:
                 return (out, lse) if return_lse else out
         # numpy, or eager torch with no gradient to record: call the kernel directly.
         out = _arrays.empty_like_kind(q, q.shape)
-        lse = _arrays.empty_like_kind(q, self.lse_shape(), _arrays.float32_of(q)) if return_lse else None
-        variant = self.variant(_arrays.float32_contiguous(self.alibi_slopes), _arrays.float32_contiguous(self.sinks))
+        lse = _arrays.empty_like_kind(q, self.lse_shape(), _arrays.lse_dtype_of(q)) if return_lse else None
+        variant = self.variant(_arrays.float64_contiguous(self.alibi_slopes), _arrays.float64_contiguous(self.sinks))
         _C.attention_forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant,
                              _runtime.cpu_isa(), _runtime.get_num_threads(), self.names)
         return (out, lse) if return_lse else out
@@ -156,7 +157,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None
         dropout_p: probability of dropping each attention weight (Philox, counter-based).
         seed: dropout seed; default: drawn from torch's default generator for torch inputs
             (torch.manual_seed makes runs reproducible), from numpy's global RNG otherwise.
-        return_lse: also return the float32 log-sum-exp of the final scores, (batch, heads, seqlen_q).
+        return_lse: also return the log-sum-exp of the final scores, (batch, heads, seqlen_q),
+            float32 (float64 for float64 inputs).
 
     Returns:
         out (same kind, dtype and layout as q), or (out, lse) when return_lse.
@@ -175,7 +177,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
 
     For context-parallel and ring attention, where the forward's out and lse are merged across
     devices before the backward. Arguments mean what they mean in attention() and must be the
-    forward's (with dropout, the same explicit seed); dout has out's shape; lse is the float32
+    forward's (with dropout, the same explicit seed); dout has out's shape; lse is the forward's
     (batch, heads, seqlen_q) log-sum-exp. Gradients have the kinds, dtypes and shapes of q, k, v
     (contiguous in the given layout).
     """
@@ -195,7 +197,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
                                                                   *call.op_args(), False)
         return dq, dk, dv
     grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (call.q, call.k, call.v))
-    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     _C.attention_backward(call.bhsd(dout), None, call.bhsd(call.q), call.bhsd(call.k), call.bhsd(call.v),
                           call.bhsd(out), lse, *(call.bhsd(g) for g in grads), None, variant, _runtime.cpu_isa(),
                           _runtime.get_num_threads(), call.names)

@@ -90,8 +90,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             out, lse = run(q, k, v, cu_q, cu_k, *call.op_args())
             return (out, lse) if return_lse else out
     out = _arrays.empty_like_kind(q, q.shape)
-    lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.float32_of(q)) if return_lse else None
-    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.lse_dtype_of(q)) if return_lse else None
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     _C.attention_varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
                                 None if lse is None else lse[None], cu_q, cu_k, variant, _runtime.cpu_isa(),
                                 _runtime.get_num_threads(), names)
@@ -225,9 +225,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     out = _arrays.empty_like_kind(q, q.shape)
-    lse = _arrays.empty_like_kind(q, (batch, q.shape[2], seqlen_q), _arrays.float32_of(q)) if return_lse else None
+    lse = _arrays.empty_like_kind(q, (batch, q.shape[2], seqlen_q), _arrays.lse_dtype_of(q)) if return_lse else None
     total = _int32(seqlens + new_len, "cache_seqlens", q)
-    variant = call.variant(_arrays.float32_contiguous(call.alibi_slopes), _arrays.float32_contiguous(call.sinks))
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
     _C.attention_kvcache_forward(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, total,

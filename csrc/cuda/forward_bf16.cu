@@ -1,0 +1,8 @@
+// The bf16 forward kernels (one per head-dim bucket); see forward_kernel.cuh.
+#include "cuda/forward_launch.cuh"
+
+namespace fusedattn {
+namespace cuda {
+template void launch_forward<Bf16>(const AttentionParams&, bool, void*);
+}  // namespace cuda
+}  // namespace fusedattn
