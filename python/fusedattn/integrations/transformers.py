@@ -77,7 +77,7 @@ def attention_forward(module: torch.nn.Module, query, key, value, attention_mask
     out = fusedattn.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",  # (B, L, H, D) views
         causal=causal, scale=scaling, q_offset=q_offset, window=window, attn_mask=attention_mask,
-        softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout,
+        softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout, seed=_dropout_seed(dropout),
     )
     return out, None  # (batch, q_len, num_heads, head_dim), allocated in that layout
 
@@ -114,6 +114,7 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         return BloomAttention.forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch_size, q_length, _ = hidden_states.shape
+    dropout_p = self.attention_dropout.p if self.training else 0.0
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 × (B, H, L, D) views
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)          # (B, H, kv_len, D)
@@ -121,9 +122,14 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",
         scale=self.inv_norm_factor, attn_mask=attention_mask,
         alibi_slopes=_get_alibi_slopes(self.num_heads, hidden_states.device),
-        dropout_p=self.attention_dropout.p if self.training else 0.0,
+        dropout_p=dropout_p, seed=_dropout_seed(dropout_p),
     ).reshape(batch_size, q_length, self.hidden_size)                      # (B, L, H·D)
     return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
+
+
+def _dropout_seed(dropout_p: float) -> int | None:
+    """A dropout seed drawn from torch's default generator (torch.manual_seed reproduces the masks)."""
+    return int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else None
 
 
 def _warn_once(message: str) -> None:
