@@ -10,6 +10,7 @@
 #include "bindings/validate.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/isa.h"
+#include "cpu/thread_pool.h"
 
 namespace py = pybind11;
 using namespace fusedattn;
@@ -146,5 +147,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("block_table"),
         py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("variant"), py::arg("isa"),
         py::arg("num_threads"), "Forward over a contiguous or paged KV cache (bottom-right causal).");
+  m.def("use_openmp_runtime", &cpu::use_openmp_runtime, py::arg("library_path"),
+        "Run the CPU kernels on an already-loaded OpenMP runtime (PyTorch's); False if unusable.");
   m.def("available_isas", &cpu::available_isas, "CPU ISAs this build and this CPU can run, best first.");
 }

@@ -1,8 +1,10 @@
-// Implementation of parallel_for: one process-wide pool that grows to the largest thread count
+// Implementation of parallel_for: on PyTorch's OpenMP runtime when use_openmp_runtime() found
+// it, else one process-wide pool that grows to the largest thread count
 // asked for. A call publishes a job (function, task counter, number of helpers) under a mutex,
 // wakes the workers, takes tasks itself, then waits until every helper has finished.
 #include "cpu/thread_pool.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <atomic>
@@ -99,11 +101,54 @@ ThreadPool& pool() {
   return *instance;
 }
 
+// The libgomp ABI that `#pragma omp parallel` compiles to, looked up in an already-loaded runtime.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpGetThreadNum = int (*)();
+struct OpenMpRuntime {
+  GompParallel parallel;
+  OmpGetThreadNum thread_num;
+};
+std::atomic<const OpenMpRuntime*> g_openmp{nullptr};
+
+struct OpenMpJob {
+  const std::function<void(int64_t, int)>* fn;
+  int64_t num_tasks;
+  std::atomic<int64_t> next{0};
+  OmpGetThreadNum thread_num;
+};
+
+void run_openmp_job(void* data) {
+  OpenMpJob* job = static_cast<OpenMpJob*>(data);
+  const int worker = job->thread_num();
+  for (int64_t task = job->next.fetch_add(1); task < job->num_tasks; task = job->next.fetch_add(1)) {
+    (*job->fn)(task, worker);
+  }
+}
+
 }  // namespace
+
+bool use_openmp_runtime(const std::string& library_path) {
+  void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return false;
+  auto parallel = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
+  auto thread_num = reinterpret_cast<OmpGetThreadNum>(dlsym(handle, "omp_get_thread_num"));
+  if (parallel == nullptr || thread_num == nullptr) return false;
+  g_openmp.store(new OpenMpRuntime{parallel, thread_num});  // process lifetime, like the runtime
+  return true;
+}
 
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
   if (num_tasks <= 0) return;
   if (num_threads > num_tasks) num_threads = static_cast<int>(num_tasks);
+  const OpenMpRuntime* openmp = g_openmp.load();
+  if (num_threads > 1 && openmp != nullptr) {
+    OpenMpJob job;
+    job.fn = &fn;
+    job.num_tasks = num_tasks;
+    job.thread_num = openmp->thread_num;
+    openmp->parallel(&run_openmp_job, &job, static_cast<unsigned>(num_threads), 0);
+    return;
+  }
   if (num_threads <= 1 || !pool().try_run(num_tasks, num_threads, fn)) {
     for (int64_t task = 0; task < num_tasks; ++task) fn(task, 0);
   }

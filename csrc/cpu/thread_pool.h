@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace fusedattn {
 namespace cpu {
@@ -13,6 +14,13 @@ namespace cpu {
 // done. When another call is already using the pool (concurrent callers), this call runs all
 // its tasks on the calling thread, so concurrent calls are always safe.
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn);
+
+// From now on, run parallel_for on the OpenMP runtime at `library_path` if the process has
+// already loaded it (PyTorch's bundled libgomp): fusedattn's work then runs on torch's own
+// OpenMP threads instead of a second pool that would compete with them while they spin after
+// a torch op. Returns false (and changes nothing) when the library is not loaded or lacks the
+// GOMP entry points.
+bool use_openmp_runtime(const std::string& library_path);
 
 }  // namespace cpu
 }  // namespace fusedattn

@@ -54,6 +54,24 @@ def cpu_isa() -> str:
     return _forced_isa
 
 
+def attach_torch_openmp() -> str | None:
+    """Makes the CPU kernels run on PyTorch's own OpenMP threads (Linux; torch imported).
+
+    A second pool next to torch's would compete for the cores with torch's OpenMP workers,
+    which spin for a while after every torch op. Returns the runtime's path, or None.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(sys.modules["torch"].__file__) if "torch" in sys.modules else ""
+    for path in sorted(paths, key=lambda p: not p.startswith(torch_dir)):  # torch's own runtime first
+        if _C.use_openmp_runtime(path):
+            return path
+    return None
+
+
 def _set_cpu_isa(name: str | None) -> None:
     """Forces a CPU ISA in this process (None = best available), as FUSEDATTN_CPU_ISA does. For tests."""
     global _forced_isa

@@ -18,6 +18,8 @@ import torch
 
 from . import _C, _runtime
 
+_runtime.attach_torch_openmp()
+
 _VARIANT_ARGS = (
     "float scale, bool causal, int q_offset, int window_left, int window_right, float softcap, "
     "float dropout_p, bool bshd, str names"
