@@ -2,6 +2,7 @@
 // with -DFUSEDATTN_ISA=<name> and that ISA's flags; everything it instantiates lives in the
 // namespace fusedattn::cpu::<name>, so the linker never mixes code built for different ISAs.
 #include "cpu/backward_block.h"
+#include "cpu/decode_block.h"
 #include "cpu/forward_block.h"
 
 #include <stdexcept>
@@ -32,7 +33,14 @@ size_t forward_scratch_bytes(const AttentionParams& params, int64_t block_rows) 
 }
 
 void forward_block(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
-  dispatch_dtype(params.dtype, [&](auto tag) { forward_block_t<decltype(tag)>(params, block, scratch); });
+  const int64_t lanes = (block.row_end - block.row_begin) * block.head_count;
+  dispatch_dtype(params.dtype, [&](auto tag) {
+    if (lanes <= kDecodeLanes) {
+      decode_block_t<decltype(tag)>(params, block, scratch);
+    } else {
+      forward_block_t<decltype(tag)>(params, block, scratch);
+    }
+  });
 }
 
 void merge_block_partials(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,

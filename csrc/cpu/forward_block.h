@@ -50,6 +50,7 @@ struct ForwardScratch {
   Acc* q_t;     // [head_dim x ldq]
   Acc* s_t;     // [kBlockN x ldq]
   Acc* o;       // [ldq x ldo]
+  Acc* q_rows;  // [ldq x ldo]  scaled query rows (the decode kernel's layout)
   Acc* k_rows;  // [kBlockN x ldo]  converted K block (when K is not already Acc)
   Acc* v_rows;  // [kBlockN x ldo]  converted / padded V block
   Acc* row_max;       // [ldq]
@@ -67,7 +68,7 @@ struct ForwardScratch {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldq = round_up(block_rows, W);
     const int64_t ldo = round_up(head_dim, W);
-    return head_dim * ldq + 3 * kBlockN * ldq + ldq * ldo + 2 * kBlockN * ldo + 7 * ldq;
+    return head_dim * ldq + 3 * kBlockN * ldq + 2 * ldq * ldo + 2 * kBlockN * ldo + 7 * ldq;
   }
 
   static ForwardScratch carve(void* base, int64_t head_dim, int64_t block_rows) {
@@ -79,6 +80,7 @@ struct ForwardScratch {
     s.q_t = p;         p += head_dim * s.ldq;
     s.s_t = p;         p += kBlockN * s.ldq;
     s.o = p;           p += s.ldq * s.ldo;
+    s.q_rows = p;      p += s.ldq * s.ldo;
     s.k_rows = p;      p += kBlockN * s.ldo;
     s.v_rows = p;      p += kBlockN * s.ldo;
     s.row_max = p;     p += s.ldq;

@@ -1,0 +1,98 @@
+"""Decode benchmark: one new token against a 4096-token KV cache, in GB/s of K/V read.
+
+B = 8, Hq = 32, L = 4096, D = 128, with Hkv = 32 (MHA) and 8 (GQA), fp32 and bf16 (the
+inference issue's shapes). fusedattn reads the cache through attention_with_kvcache (the
+(B, L, Hkv, D) layout of a real cache), torch SDPA gets contiguous (B, Hkv, L, D) tensors
+(its best case; enable_gqa for GQA). Also the paged cache (block_size 16, shuffled pages)
+against the contiguous one. The machine's read bandwidth is measured in the same run: a
+torch.sum over a 2 GiB fp32 tensor. All timings interleaved, medians (DESIGN.md).
+
+    python benchmarks/bench_decode.py [--reps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fusedattn
+from fusedattn import bench
+
+BATCH, HEADS, SEQLEN, HEAD_DIM = 8, 32, 4096, 128
+PAGE = 16
+
+
+def read_bandwidth(reps=7) -> float:
+    """GB/s of a torch.sum over 2 GiB of fp32 (read-only traffic)."""
+    data = torch.ones(512 * 1024 * 1024)
+    data.sum()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        data.sum()
+        samples.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(samples) / 1e9
+
+
+def decode_case(num_heads_kv, dtype, reps):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(BATCH, 1, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    k_cache = torch.randn(BATCH, SEQLEN, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    v_cache = torch.randn(BATCH, SEQLEN, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    seqlens = torch.full((BATCH,), SEQLEN, dtype=torch.int32)
+    pages = torch.randperm(BATCH * SEQLEN // PAGE, generator=gen).to(torch.int32).reshape(BATCH, -1)
+    k_paged = torch.empty(BATCH * SEQLEN // PAGE, PAGE, num_heads_kv, HEAD_DIM, dtype=dtype)
+    v_paged = torch.empty_like(k_paged)
+    k_paged[pages.long()] = k_cache.reshape(BATCH, -1, PAGE, num_heads_kv, HEAD_DIM)
+    v_paged[pages.long()] = v_cache.reshape(BATCH, -1, PAGE, num_heads_kv, HEAD_DIM)
+    q_sdpa = q.transpose(1, 2).contiguous()
+    k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
+    gqa = num_heads_kv != HEADS
+    calls = {
+        "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
+        "fusedattn-paged16": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
+                                                                      block_table=pages),
+        "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, enable_gqa=gqa),
+    }
+    with torch.no_grad():
+        times, results, errors = bench.time_interleaved(calls, reps=reps)
+    if errors:
+        raise SystemExit(str(errors))
+    error = (results["fusedattn"].float() - results["torch-sdpa"].transpose(1, 2).float()).abs().max().item()
+    bytes_read = 2 * k_cache.numel() * k_cache.element_size()
+    return {name: statistics.median(t) for name, t in times.items()}, bytes_read, error
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=bench.positive_int, default=15)
+    args = parser.parse_args()
+    print(bench.versions_line(torch))
+    bandwidth = read_bandwidth()
+    print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s\n")
+    header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
+              "speed-up", "max |diff|")
+    rows = [header]
+    for num_heads_kv in (32, 8):
+        for dtype in (torch.float32, torch.bfloat16):
+            t, bytes_read, error = decode_case(num_heads_kv, dtype, args.reps)
+            ours, paged, sdpa = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"]
+            rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
+                         f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / ours / 1e9 / bandwidth:.0%}",
+                         f"{paged * 1e3:.2f}", f"{paged / ours:.2f}", f"{sdpa * 1e3:.2f}",
+                         f"{bytes_read / sdpa / 1e9:.1f}", f"{sdpa / ours:.2f}×", f"{error:.1e}"))
+            print(f"  done Hkv={num_heads_kv} {dtype}", flush=True)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
