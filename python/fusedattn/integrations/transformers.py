@@ -18,7 +18,7 @@ The rules, which are those of transformers' sdpa integration minus repeat_kv:
   q_len == 1 (decoding) attends to every key.
 - GQA: k, v keep their num_key_value_heads heads; fusedattn reads them in place.
 - sliding_window w (Mistral, Qwen2, Gemma-2) means keys in (p - w, p]: window (w - 1, 0). A given
-  mask already contains it, so it is applied only without one.
+  mask already contains it, so it is applied only without one, to causal layers.
 - scaling, softcap (Gemma-2), dropout (transformers passes 0 outside training), s_aux (gpt-oss
   attention sinks) map to fusedattn's arguments; position_bias (T5) joins the mask as a float bias.
 
@@ -69,15 +69,15 @@ def attention_forward(module: torch.nn.Module, query, key, value, attention_mask
         attention_mask = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
         causal = False
     window = (-1, -1)
-    if sliding_window is not None and attention_mask is None:
-        window = (sliding_window - 1, 0 if causal else -1)
+    if sliding_window is not None and attention_mask is None and is_causal:
+        window = (sliding_window - 1, 0)
     # Without a mask the causal rule is top-left (q_offset 0) for several queries, as torch's SDPA;
     # a single decoding query is the newest token (bottom-right), which places its window.
     q_offset = 0 if q_len > 1 else key.shape[2] - 1
     out = fusedattn.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",  # (B, L, H, D) views
         causal=causal, scale=scaling, q_offset=q_offset, window=window, attn_mask=attention_mask,
-        softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout, seed=_dropout_seed(dropout),
+        softcap=softcap or 0.0, sinks=s_aux, dropout_p=dropout,
     )
     return out, None  # (batch, q_len, num_heads, head_dim), allocated in that layout
 
@@ -114,7 +114,6 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         return BloomAttention.forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch_size, q_length, _ = hidden_states.shape
-    dropout_p = self.attention_dropout.p if self.training else 0.0
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 × (B, H, L, D) views
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)          # (B, H, kv_len, D)
@@ -122,14 +121,9 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",
         scale=self.inv_norm_factor, attn_mask=attention_mask,
         alibi_slopes=_get_alibi_slopes(self.num_heads, hidden_states.device),
-        dropout_p=dropout_p, seed=_dropout_seed(dropout_p),
+        dropout_p=self.attention_dropout.p if self.training else 0.0,
     ).reshape(batch_size, q_length, self.hidden_size)                      # (B, L, H·D)
     return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
-
-
-def _dropout_seed(dropout_p: float) -> int | None:
-    """A dropout seed drawn from torch's default generator (torch.manual_seed reproduces the masks)."""
-    return int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p > 0.0 else None
 
 
 def _warn_once(message: str) -> None:
