@@ -12,42 +12,39 @@ namespace cuda {
 // Forward attention (fp16/bf16: tensor cores, head_dim <= 256; fp32: exact SIMT path).
 void attention_forward(const AttentionParams& params, int device, void* stream);
 
-// A KV cache: `k`/`v` of DecodeParams::attn point at it and its strides say where token j of
-// (batch b, kv head h) lives. Contiguous: (batch, capacity, heads_kv, head_dim) with
-// attn.k.batch_stride between sequences. Paged (block_table != nullptr): (num_blocks,
-// block_size, heads_kv, head_dim) with attn.k.batch_stride between pages; token j of sequence
-// b is row j % block_size of page block_table[b, j / block_size].
-struct KVCache {
-  const int32_t* block_table = nullptr;  // (batch, max_blocks) int32; nullptr = contiguous
-  int64_t block_table_stride = 0;        // elements between the block_table rows of two sequences
-  int64_t block_size = 0;                // paged: tokens per page; contiguous: the capacity
-  int64_t num_blocks = 0;                // paged: pages in the cache (ids outside [0, num_blocks) are never read)
-  int64_t capacity = 0;                  // tokens a sequence can hold (max_blocks · block_size or S_max)
-  const int32_t* seqlens = nullptr;      // (batch,) int32 tokens already cached; nullptr = capacity
-};
-
-// Split-KV decode (flash-decoding). attn: q, out, lse (batch, num_heads, seqlen_q, head_dim);
-// k, v: the caches (see KVCache); scale, causal, window, softcap, alibi_slopes, sinks as in
-// the forward (no attn_mask, no dropout). Each sequence b attends to its first
-// seqlen_k(b) = min(seqlens[b] + seqlen_new, capacity) cached tokens, its queries sitting at
-// the last positions (q_offset = seqlen_k(b) - seqlen_q). With k_new/v_new (batch, heads_kv,
-// seqlen_new, head_dim), those tokens are first written into the cache at positions
-// seqlens[b] .. seqlens[b] + seqlen_new - 1 (those past the capacity are dropped).
-struct DecodeParams {
+// Attention over a KV cache: decode and chunked prefill, split-KV (flash-decoding).
+// attn is filled as for the CPU's attention_kvcache_forward: q, out (batch, num_heads, seqlen_q,
+// head_dim); k, v the cache viewed as (rows or pages, num_heads_kv, max_seqlen or page_size,
+// head_dim); attn.sequences (DEVICE int32 arrays): seqlens_k (keys per sequence, new tokens
+// included), optional k_begin (cache_leftpad), cache_batch_idx, or block_table + page_size.
+// Sequence b attends to its cache slots [k_begin[b], seqlens_k[b]) (clamped to the capacity),
+// its queries at the last positions (q_offset = its key count - seqlen_q). scale, causal,
+// window, softcap, alibi_slopes and sinks as in the forward; no attn_mask, no dropout.
+// Row or page ids outside [0, cache_rows) are never read (those keys count as zero vectors);
+// the caller validates the index arrays' values (the Python layer does, as for the CPU).
+struct KVCacheParams {
   AttentionParams attn;
-  KVCache cache;
-  TensorRef k_new;
-  TensorRef v_new;
-  int64_t seqlen_new = 0;
-  int num_splits = 0;  // 0: heuristic from the SM count; else 1..kMaxSplits
+  int64_t cache_rows = 0;  // rows (contiguous) or pages (paged) of k/v
+  int64_t capacity = 0;    // slots one sequence can address: max_seqlen, or max_pages · page_size
+  int num_splits = 0;      // 0: heuristic from the SM count; else 1..kMaxSplits
 };
-void decode(const DecodeParams& params, int device, void* stream);
+void attention_kvcache_forward(const KVCacheParams& params, int device, void* stream);
 
-// The split count decode() would use for these sizes on the current device (0 = heuristic).
-int decode_num_splits(const DecodeParams& params, int device);
+// The split count attention_kvcache_forward uses for these sizes on `device`.
+int kvcache_num_splits(const KVCacheParams& params, int device);
 
-// Writes k_new/v_new into the cache (the first step of decode(), also callable alone).
-void kvcache_append(const DecodeParams& params, int device, void* stream);
+// Writes new tokens into a KV cache in place: k_new/v_new (batch, num_heads_kv, seqlen_new,
+// head_dim) go to slots cache_seqlens[b] + t of sequence b (its cache row cache_batch_idx[b]
+// or its pages in block_table). Slots past the capacity and invalid row / page ids are skipped.
+struct AppendParams {
+  DType dtype = DType::kFloat16;
+  TensorRef k_cache, v_cache;  // (rows or pages, num_heads_kv, max_seqlen or page_size, head_dim)
+  TensorRef k_new, v_new;      // (batch, num_heads_kv, seqlen_new, head_dim)
+  SequenceLayout sequences;    // seqlens_k = cache_seqlens (before appending); cache_batch_idx or block_table
+  int64_t batch = 0, num_heads_kv = 0, seqlen_new = 0, head_dim = 0;
+  int64_t cache_rows = 0, capacity = 0;
+};
+void kvcache_append(const AppendParams& params, int device, void* stream);
 
 // A (batch, heads, seqlen) fp32 LSE array with any strides.
 struct LseRef {

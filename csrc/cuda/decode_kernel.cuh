@@ -7,7 +7,7 @@
 // tile (double-buffered by cp.async, rows fetched through the block table), keeps its own
 // online-softmax state, and at the end the warps' (m, l, O) are merged through shared memory.
 // With one split the block writes out / LSE; with several it writes each split's normalised O
-// and LSE (fp32 workspace) and combine_kernel merges them: O = Σ e^(lse_s - lse) O_s.
+// and LSE (fp32 workspace, (splits, batch, heads, seqlen_q[, head_dim])) and combine_kernel merges them: O = Σ e^(lse_s - lse) O_s.
 #pragma once
 #include <cstdint>
 
@@ -25,9 +25,9 @@ namespace fusedattn {
 namespace cuda {
 
 struct DecodeArgs {
-  AttentionParams attn;  // k, v: the caches
-  KVCache cache;
-  int64_t seqlen_new;
+  AttentionParams attn;  // k, v: the caches; attn.sequences: lengths, pages (attention_cuda.h)
+  int64_t cache_rows;
+  int64_t capacity;
   int num_splits;
   int num_m_tiles;       // ceil(group · seqlen_q / 16)
   bool aligned;          // 16-byte cp.async path
@@ -55,7 +55,6 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   using Tr = DecodeTraits<T, kHeadDim>;
   constexpr int kBlockN = Tr::kBlockN, kPitch = Tr::kPitch, kDTiles = Tr::kDTiles;
   const AttentionParams& p = args.attn;
-  const KVCache& cache = args.cache;
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
@@ -75,9 +74,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
 
   // This split's keys: a run of whole tiles of the capacity, cut to the sequence's length and
   // to the union of the visible ranges of its queries.
-  const int64_t seqlen_k = cache_seqlen(cache, args.seqlen_new, batch);
+  const CacheSequence sequence = cache_sequence(p.sequences, args.capacity, batch);
+  const int64_t seqlen_k = sequence.length;
   const AttentionParams geo = sequence_geometry(p, seqlen_k);
-  const int64_t tiles_per_split = ((cache.capacity + kBlockN - 1) / kBlockN + args.num_splits - 1) / args.num_splits;
+  const int64_t tiles_per_split = ((args.capacity + kBlockN - 1) / kBlockN + args.num_splits - 1) / args.num_splits;
   const int64_t split_begin = split * tiles_per_split * kBlockN;
   const int64_t split_end = min64(split_begin + tiles_per_split * kBlockN, seqlen_k);
   const KeyRange all_rows = visible_keys_of_rows(geo, 0, seqlen_q);
@@ -102,37 +102,32 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   load_tile<kDecodeRows, kHeadDim, Tr::kThreads>(s_q, q_row, head_dim, args.aligned, p.q.data, tid);
   auto load_kv = [&](int n, int stage) {
     const int64_t key0 = static_cast<int64_t>(n) * kBlockN;
+    const auto row = [&](const TensorRef& ref, int r) {
+      return key0 + r < seqlen_k
+                 ? cache_slot<const uint16_t>(ref, p.sequences, args.cache_rows, batch, kv_head, sequence.begin + key0 + r)
+                 : nullptr;
+    };
     load_tile<kBlockN, kHeadDim, Tr::kThreads>(
-        s_k + stage * kBlockN * kPitch,
-        [&](int r) { return key0 + r < seqlen_k ? cache_row<const uint16_t>(p.k, cache, batch, kv_head, key0 + r) : nullptr; },
-        head_dim, args.aligned, p.k.data, tid);
+        s_k + stage * kBlockN * kPitch, [&](int r) { return row(p.k, r); }, head_dim, args.aligned, p.k.data, tid);
     load_tile<kBlockN, kHeadDim, Tr::kThreads>(
-        s_v + stage * kBlockN * kPitch,
-        [&](int r) { return key0 + r < seqlen_k ? cache_row<const uint16_t>(p.v, cache, batch, kv_head, key0 + r) : nullptr; },
-        head_dim, args.aligned, p.v.data, tid);
+        s_v + stage * kBlockN * kPitch, [&](int r) { return row(p.v, r); }, head_dim, args.aligned, p.v.data, tid);
   };
   if (n_begin < n_end) load_kv(n_begin, 0);
   cp_async_commit();
 
   // Row slots g and g+8 of the packed tile (rows past the end reuse query 0's range).
   const ScoreMod mod = make_score_mod(p, false);
-  const MaskRef no_mask{};
-  const void* const no_mask_rows[2] = {nullptr, nullptr};
-  int lo[2], hi[2];
-  float pos[2], slope[2], row_max[2], row_sum[2];
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
+  const auto slot = [&](int ri) {
     const int packed = m_tile * kDecodeRows + ri * 8 + lane / 4;
     const int query = packed < packed_rows ? packed % seqlen_q : 0;
     const int64_t head = kv_head * group + (packed < packed_rows ? packed / seqlen_q : 0);
     const KeyRange range = visible_keys(geo, query);
-    lo[ri] = static_cast<int>(max64(range.begin, split_begin));
-    hi[ri] = static_cast<int>(min64(range.end, split_end));
-    pos[ri] = static_cast<float>(query_position(geo, query));
-    slope[ri] = alibi_slope(p, batch, head);
-    row_max[ri] = kNegInf;
-    row_sum[ri] = 0.0f;
-  }
+    return RowSlot{query, static_cast<int>(max64(range.begin, split_begin)), static_cast<int>(min64(range.end, split_end)),
+                   static_cast<float>(query_position(geo, query)), static_cast<float>(alibi_slope(p, batch, head)),
+                   nullptr};
+  };
+  float row_max[2] = {kNegInf, kNegInf};
+  float row_sum[2] = {0.0f, 0.0f};
   float o[1][kDTiles][4];
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
@@ -151,7 +146,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     float s[1][2][4];
     gemm_qk<T, 1, 2, kHeadDim>(s, s_q, s_k + (stage * kBlockN + 16 * warp) * kPitch, lane);
     const bool range_mask = !(key0 >= all_visible_begin && key0 + kBlockN <= all_visible_end);
-    scores_to_log2<1, 2>(s, mod, no_mask, no_mask_rows, warp_key0, lane, lo, hi, pos, slope, range_mask);
+    scores_to_log2<1, 2>(s, mod, p.mask, slot, warp_key0, lane, range_mask);
     online_softmax<1, 2, kDTiles>(s, o, row_max, row_sum);
     gemm_pv<T, 1, 2, kHeadDim>(o, s, s_v + (stage * kBlockN + 16 * warp) * kPitch, lane);
     __syncthreads();
@@ -190,7 +185,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     const int query = packed % seqlen_q;
     const int64_t head = kv_head * group + packed / seqlen_q;
     // The sink joins the softmax once, in whichever step writes the final output.
-    const float sink = final_output && p.sinks != nullptr ? p.sinks[head] * kLog2e : kNegInf;
+    const float sink = final_output && p.sinks != nullptr ? static_cast<float>(p.sinks[head]) * kLog2e : kNegInf;
     float m = sink;
     for (int w = 0; w < Tr::kWarps; ++w) m = fmaxf(m, merge_max[w * kDecodeRows + row]);
     const float shift = m == kNegInf ? 0.0f : m;
@@ -203,12 +198,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     }
     const float value = l == 0.0f ? 0.0f : acc / l;
     const float lse = l == 0.0f ? kNegInf : m * kLn2 + logf(l);
-    const int64_t bhq = (batch * p.num_heads + head) * p.seqlen_q + query;
     if (final_output) {
       static_cast<uint16_t*>(p.out.data)[batch * p.out.batch_stride + head * p.out.head_stride +
                                          query * p.out.row_stride + col] = T::from_float(value);
-      if (col == 0 && p.lse != nullptr) p.lse[bhq] = lse;
+      if (col == 0 && p.lse != nullptr) p.lse[lse_index(p, batch, head, query)] = lse;
     } else {
+      const int64_t bhq = (batch * p.num_heads + head) * p.seqlen_q + query;
       const int64_t partial = split * p.batch * p.num_heads * p.seqlen_q + bhq;
       args.out_partial[partial * head_dim + col] = value;
       if (col == 0) args.lse_partial[partial] = lse;
@@ -237,14 +232,14 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   const int64_t bhq = (batch * p.num_heads + head) * p.seqlen_q + query;
   const int64_t split_stride = p.batch * p.num_heads * p.seqlen_q;
 
-  const float sink = p.sinks != nullptr ? p.sinks[head] : kNegInf;
+  const float sink = p.sinks != nullptr ? static_cast<float>(p.sinks[head]) : kNegInf;
   float m = sink;
   for (int s = 0; s < args.num_splits; ++s) m = fmaxf(m, args.lse_partial[s * split_stride + bhq]);
   const float shift = m == kNegInf ? 0.0f : m;
   float l = expf(sink - shift);
   for (int s = 0; s < args.num_splits; ++s) l += expf(args.lse_partial[s * split_stride + bhq] - shift);
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-  if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bhq] = l == 0.0f ? kNegInf : m + logf(l);
+  if (threadIdx.x == 0 && p.lse != nullptr) p.lse[lse_index(p, batch, head, query)] = l == 0.0f ? kNegInf : m + logf(l);
   typename T::Storage* out = static_cast<typename T::Storage*>(p.out.data) + batch * p.out.batch_stride +
                              head * p.out.head_stride + query * p.out.row_stride;
   for (int col = threadIdx.x; col < p.head_dim; col += kCombineThreads) {

@@ -17,6 +17,7 @@
 #include "common/params.h"
 #include "common/variant.h"
 #include "cuda/compat.cuh"
+#include "cuda/kv_cache.cuh"
 #include "cuda/ptx.cuh"
 #include "cuda/score_mod.cuh"
 #include "cuda/tile_config.h"
@@ -139,30 +140,27 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
   const bool bool_mask = p.mask.type == MaskType::kBool;
   const ScoreMod mod = make_score_mod(p, has_mask);
   const Dropout dropout = make_dropout(p, batch, head);
-  const bool has_sink = p.sinks != nullptr;
-  const float sink_log2 = has_sink ? p.sinks[head] * kLog2e : 0.0f;
+  const float slope = static_cast<float>(alibi_slope(p, batch, head));
   const int warp_row0 = warp * 16 * kMTiles;
-  int lo[kRowSlots], hi[kRowSlots], row_of[kRowSlots];
-  float pos[kRowSlots], slope[kRowSlots], row_max[kRowSlots], row_sum[kRowSlots];
-  const void* mask_rows[kRowSlots];
-#pragma unroll
-  for (int ri = 0; ri < kRowSlots; ++ri) {
+  const auto slot = [&](int ri) {
     const int local = warp_row0 + (ri / 2) * 16 + (ri % 2) * 8 + lane / 4;
     const bool valid = local < rows;
     const int row = row_begin + (valid ? local : rows - 1);
     const KeyRange range = visible_keys(p, row);
-    lo[ri] = static_cast<int>(range.begin);
-    hi[ri] = static_cast<int>(range.end);
-    row_of[ri] = row;
-    pos[ri] = static_cast<float>(query_position(p, row));
-    slope[ri] = alibi_slope(p, batch, head);
-    mask_rows[ri] = has_mask && valid ? static_cast<const char*>(p.mask.data) +
-                                            (batch * p.mask.batch_stride + head * p.mask.head_stride +
-                                             row * p.mask.row_stride) * mask_element_size(p.mask.type)
-                                      : nullptr;
-    // A sink is a virtual key of logit sinks[head] and no value: (m, l) start at (sink, 1),
-    // with the 1 on one lane of the quad since the quad's partial sums are added at the end.
-    row_max[ri] = has_sink ? sink_log2 : kNegInf;
+    const void* mask_row = has_mask && valid ? static_cast<const char*>(p.mask.data) +
+                                                   (batch * p.mask.batch_stride + head * p.mask.head_stride +
+                                                    row * p.mask.row_stride) * mask_element_size(p.mask.type)
+                                             : nullptr;
+    return RowSlot{row, static_cast<int>(range.begin), static_cast<int>(range.end),
+                   static_cast<float>(query_position(p, row)), slope, mask_row};
+  };
+  // A sink is a virtual key of logit sinks[head] and no value: (m, l) start at (sink, 1), with
+  // the 1 on one lane of the quad since the quad's partial sums are added at the end.
+  const bool has_sink = p.sinks != nullptr;
+  float row_max[kRowSlots], row_sum[kRowSlots];
+#pragma unroll
+  for (int ri = 0; ri < kRowSlots; ++ri) {
+    row_max[ri] = has_sink ? static_cast<float>(p.sinks[head]) * kLog2e : kNegInf;
     row_sum[ri] = has_sink && lane % 4 == 0 ? 1.0f : 0.0f;
   }
   float o[kMTiles][Tr::kDTiles][4];
@@ -184,14 +182,14 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
     const int key0 = n * kBlockN;
     // A bool attn_mask can hide a whole tile: skip its MMAs (the block decides together).
     const bool visible =
-        !bool_mask || __syncthreads_or(bool_mask_any<kMTiles, Tr::kNTiles>(p.mask, mask_rows, key0, lane, lo, hi));
+        !bool_mask || __syncthreads_or(bool_mask_any<kMTiles, Tr::kNTiles>(p.mask, slot, key0, lane));
     if (visible) {
       float s[kMTiles][Tr::kNTiles][4];
       gemm_qk<T, kMTiles, Tr::kNTiles, kHeadDim>(s, s_q + warp_row0 * kPitch, s_k + stage * kBlockN * kPitch, lane);
       const bool range_mask = !(key0 >= all_visible_begin && key0 + kBlockN <= all_visible_end);
-      scores_to_log2<kMTiles, Tr::kNTiles>(s, mod, p.mask, mask_rows, key0, lane, lo, hi, pos, slope, range_mask);
+      scores_to_log2<kMTiles, Tr::kNTiles>(s, mod, p.mask, slot, key0, lane, range_mask);
       online_softmax<kMTiles, Tr::kNTiles, Tr::kDTiles>(s, o, row_max, row_sum);
-      if (p.dropout_p > 0.0f) apply_dropout<kMTiles, Tr::kNTiles>(s, dropout, key0, lane, row_of);
+      if (p.dropout_p > 0.0f) apply_dropout<kMTiles, Tr::kNTiles>(s, dropout, slot, key0, lane);
       gemm_pv<T, kMTiles, Tr::kNTiles, kHeadDim>(o, s, s_v + stage * kBlockN * kPitch, lane);
     }
     __syncthreads();  // everyone is done with this stage before it is refilled
@@ -201,7 +199,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
 
   // Epilogue: O / l into the warp's own Q rows (packed to T), then out to global memory.
   const int t = lane % 4;
-  float* lse = p.lse == nullptr ? nullptr : p.lse + (batch * p.num_heads + head) * p.seqlen_q + row_begin;
+  float* lse = p.lse == nullptr ? nullptr : p.lse + lse_index(p, batch, head, row_begin);
 #pragma unroll
   for (int ri = 0; ri < kRowSlots; ++ri) {
     const float sum = warp_sum_quad(row_sum[ri]);

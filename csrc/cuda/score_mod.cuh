@@ -53,60 +53,77 @@ FA_DEVICE int mask_element_size(MaskType type) {
   return type == MaskType::kBool ? 1 : type == MaskType::kFloat64 ? 8 : type == MaskType::kFloat32 ? 4 : 2;
 }
 
+// What the pipeline needs to know about one row slot of a lane (warp_tile.cuh): kernels pass a
+// callable slot(ri) -> RowSlot, evaluated once per slot and tile, so that none of this is
+// held in registers across the key loop (the O and S accumulators need them).
+struct RowSlot {
+  int row;               // query row (0-based in its sequence), for dropout
+  int lo, hi;            // visible keys [lo, hi)
+  float position;        // query position, for ALiBi
+  float slope;           // ALiBi slope of the row's head
+  const void* mask_row;  // the row's attn_mask entries at key 0, or nullptr
+};
+
 // Raw q·k products of a tile -> base-2 scores. key0: the key of the tile's column 0 (this
-// lane's columns are key0 + 8·nt + 2t + c). Row slot ri sits at position pos[ri], has ALiBi
-// slope slope[ri] and sees keys [lo[ri], hi[ri]); range_mask: some entry of the tile may fall
-// outside those ranges.
-// mask_rows[ri]: the row's attn_mask entries at key 0 (nullptr when there is no attn_mask).
-template <int kMTiles, int kNTiles>
+// lane's columns are key0 + 8·nt + 2t + c); range_mask: some entry of the tile may fall
+// outside its row's visible range.
+template <int kMTiles, int kNTiles, typename SlotFn>
 FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& mod, const MaskRef& mask,
-                              const void* const (&mask_rows)[2 * kMTiles], int key0, int lane,
-                              const int (&lo)[2 * kMTiles], const int (&hi)[2 * kMTiles],
-                              const float (&pos)[2 * kMTiles], const float (&slope)[2 * kMTiles],
-                              bool range_mask) {
+                              SlotFn slot, int key0, int lane, bool range_mask) {
   const int t = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
+    for (int half = 0; half < 2; ++half) {
+      if (!mod.modified && !range_mask) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ri = 2 * mt + e / 2;
-        const int key = key0 + 8 * nt + 2 * t + e % 2;
-        float x;
-        if (mod.modified) {
-          x = s[mt][nt][e] * mod.scale;
-          if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
-          if (mod.alibi) x = alibi_score(x, slope[ri], pos[ri], static_cast<float>(key));
-          if (mask_rows[ri] != nullptr) x += mask_value(mask, mask_rows[ri], key);
-          x *= kLog2e;
-        } else {
-          x = s[mt][nt][e] * mod.scale_log2;
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          s[mt][nt][2 * half] *= mod.scale_log2;
+          s[mt][nt][2 * half + 1] *= mod.scale_log2;
         }
-        if (range_mask && (key < lo[ri] || key >= hi[ri])) x = kNegInf;
-        s[mt][nt][e] = x;
+        continue;
+      }
+      const RowSlot r = slot(2 * mt + half);
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = key0 + 8 * nt + 2 * t + c;
+          float x = s[mt][nt][2 * half + c];
+          if (mod.modified) {
+            x *= mod.scale;
+            if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
+            if (mod.alibi) x = alibi_score(x, r.slope, r.position, static_cast<float>(key));
+            if (r.mask_row != nullptr) x += mask_value(mask, r.mask_row, key);
+            x *= kLog2e;
+          } else {
+            x *= mod.scale_log2;
+          }
+          if (range_mask && (key < r.lo || key >= r.hi)) x = kNegInf;
+          s[mt][nt][2 * half + c] = x;
+        }
       }
     }
   }
 }
 
-// Whether any entry of a bool attn_mask tile is true for this lane (rows with a mask row,
-// keys in [lo, hi) only); the block skips a key tile that no lane can see.
-template <int kMTiles, int kNTiles>
-FA_DEVICE bool bool_mask_any(const MaskRef& mask, const void* const (&mask_rows)[2 * kMTiles], int key0, int lane,
-                             const int (&lo)[2 * kMTiles], const int (&hi)[2 * kMTiles]) {
+// Whether any entry of a bool attn_mask tile is true for this lane (keys in the rows' visible
+// ranges only); the block skips a key tile that no lane can see.
+template <int kMTiles, int kNTiles, typename SlotFn>
+FA_DEVICE bool bool_mask_any(const MaskRef& mask, SlotFn slot, int key0, int lane) {
   const int t = lane % 4;
   bool any = false;
 #pragma unroll
   for (int ri = 0; ri < 2 * kMTiles; ++ri) {
-    if (mask_rows[ri] == nullptr) continue;
+    const RowSlot r = slot(ri);
+    if (r.mask_row == nullptr) continue;
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int key = key0 + 8 * nt + 2 * t + c;
-        if (key >= lo[ri] && key < hi[ri]) {
-          any |= static_cast<const bool*>(mask_rows[ri])[static_cast<int64_t>(key) * mask.col_stride];
+        if (key >= r.lo && key < r.hi) {
+          any |= static_cast<const bool*>(r.mask_row)[static_cast<int64_t>(key) * mask.col_stride];
         }
       }
     }
@@ -130,24 +147,33 @@ FA_DEVICE Dropout make_dropout(const AttentionParams& p, int64_t batch, int64_t 
                  dropout_scale(p.dropout_p)};
 }
 
-template <int kMTiles, int kNTiles>
-FA_DEVICE void apply_dropout(float (&p)[kMTiles][kNTiles][4], const Dropout& d, int key0, int lane,
-                             const int (&rows)[2 * kMTiles]) {
+template <int kMTiles, int kNTiles, typename SlotFn>
+FA_DEVICE void apply_dropout(float (&p)[kMTiles][kNTiles][4], const Dropout& d, SlotFn slot, int key0, int lane) {
+  static_assert(2 * kNTiles <= 32, "one keep bit per column of a row slot");
   const int t = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-#pragma unroll
+      // Keep bits first, one Philox call at a time (a rolled loop keeps registers free for the
+      // accumulators), then applied with the tile fully unrolled.
+      const uint32_t row = static_cast<uint32_t>(slot(2 * mt + half).row);
+      uint32_t keep = 0;
+#pragma unroll 1
       for (int nt = 0; nt < kNTiles; ++nt) {
         const uint32_t key = static_cast<uint32_t>(key0 + 8 * nt + 2 * t);
-        uint32_t counter[4] = {key >> 2, static_cast<uint32_t>(rows[2 * mt + half]), d.stream, d.key.counter3};
+        uint32_t counter[4] = {key >> 2, row, d.stream, d.key.counter3};
         philox4x32_10(counter, d.key.key0, d.key.key1, mulhilo_scalar);
         const bool high = (key & 2u) != 0;  // key % 4 is 0 or 2: words (0, 1) or (2, 3)
         const uint32_t w0 = high ? counter[2] : counter[0];
         const uint32_t w1 = high ? counter[3] : counter[1];
-        p[mt][nt][2 * half] *= w0 < d.threshold ? d.keep_scale : 0.0f;
-        p[mt][nt][2 * half + 1] *= w1 < d.threshold ? d.keep_scale : 0.0f;
+        keep |= (w0 < d.threshold ? 1u : 0u) << (2 * nt);
+        keep |= (w1 < d.threshold ? 1u : 0u) << (2 * nt + 1);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        p[mt][nt][2 * half] *= (keep >> (2 * nt)) & 1u ? d.keep_scale : 0.0f;
+        p[mt][nt][2 * half + 1] *= (keep >> (2 * nt + 1)) & 1u ? d.keep_scale : 0.0f;
       }
     }
   }

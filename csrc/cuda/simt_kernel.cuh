@@ -1,6 +1,6 @@
 // The exact-fp32 path: plain FMA (SIMT) attention, one warp per query row, written for
-// clarity over speed. Serves the fp32 forward (any head_dim 1..256) and fp32 decode (the keys
-// come from a contiguous or paged cache then, with per-sequence lengths).
+// clarity over speed. Serves the fp32 forward (any head_dim 1..256) and fp32 KV-cache attention
+// (keys from a contiguous or paged cache, per-sequence lengths).
 //
 // The warp walks the row's visible keys 32 at a time: lane j scores key j0 + j (q from shared
 // memory, the key row from global memory), the warp takes max / sum by shuffles (online softmax
@@ -13,7 +13,6 @@
 
 #include "common/params.h"
 #include "common/variant.h"
-#include "cuda/attention_cuda.h"
 #include "cuda/compat.cuh"
 #include "cuda/kv_cache.cuh"
 #include "cuda/score_mod.cuh"
@@ -23,9 +22,9 @@ namespace cuda {
 
 struct SimtArgs {
   AttentionParams params;
-  bool decode;         // keys from `cache` (per-sequence lengths, bottom-right positions)
-  KVCache cache;
-  int64_t seqlen_new;
+  bool kv_cache;       // keys from a KV cache (params.sequences: per-sequence slots, bottom-right)
+  int64_t cache_rows;  // with kv_cache: rows or pages of k/v
+  int64_t capacity;    // with kv_cache: slots a sequence can address
 };
 
 constexpr int kSimtWarps = 4;     // query rows per block
@@ -46,15 +45,13 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
   const int64_t kv_head = kv_head_of(p, head);
   const int head_dim = static_cast<int>(p.head_dim);
 
-  AttentionParams geo = sequence_geometry(p, p.seqlen_k);
-  if (args.decode) {
-    geo = sequence_geometry(p, cache_seqlen(args.cache, args.seqlen_new, batch));
-  } else {
-    geo.q_offset = p.q_offset;
-  }
+  CacheSequence sequence{0, p.seqlen_k};
+  if (args.kv_cache) sequence = cache_sequence(p.sequences, args.capacity, batch);
+  AttentionParams geo = sequence_geometry(p, sequence.length);
+  if (!args.kv_cache) geo.q_offset = p.q_offset;
   const KeyRange range = visible_keys(geo, row);
   const auto key_row = [&](const TensorRef& ref, int64_t key) -> const float* {
-    if (args.decode) return cache_row<const float>(ref, args.cache, batch, kv_head, key);
+    if (args.kv_cache) return cache_slot<const float>(ref, p.sequences, args.cache_rows, batch, kv_head, sequence.begin + key);
     return static_cast<const float*>(ref.data) + batch * ref.batch_stride + kv_head * ref.head_stride +
            key * ref.row_stride;
   };
@@ -67,14 +64,14 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
 
   const float scale = static_cast<float>(p.scale);
   const float position = static_cast<float>(query_position(geo, row));
-  const float slope = alibi_slope(p, batch, head);
+  const float slope = static_cast<float>(alibi_slope(p, batch, head));
   const void* mask_row = p.mask.type == MaskType::kNone
                              ? nullptr
                              : static_cast<const char*>(p.mask.data) +
                                    (batch * p.mask.batch_stride + head * p.mask.head_stride + row * p.mask.row_stride) *
                                        mask_element_size(p.mask.type);
   // A sink is one more logit in the denominator with no value.
-  float row_max = p.sinks != nullptr ? p.sinks[head] : kNegInf;
+  float row_max = p.sinks != nullptr ? static_cast<float>(p.sinks[head]) : kNegInf;
   float row_sum = p.sinks != nullptr ? 1.0f : 0.0f;
   float o[kSimtColumns];
 #pragma unroll
@@ -124,7 +121,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
     if (d < head_dim) out[d] = o[c] * inv;
   }
   if (lane == 0 && p.lse != nullptr) {
-    p.lse[(batch * p.num_heads + head) * p.seqlen_q + row] = row_sum == 0.0f ? kNegInf : row_max + logf(row_sum);
+    p.lse[lse_index(p, batch, head, row)] = row_sum == 0.0f ? kNegInf : row_max + logf(row_sum);
   }
 }
 

@@ -18,35 +18,26 @@ namespace cuda {
 
 constexpr int kRowWarps = 4;
 
-struct AppendArgs {
-  AttentionParams attn;  // k, v: the caches; batch, num_heads_kv, head_dim
-  KVCache cache;
-  TensorRef k_new;  // (batch, heads_kv, seqlen_new, head_dim)
-  TensorRef v_new;
-  int64_t seqlen_new;
-};
-
 // S: the element storage (uint16_t or float); the copy is bit-exact.
 template <typename S>
-__global__ void __launch_bounds__(32 * kRowWarps) append_kernel(const __grid_constant__ AppendArgs args) {
-  const AttentionParams& p = args.attn;
+__global__ void __launch_bounds__(32 * kRowWarps) append_kernel(const __grid_constant__ AppendParams args) {
   const int lane = threadIdx.x % 32;
   int64_t index = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
-  if (index >= p.batch * args.seqlen_new * p.num_heads_kv) return;
-  const int64_t kv_head = index % p.num_heads_kv;
-  index /= p.num_heads_kv;
+  if (index >= args.batch * args.seqlen_new * args.num_heads_kv) return;
+  const int64_t kv_head = index % args.num_heads_kv;
+  index /= args.num_heads_kv;
   const int64_t token = index % args.seqlen_new;
   const int64_t batch = index / args.seqlen_new;
-  const int64_t position = args.cache.seqlens[batch] + token;
-  if (position < 0 || position >= args.cache.capacity) return;  // past the cache: dropped
-  S* k = cache_row<S>(p.k, args.cache, batch, kv_head, position);
-  S* v = cache_row<S>(p.v, args.cache, batch, kv_head, position);
-  if (k == nullptr || v == nullptr) return;  // page id outside the cache
+  const int64_t slot = args.sequences.seqlens_k[batch] + token;
+  if (slot < 0 || slot >= args.capacity) return;  // past the cache: dropped
+  S* k = cache_slot<S>(args.k_cache, args.sequences, args.cache_rows, batch, kv_head, slot);
+  S* v = cache_slot<S>(args.v_cache, args.sequences, args.cache_rows, batch, kv_head, slot);
+  if (k == nullptr || v == nullptr) return;  // row or page id outside the cache
   const S* k_new = static_cast<const S*>(args.k_new.data) + batch * args.k_new.batch_stride +
                    kv_head * args.k_new.head_stride + token * args.k_new.row_stride;
   const S* v_new = static_cast<const S*>(args.v_new.data) + batch * args.v_new.batch_stride +
                    kv_head * args.v_new.head_stride + token * args.v_new.row_stride;
-  for (int64_t d = lane; d < p.head_dim; d += 32) {
+  for (int64_t d = lane; d < args.head_dim; d += 32) {
     k[d] = k_new[d];
     v[d] = v_new[d];
   }
