@@ -207,6 +207,23 @@ def test_training_with_attention_dropout(name):
     assert loss(False).item() != value.item()
 
 
+def test_patched_bloom_with_fusedattn_masks():
+    """patch_bloom also runs under attn_implementation "fusedattn", whose masks are bool or None."""
+    model, _ = build("bloom")
+    model.eval()
+    input_ids, mask = inputs("bloom", padded=True)
+    with torch.no_grad():
+        ref = [model(input_ids, attention_mask=m).logits for m in (mask, None)]
+        fusedattn_hf.patch_bloom(model).set_attn_implementation("fusedattn")
+        got = [model(input_ids, attention_mask=m).logits for m in (mask, None)]
+    assert_close_fp32(got[0][mask.bool()], ref[0][mask.bool()], name="padded")
+    assert_close_fp32(got[1], ref[1], name="no mask")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    tokens = model.generate(input_ids, **kwargs)
+    model.set_attn_implementation("eager")
+    assert torch.equal(tokens, model.generate(input_ids, **kwargs))
+
+
 def test_t5_position_bias_and_cross_attention():
     """T5 hands its learned relative-position bias to the attention function (position_bias): it
     joins the mask as a float bias, and gets its gradient through fusedattn's float-mask backward."""

@@ -90,8 +90,9 @@ def patch_bloom(model: torch.nn.Module) -> torch.nn.Module:
     BLOOM adds slope_h · key_position to the scores. Under its causal mask every visible key j is at
     or before the query's position p, so slope_h · j = -slope_h · |p - j| + slope_h · p: fusedattn's
     ALiBi plus a per-row constant, which softmax ignores. The (batch · heads, 1, kv_len) alibi tensor is
-    therefore not read; the slopes are. Calls that ask for attention weights (output_attentions),
-    pass no mask, or use the slow_but_exact tensor-parallel split take the original forward.
+    therefore not read; the slopes are. Calls that ask for attention weights (output_attentions) or
+    use the slow_but_exact tensor-parallel split take the original forward, which needs BLOOM's own
+    float masks: keep such models on attn_implementation "eager".
     """
     from transformers.models.bloom.modeling_bloom import BloomAttention
 
@@ -110,16 +111,20 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     """BloomAttention.forward (transformers 5.24) with the scores, softmax and bmm done by fusedattn."""
     from transformers.models.bloom.modeling_bloom import BloomAttention, _get_alibi_slopes, dropout_add
 
-    if output_attentions or attention_mask is None or (self.pretraining_tp > 1 and self.slow_but_exact):
+    if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
         return BloomAttention.forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch_size, q_length, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 × (B, H, L, D) views
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)          # (B, H, kv_len, D)
+    # BLOOM's own masks (config "eager") are float and always given. Under the "fusedattn" mask
+    # builder the mask may be None: then attention_forward's rule (top-left causal for several
+    # queries). Either way each query sits at or after its visible keys, as ALiBi here needs.
+    causal = attention_mask is None and q_length > 1
     context = fusedattn.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",
-        scale=self.inv_norm_factor, attn_mask=attention_mask,
+        causal=causal, q_offset=0 if causal else None, scale=self.inv_norm_factor, attn_mask=attention_mask,
         alibi_slopes=_get_alibi_slopes(self.num_heads, hidden_states.device),
         dropout_p=self.attention_dropout.p if self.training else 0.0,
     ).reshape(batch_size, q_length, self.hidden_size)                      # (B, L, H·D)
