@@ -11,8 +11,8 @@ A query row that sees no key gives 0 (DESIGN.md), with zero gradients, in every 
 
 - "fusedattn": fusedattn.attention; bottom-right causal is its default q_offset, GQA is native,
   and it runs in the (batch, seqlen, heads, head_dim) layout so that merging heads needs no copy.
-- "sdpa": torch.nn.functional.scaled_dot_product_attention. Its is_causal is top-left, which is the
-  same rule only when seqlen_q == seqlen_k; every other causal or padded case gets a bool mask.
+- "sdpa": torch.nn.functional.scaled_dot_product_attention (GQA needs torch >= 2.5). Its is_causal
+  is top-left, the same rule only when seqlen_q == seqlen_k; other causal or padded cases get a bool mask.
 - "naive": matmul -> masked softmax -> matmul in the inputs' dtype, K/V repeated for GQA.
 """
 
@@ -72,11 +72,11 @@ def _attend_fusedattn(q, k, v, causal, key_padding_mask, scale):
 
 
 def _attend_sdpa(q, k, v, causal, key_padding_mask, scale):
-    gqa = q.shape[1] != k.shape[1]
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}  # the argument exists from torch 2.5
     if key_padding_mask is None and (not causal or q.shape[2] == k.shape[2]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 
 def _attend_naive(q, k, v, causal, key_padding_mask, scale):
