@@ -136,15 +136,16 @@ FA_DEVICE bool bool_mask_any(const MaskRef& mask, SlotFn slot, int key0, int lan
 // seed_hi ^ offset_hi)) is below the threshold (variant.h); kept weights are scaled by
 // 1/(1 - p). A lane's two columns 2t, 2t+1 share one Philox call (words 0,1 or 2,3).
 struct Dropout {
-  DropoutKey key;
+  uint32_t key0, key1, counter3;  // variant.h's DropoutKey
   uint32_t threshold;
   uint32_t stream;  // batch · num_heads + head
   float keep_scale;
 };
 
 FA_DEVICE Dropout make_dropout(const AttentionParams& p, int64_t batch, int64_t head) {
-  return Dropout{dropout_key(p), dropout_threshold(p.dropout_p), static_cast<uint32_t>(batch * p.num_heads + head),
-                 dropout_scale(p.dropout_p)};
+  const DropoutKey key = dropout_key(p);
+  return Dropout{key.key0, key.key1, key.counter3, dropout_threshold(p.dropout_p),
+                 static_cast<uint32_t>(batch * p.num_heads + head), dropout_scale(p.dropout_p)};
 }
 
 template <int kMTiles, int kNTiles, typename SlotFn>
@@ -162,8 +163,8 @@ FA_DEVICE void apply_dropout(float (&p)[kMTiles][kNTiles][4], const Dropout& d, 
 #pragma unroll 1
       for (int nt = 0; nt < kNTiles; ++nt) {
         const uint32_t key = static_cast<uint32_t>(key0 + 8 * nt + 2 * t);
-        uint32_t counter[4] = {key >> 2, row, d.stream, d.key.counter3};
-        philox4x32_10(counter, d.key.key0, d.key.key1, mulhilo_scalar);
+        uint32_t counter[4] = {key >> 2, row, d.stream, d.counter3};
+        philox4x32_10(counter, d.key0, d.key1, mulhilo_scalar);
         const bool high = (key & 2u) != 0;  // key % 4 is 0 or 2: words (0, 1) or (2, 3)
         const uint32_t w0 = high ? counter[2] : counter[0];
         const uint32_t w1 = high ? counter[3] : counter[1];

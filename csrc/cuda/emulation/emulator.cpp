@@ -161,18 +161,37 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void
           f.context.uc_link = &b.scheduler;
           makecontext(&f.context, fiber_main, 0);
         }
-        for (;;) {
-          bool all_done = true;
-          const uint64_t before = b.progress;
-          for (unsigned i = 0; i < threads; ++i) {
-            const unsigned t = options().reverse_schedule ? threads - 1 - i : i;
+        // One pass runs every live fiber of `warps` once; returns whether any was live.
+        const auto pass = [&](unsigned first_warp, unsigned warp_count) {
+          bool live = false;
+          for (unsigned i = 0; i < warp_count * 32; ++i) {
+            const unsigned t = first_warp * 32 + (options().reverse_schedule ? warp_count * 32 - 1 - i : i);
             if (b.fibers[t].done) continue;
-            all_done = false;
+            live = true;
             b.current = static_cast<int>(t);
             threadIdx = b.fibers[t].thread;
             swapcontext(&b.scheduler, &b.fibers[t].context);
           }
-          if (all_done) break;
+          return live;
+        };
+        const unsigned warps = threads / 32;
+        for (;;) {
+          const uint64_t before = b.progress;
+          bool live = false;
+          if (options().greedy_warps) {
+            for (unsigned i = 0; i < warps; ++i) {
+              const unsigned w = options().reverse_schedule ? warps - 1 - i : i;
+              for (;;) {  // this warp alone until it is blocked at a block barrier or done
+                const uint64_t warp_before = b.progress;
+                const bool warp_live = pass(w, 1);
+                live |= warp_live;
+                if (!warp_live || b.progress == warp_before) break;
+              }
+            }
+          } else {
+            live = pass(0, warps);
+          }
+          if (!live) break;
           if (b.progress == before) fail("deadlock: no thread can make progress (a barrier some threads skip?)");
         }
         g_block = nullptr;

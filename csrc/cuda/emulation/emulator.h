@@ -6,8 +6,8 @@
 // and without .trans, shuffles). It checks what it can: shared-memory bounds and 16-byte
 // alignment of cp.async / ldmatrix, warps that diverge at a collective, deadlocks, cp.async
 // groups left in flight; shared memory starts as NaN bytes, so unwritten reads show up.
-// cp.async can complete at issue or as late as the wait allows (Options), which exposes
-// missing waits and barriers. It is a correctness tool, about 10^5 times slower than a GPU.
+// cp.async can complete at issue or as late as the wait allows, and warps can run in lockstep
+// or each as far ahead as it can (Options), which exposes missing waits and barriers. It is a correctness tool, about 10^5 times slower than a GPU.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -52,7 +52,8 @@ namespace emu {
 
 struct Options {
   bool late_cp_async = false;       // complete cp.async at the wait instead of at issue
-  bool reverse_schedule = false;    // run a block's fibers last-to-first
+  bool reverse_schedule = false;    // run a block's fibers (or warps) last-to-first
+  bool greedy_warps = false;        // run one warp as far as it gets before the next: warps drift apart
   int multiprocessors = 8;          // what the launchers read as the SM count
 };
 Options& options();

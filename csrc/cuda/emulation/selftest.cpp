@@ -1,0 +1,567 @@
+// Runs the CUDA kernels' sources on the emulator (emulator.h) and checks them against a plain
+// fp64 attention written on common/variant.h — the same semantics the CPU tests pin. Every
+// tensor lives inside a NaN-filled buffer with padded strides: reading outside an input shows
+// up as NaN, and every output element must be written while nothing around it is.
+//
+//   csrc/cuda/emulation/run_selftest.sh [filter]     (builds with g++, runs; ~1-3 minutes)
+//
+// Each case prints one line: its name, max error of out and LSE against the bound, PASS/FAIL.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/params.h"
+#include "common/variant.h"
+#include "cuda/attention_cuda.h"
+#include "cuda/emulation/emulator.h"
+
+using namespace fusedattn;
+
+namespace {
+
+std::mt19937_64 g_rng(20261130);
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+const double kInf = std::numeric_limits<double>::infinity();
+
+int element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+uint16_t to_bits(DType t, float x) { return t == DType::kFloat16 ? emu::float_to_half(x) : emu::float_to_bf16(x); }
+
+// A (batch, heads, rows, dim) tensor inside a NaN-filled buffer, with optional padding of every
+// stride. Layout "bhsd" or "bshd" (rows and heads swapped in memory).
+struct Tensor {
+  DType dtype;
+  int64_t b, h, s, d;
+  int64_t stride_b, stride_h, stride_s;
+  std::vector<char> buffer;
+  int64_t offset;  // elements from the buffer start to element (0,0,0,0)
+
+  Tensor(DType t, int64_t b_, int64_t h_, int64_t s_, int64_t d_, int64_t pad, bool bshd) : dtype(t), b(b_), h(h_), s(s_), d(d_) {
+    const int64_t row = d + pad;
+    if (bshd) {
+      stride_h = row;
+      stride_s = h * row + pad;
+      stride_b = s * stride_s + pad;
+    } else {
+      stride_s = row;
+      stride_h = s * row + pad;
+      stride_b = h * stride_h + pad;
+    }
+    offset = pad;
+    const int64_t elements = offset + b * stride_b + pad + 8;
+    buffer.assign(static_cast<size_t>(elements * element_size(t)), 0);
+    for (int64_t e = 0; e < elements; ++e) set_raw(e, kNaN);
+  }
+  int64_t index(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const {
+    return offset + i0 * stride_b + i1 * stride_h + i2 * stride_s + i3;
+  }
+  void set_raw(int64_t e, double x) {
+    if (dtype == DType::kFloat32) {
+      float f = static_cast<float>(x);
+      std::memcpy(buffer.data() + e * 4, &f, 4);
+    } else {
+      const uint16_t bits = to_bits(dtype, static_cast<float>(x));
+      std::memcpy(buffer.data() + e * 2, &bits, 2);
+    }
+  }
+  double raw(int64_t e) const {
+    if (dtype == DType::kFloat32) {
+      float f;
+      std::memcpy(&f, buffer.data() + e * 4, 4);
+      return f;
+    }
+    uint16_t bits;
+    std::memcpy(&bits, buffer.data() + e * 2, 2);
+    return dtype == DType::kFloat16 ? emu::half_to_float(bits) : emu::bf16_to_float(bits);
+  }
+  double at(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const { return raw(index(i0, i1, i2, i3)); }
+  void randomize(double scale = 1.0) {
+    std::normal_distribution<double> normal(0.0, scale);
+    for (int64_t i0 = 0; i0 < b; ++i0)
+      for (int64_t i1 = 0; i1 < h; ++i1)
+        for (int64_t i2 = 0; i2 < s; ++i2)
+          for (int64_t i3 = 0; i3 < d; ++i3) set_raw(index(i0, i1, i2, i3), normal(g_rng));
+  }
+  TensorRef ref() {
+    return TensorRef{buffer.data() + offset * element_size(dtype), stride_b, stride_h, stride_s};
+  }
+  // Every element inside was written (not NaN) and every one outside still NaN.
+  bool written_exactly() const {
+    std::vector<char> inside(buffer.size() / element_size(dtype), 0);
+    for (int64_t i0 = 0; i0 < b; ++i0)
+      for (int64_t i1 = 0; i1 < h; ++i1)
+        for (int64_t i2 = 0; i2 < s; ++i2)
+          for (int64_t i3 = 0; i3 < d; ++i3) inside[index(i0, i1, i2, i3)] = 1;
+    for (size_t e = 0; e < inside.size(); ++e) {
+      if (inside[e] != 0 && std::isnan(raw(e))) return false;
+      if (inside[e] == 0 && !std::isnan(raw(e))) return false;
+    }
+    return true;
+  }
+};
+
+struct Case {
+  std::string name;
+  DType dtype = DType::kFloat16;
+  int64_t batch = 1, heads = 2, heads_kv = 1, seqlen_q = 17, seqlen_k = 33, head_dim = 64;
+  bool causal = false;
+  int64_t q_offset = -1000000;  // default: seqlen_k - seqlen_q
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;
+  bool alibi = false, sinks = false;
+  MaskType mask = MaskType::kNone;
+  float dropout = 0.0f;
+  bool bshd = false;
+  int64_t pad = 8;  // stride padding (elements); odd = unaligned rows
+  // KV cache (decode): 0 = plain forward
+  int64_t page_size = 0;  // > 0 paged; -1 contiguous cache
+  int64_t seqlen_new = 0;
+  int num_splits = 0;
+  bool leftpad = false;
+  double k_scale = 1.0;
+};
+
+std::vector<double> g_slopes, g_sinks;
+std::vector<char> g_mask;
+std::vector<int32_t> g_seqlens, g_begins, g_table, g_batch_idx, g_append_at;
+
+// Plain attention in fp64 on variant.h's definitions. keys(b, h_kv, j) / values(...) give key j of a sequence.
+void reference(const AttentionParams& p, const std::function<double(int64_t, int64_t, int64_t, int64_t)>& key,
+               const std::function<double(int64_t, int64_t, int64_t, int64_t)>& value,
+               const std::function<AttentionParams(int64_t)>& geometry, const Tensor& q, std::vector<double>& out,
+               std::vector<double>& lse) {
+  out.assign(p.batch * p.num_heads * p.seqlen_q * p.head_dim, 0.0);
+  lse.assign(p.batch * p.num_heads * p.seqlen_q, -kInf);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const AttentionParams g = geometry(b);
+    for (int64_t h = 0; h < p.num_heads; ++h) {
+      const int64_t hk = kv_head_of(p, h);
+      for (int64_t i = 0; i < p.seqlen_q; ++i) {
+        const KeyRange range = visible_keys(g, i);
+        std::vector<double> scores;
+        std::vector<int64_t> keys;
+        for (int64_t j = range.begin; j < range.end; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < p.head_dim; ++d) s += q.at(b, h, i, d) * key(b, hk, j, d);
+          s *= p.scale;
+          if (p.softcap > 0) s = p.softcap * std::tanh(s / p.softcap);
+          if (p.alibi_slopes != nullptr) s -= alibi_slope(p, b, h) * std::fabs(static_cast<double>(i + g.q_offset - j));
+          if (p.mask.type == MaskType::kBool) {
+            if (!static_cast<const bool*>(p.mask.data)[b * p.mask.batch_stride + h * p.mask.head_stride + i * p.mask.row_stride + j]) continue;
+          } else if (p.mask.type == MaskType::kFloat32) {
+            s += static_cast<const float*>(p.mask.data)[b * p.mask.batch_stride + h * p.mask.head_stride + i * p.mask.row_stride + j];
+          }
+          scores.push_back(s);
+          keys.push_back(j);
+        }
+        double top = p.sinks != nullptr ? p.sinks[h] : -kInf;
+        for (double s : scores) top = std::max(top, s);
+        if (top == -kInf) continue;
+        double sum = p.sinks != nullptr ? std::exp(p.sinks[h] - top) : 0.0;
+        for (double s : scores) sum += std::exp(s - top);
+        lse[(b * p.num_heads + h) * p.seqlen_q + i] = top + std::log(sum);
+        for (size_t n = 0; n < scores.size(); ++n) {
+          double w = std::exp(scores[n] - top) / sum;
+          if (p.dropout_p > 0) w = dropout_keep(p, b, h, i, keys[n]) ? w / (1.0 - p.dropout_p) : 0.0;
+          for (int64_t d = 0; d < p.head_dim; ++d) out[((b * p.num_heads + h) * p.seqlen_q + i) * p.head_dim + d] += w * value(b, hk, keys[n], d);
+        }
+      }
+    }
+  }
+}
+
+int g_failures = 0;
+
+bool run(const Case& c) {
+  const bool cache = c.page_size != 0;
+  AttentionParams p;
+  p.dtype = c.dtype;
+  p.batch = c.batch;
+  p.num_heads = c.heads;
+  p.num_heads_kv = c.heads_kv;
+  p.seqlen_q = c.seqlen_q;
+  p.head_dim = c.head_dim;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  p.causal = c.causal;
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  p.softcap = c.softcap;
+  p.dropout_p = c.dropout;
+  p.dropout_seed = 0x123456789abcdefULL;
+  p.dropout_offset = 0x42ULL << 32 | 7;
+
+  Tensor q(c.dtype, c.batch, c.heads, c.seqlen_q, c.head_dim, c.pad, c.bshd);
+  Tensor out(c.dtype, c.batch, c.heads, c.seqlen_q, c.head_dim, c.pad, c.bshd);
+  q.randomize();
+  p.q = q.ref();
+  p.out = out.ref();
+  // LSE (batch, heads, seqlen_q) with padded head stride, NaN around.
+  std::vector<float> lse_buffer(c.batch * c.heads * (c.seqlen_q + 3) + 8, std::nanf(""));
+  p.lse = lse_buffer.data() + 4;
+  p.lse_head_stride = c.seqlen_q + 3;
+  p.lse_batch_stride = c.heads * p.lse_head_stride;
+
+  // Keys: a plain (batch, heads_kv, seqlen_k) tensor, or a cache.
+  int64_t cache_rows = c.batch, capacity = c.seqlen_k, slots = c.seqlen_k;
+  if (cache && c.page_size > 0) {
+    const int64_t pages_per_seq = (c.seqlen_k + c.page_size - 1) / c.page_size;
+    cache_rows = c.batch * pages_per_seq + 3;
+    slots = c.page_size;
+    capacity = pages_per_seq * c.page_size;
+  } else if (cache) {
+    cache_rows = c.batch + 2;
+  }
+  Tensor k(c.dtype, cache_rows, c.heads_kv, slots, c.head_dim, c.pad, cache || c.bshd);
+  Tensor v(c.dtype, cache_rows, c.heads_kv, slots, c.head_dim, c.pad, cache || c.bshd);
+  k.randomize(c.k_scale);
+  v.randomize();
+  p.k = k.ref();
+  p.v = v.ref();
+  p.seqlen_k = slots;
+
+  std::vector<double> slopes_storage;
+  if (c.alibi) {
+    g_slopes.clear();
+    for (int64_t h = 0; h < c.heads; ++h) g_slopes.push_back(std::pow(2.0, -(h + 1.0)));
+    p.alibi_slopes = g_slopes.data();
+  }
+  if (c.sinks) {
+    g_sinks.clear();
+    for (int64_t h = 0; h < c.heads; ++h) g_sinks.push_back(0.5 * h - 0.3);
+    p.sinks = g_sinks.data();
+  }
+  std::vector<float> float_mask;
+  if (c.mask != MaskType::kNone) {
+    // (seqlen_q, seqlen_k) broadcast over batch; per head for bool (head stride), shared for float.
+    const int64_t heads = c.mask == MaskType::kBool ? c.heads : 1;
+    std::bernoulli_distribution attend(0.7);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    if (c.mask == MaskType::kBool) {
+      g_mask.assign(heads * c.seqlen_q * c.seqlen_k, 0);
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < c.seqlen_q; ++i)
+          for (int64_t j = 0; j < c.seqlen_k; ++j) {
+            // Whole key tiles hidden for some heads, so tile skipping runs.
+            const bool hidden_tile = h == 1 && j >= 64 && j < 128;
+            g_mask[(h * c.seqlen_q + i) * c.seqlen_k + j] = !hidden_tile && attend(g_rng);
+          }
+      p.mask.data = g_mask.data();
+      p.mask.head_stride = c.seqlen_q * c.seqlen_k;
+    } else {
+      float_mask.resize(c.seqlen_q * c.seqlen_k);
+      for (auto& m : float_mask) m = static_cast<float>(normal(g_rng));
+      float_mask[3] = -std::numeric_limits<float>::infinity();
+      p.mask.data = float_mask.data();
+      p.mask.head_stride = 0;
+    }
+    p.mask.type = c.mask;
+    p.mask.batch_stride = 0;
+    p.mask.row_stride = c.seqlen_k;
+    p.mask.col_stride = 1;
+  }
+
+  std::vector<double> ref_out, ref_lse;
+  const char* result = nullptr;
+  if (!cache) {
+    p.q_offset = c.q_offset == -1000000 ? c.seqlen_k - c.seqlen_q : c.q_offset;
+    reference(p, [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.at(b, h, j, d); },
+              [&](int64_t b, int64_t h, int64_t j, int64_t d) { return v.at(b, h, j, d); },
+              [&](int64_t) { return p; }, q, ref_out, ref_lse);
+    cuda::attention_forward(p, 0, nullptr);
+  } else {
+    // Sequence b: slots [begin, end) of its cache row (batch_idx) or pages (block table).
+    std::uniform_int_distribution<int64_t> length(c.seqlen_k / 2, c.seqlen_k);
+    g_seqlens.assign(c.batch, 0);
+    g_begins.assign(c.batch, 0);
+    g_append_at.assign(c.batch, 0);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      g_seqlens[b] = static_cast<int32_t>(b == 0 ? c.seqlen_k : length(g_rng));
+      g_begins[b] = c.leftpad ? static_cast<int32_t>(b * 3 % 7) : 0;
+      g_append_at[b] = g_seqlens[b] - static_cast<int32_t>(c.seqlen_new);
+    }
+    p.sequences.seqlens_k = g_seqlens.data();
+    if (c.leftpad) p.sequences.k_begin = g_begins.data();
+    if (c.page_size > 0) {
+      const int64_t pages_per_seq = capacity / c.page_size;
+      g_table.assign(c.batch * pages_per_seq, 0);
+      std::vector<int32_t> ids(cache_rows);
+      for (int64_t i = 0; i < cache_rows; ++i) ids[i] = static_cast<int32_t>(i);
+      std::shuffle(ids.begin(), ids.end(), g_rng);
+      for (size_t i = 0; i < g_table.size(); ++i) g_table[i] = ids[i];
+      p.sequences.block_table = g_table.data();
+      p.sequences.block_table_stride = pages_per_seq;
+      p.sequences.page_size = c.page_size;
+    } else {
+      g_batch_idx.assign(c.batch, 0);
+      for (int64_t b = 0; b < c.batch; ++b) g_batch_idx[b] = static_cast<int32_t>((b + 1) % cache_rows);
+      p.sequences.cache_batch_idx = g_batch_idx.data();
+    }
+    const auto slot_index = [&](const Tensor& t, int64_t b, int64_t h, int64_t slot, int64_t d) {
+      if (c.page_size > 0) {
+        return t.index(g_table[b * p.sequences.block_table_stride + slot / c.page_size], h, slot % c.page_size, d);
+      }
+      return t.index(g_batch_idx[b], h, slot, d);
+    };
+    // New tokens: written by kvcache_append into slots [seqlens - seqlen_new, seqlens).
+    Tensor k_new(c.dtype, c.batch, c.heads_kv, c.seqlen_new, c.head_dim, c.pad, true);
+    Tensor v_new(c.dtype, c.batch, c.heads_kv, c.seqlen_new, c.head_dim, c.pad, true);
+    if (c.seqlen_new > 0) {
+      k_new.randomize(c.k_scale);
+      v_new.randomize();
+      cuda::AppendParams a;
+      a.dtype = c.dtype;
+      a.k_cache = k.ref();
+      a.v_cache = v.ref();
+      a.k_new = k_new.ref();
+      a.v_new = v_new.ref();
+      a.sequences = p.sequences;
+      a.sequences.seqlens_k = g_append_at.data();
+      a.batch = c.batch;
+      a.num_heads_kv = c.heads_kv;
+      a.seqlen_new = c.seqlen_new;
+      a.head_dim = c.head_dim;
+      a.cache_rows = cache_rows;
+      a.capacity = capacity;
+      cuda::kvcache_append(a, 0, nullptr);
+      for (int64_t b = 0; b < c.batch; ++b)
+        for (int64_t h = 0; h < c.heads_kv; ++h)
+          for (int64_t t = 0; t < c.seqlen_new; ++t)
+            for (int64_t d = 0; d < c.head_dim; ++d) {
+              const int64_t slot = g_append_at[b] + t;
+              if (k.raw(slot_index(k, b, h, slot, d)) != k_new.at(b, h, t, d) ||
+                  v.raw(slot_index(v, b, h, slot, d)) != v_new.at(b, h, t, d)) {
+                result = "append wrote the wrong slot";
+              }
+            }
+    }
+    reference(p, [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.raw(slot_index(k, b, h, g_begins[b] + j, d)); },
+              [&](int64_t b, int64_t h, int64_t j, int64_t d) { return v.raw(slot_index(v, b, h, g_begins[b] + j, d)); },
+              [&](int64_t b) {
+                AttentionParams g = p;
+                g.seqlen_k = g_seqlens[b] - g_begins[b];
+                g.q_offset = g.seqlen_k - p.seqlen_q;
+                return g;
+              },
+              q, ref_out, ref_lse);
+    cuda::KVCacheParams kv;
+    kv.attn = p;
+    kv.cache_rows = cache_rows;
+    kv.capacity = capacity;
+    kv.num_splits = c.num_splits;
+    cuda::attention_kvcache_forward(kv, 0, nullptr);
+  }
+
+  // Compare.
+  const double tol = c.dtype == DType::kFloat32 ? 2e-5 : c.dtype == DType::kFloat16 ? 3e-3 : 2.5e-2;
+  double worst_out = 0.0, worst_lse = 0.0;
+  bool nan = false, lse_inf_mismatch = false;
+  for (int64_t b = 0; b < c.batch; ++b)
+    for (int64_t h = 0; h < c.heads; ++h)
+      for (int64_t i = 0; i < c.seqlen_q; ++i) {
+        const int64_t row = (b * c.heads + h) * c.seqlen_q + i;
+        for (int64_t d = 0; d < c.head_dim; ++d) {
+          const double got = out.at(b, h, i, d), want = ref_out[row * c.head_dim + d];
+          if (std::isnan(got)) nan = true;
+          worst_out = std::max(worst_out, std::fabs(got - want) / (1.0 + std::fabs(want)));
+        }
+        const double got = p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i], want = ref_lse[row];
+        if (std::isnan(got)) nan = true;
+        if (std::isinf(want) || std::isinf(got)) {
+          lse_inf_mismatch |= got != want;
+        } else {
+          worst_lse = std::max(worst_lse, std::fabs(got - want) / (1.0 + std::fabs(want)));
+        }
+      }
+  bool lse_written = true;
+  for (size_t e = 0; e < lse_buffer.size(); ++e) {
+    const int64_t rel = static_cast<int64_t>(e) - 4;
+    const int64_t b = rel / p.lse_batch_stride, h = rel % p.lse_batch_stride / p.lse_head_stride,
+                  i = rel % p.lse_head_stride;
+    const bool inside = rel >= 0 && b < c.batch && i < c.seqlen_q;
+    lse_written &= inside ? !std::isnan(lse_buffer[e]) : std::isnan(lse_buffer[e]);
+    (void)h;
+  }
+  if (result == nullptr) {
+    if (nan) result = "NaN in the output";
+    else if (!out.written_exactly()) result = "out: an element unwritten, or one outside written";
+    else if (!lse_written) result = "lse: an entry unwritten, or one outside written";
+    else if (lse_inf_mismatch) result = "LSE -inf where the reference is finite (or the reverse)";
+    else if (worst_out > tol) result = "out error above bound";
+    else if (worst_lse > 1e-4) result = "LSE error above bound";
+  }
+  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", c.name.c_str(), worst_out, tol, worst_lse,
+              result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
+  std::fflush(stdout);
+  if (result != nullptr) ++g_failures;
+  return result == nullptr;
+}
+
+bool run_merge(DType dtype) {
+  // out = merge of two halves of a key set, compared with the forward over all keys.
+  const int64_t B = 2, H = 3, L = 5, D = 40;
+  Tensor a(dtype, B, H, L, D, 3, false), bb(dtype, B, H, L, D, 1, true), out(dtype, B, H, L, D, 2, false);
+  a.randomize();
+  bb.randomize();
+  std::vector<float> lse_a(B * H * L), lse_b(B * H * L), lse(B * H * L, std::nanf(""));
+  std::normal_distribution<double> normal(0.0, 2.0);
+  for (size_t i = 0; i < lse_a.size(); ++i) {
+    lse_a[i] = static_cast<float>(normal(g_rng));
+    lse_b[i] = static_cast<float>(normal(g_rng));
+  }
+  lse_a[0] = lse_b[0] = -std::numeric_limits<float>::infinity();  // both empty: 0, -inf
+  lse_a[1] = -std::numeric_limits<float>::infinity();               // only b
+  cuda::MergeParams m;
+  m.dtype = dtype;
+  m.out_a = a.ref();
+  m.out_b = bb.ref();
+  m.out = out.ref();
+  m.lse_a = cuda::LseRef{lse_a.data(), H * L, L, 1};
+  m.lse_b = cuda::LseRef{lse_b.data(), H * L, L, 1};
+  m.lse = cuda::LseRef{lse.data(), H * L, L, 1};
+  m.batch = B;
+  m.num_heads = H;
+  m.seqlen = L;
+  m.head_dim = D;
+  cuda::merge_attention_states(m, 0, nullptr);
+  double worst = 0.0, worst_lse = 0.0;
+  bool ok = out.written_exactly();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t r = (b * H + h) * L + i;
+        const double la = lse_a[r], lb = lse_b[r];
+        const double top = std::max(la, lb);
+        const double wa = top == -kInf ? 0 : std::exp(la - top), wb = top == -kInf ? 0 : std::exp(lb - top);
+        const double want_lse = top == -kInf ? -kInf : top + std::log(wa + wb);
+        if (std::isinf(want_lse)) ok &= lse[r] == want_lse;
+        else worst_lse = std::max(worst_lse, std::fabs(lse[r] - want_lse));
+        for (int64_t d = 0; d < D; ++d) {
+          const double want = top == -kInf ? 0.0 : (wa * a.at(b, h, i, d) + wb * bb.at(b, h, i, d)) / (wa + wb);
+          worst = std::max(worst, std::fabs(out.at(b, h, i, d) - want));
+        }
+      }
+  const double tol = dtype == DType::kFloat32 ? 1e-6 : dtype == DType::kFloat16 ? 2e-3 : 1.6e-2;
+  ok &= worst <= tol && worst_lse <= 1e-5;
+  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s\n",
+              (std::string("merge_attention_states ") + (dtype == DType::kFloat32 ? "fp32" : dtype == DType::kFloat16 ? "fp16" : "bf16")).c_str(),
+              worst, tol, worst_lse, ok ? "PASS" : "FAIL");
+  if (!ok) ++g_failures;
+  return ok;
+}
+
+const char* dtype_name(DType t) { return t == DType::kFloat16 ? "fp16" : t == DType::kBFloat16 ? "bf16" : "fp32"; }
+
+std::vector<Case> cases() {
+  std::vector<Case> all;
+  const auto add = [&](Case c, const std::string& what) {
+    c.name = std::string(dtype_name(c.dtype)) + " d" + std::to_string(c.head_dim) + " " + std::to_string(c.seqlen_q) +
+             "x" + std::to_string(c.seqlen_k) + " " + what;
+    all.push_back(c);
+  };
+  // Tensor-core forward: every head-dim bucket, odd lengths, the variants.
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    Case c;
+    c.dtype = t;
+    c.seqlen_q = 70;
+    c.seqlen_k = 133;
+    add(c, "full h2kv1");
+    c.causal = true;
+    c.seqlen_q = c.seqlen_k = 129;
+    c.heads = 1;
+    add(c, "causal");
+  }
+  {
+    Case c;
+    c.head_dim = 32; c.seqlen_q = 20; c.seqlen_k = 150; c.window_left = 40; c.window_right = 3; c.heads = 1;
+    add(c, "window (40,3)");
+    c = Case(); c.head_dim = 96; c.dtype = DType::kBFloat16; c.alibi = true; c.softcap = 3.0f; c.causal = true;
+    c.seqlen_q = 40; c.seqlen_k = 70; c.heads = 2; c.heads_kv = 2;
+    add(c, "alibi softcap causal bshd"); all.back().bshd = true;
+    c = Case(); c.head_dim = 128; c.seqlen_q = 33; c.seqlen_k = 77; c.mask = MaskType::kFloat32; c.heads = 1;
+    add(c, "float mask");
+    c = Case(); c.head_dim = 192; c.seqlen_q = 18; c.seqlen_k = 140; c.mask = MaskType::kBool; c.sinks = true;
+    add(c, "bool mask (a hidden tile) + sinks");
+    c = Case(); c.head_dim = 256; c.seqlen_q = 9; c.seqlen_k = 40; c.causal = true; c.sinks = true; c.heads = 1;
+    add(c, "causal + sinks");
+    c = Case(); c.head_dim = 64; c.seqlen_q = 30; c.seqlen_k = 50; c.dropout = 0.3f; c.heads = 1;
+    add(c, "dropout 0.3");
+    c = Case(); c.head_dim = 59; c.pad = 3; c.seqlen_q = 21; c.seqlen_k = 45; c.heads = 4; c.heads_kv = 2; c.causal = true;
+    add(c, "unaligned (2-byte path) gqa causal");
+    c = Case(); c.head_dim = 40; c.seqlen_q = 50; c.seqlen_k = 9; c.causal = true; c.heads = 1;
+    add(c, "Lq > Lk causal: fully masked rows");
+    c = Case(); c.head_dim = 16; c.seqlen_q = 1; c.seqlen_k = 1; c.heads = 1; c.dtype = DType::kBFloat16;
+    add(c, "1x1");
+    c = Case(); c.head_dim = 64; c.seqlen_q = 12; c.seqlen_k = 30; c.q_offset = 60; c.window_left = 8; c.heads = 1;
+    add(c, "window past the last key: nothing visible");
+  }
+  // fp32 SIMT path.
+  {
+    Case c;
+    c.dtype = DType::kFloat32; c.head_dim = 59; c.pad = 1; c.seqlen_q = 19; c.seqlen_k = 70; c.causal = true;
+    c.heads = 4; c.heads_kv = 2;
+    add(c, "simt causal gqa unaligned");
+    c.head_dim = 256; c.alibi = true; c.softcap = 5.0f; c.sinks = true; c.mask = MaskType::kBool; c.causal = false;
+    c.heads = 2; c.heads_kv = 1; c.seqlen_q = 7; c.seqlen_k = 150;
+    add(c, "simt alibi softcap sinks bool mask");
+    c = Case(); c.dtype = DType::kFloat32; c.head_dim = 8; c.seqlen_q = 10; c.seqlen_k = 33; c.dropout = 0.25f; c.heads = 1;
+    c.mask = MaskType::kFloat32;
+    add(c, "simt dropout float mask");
+  }
+  // KV cache / decode.
+  for (DType t : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) {
+    Case c;
+    c.dtype = t; c.batch = 3; c.heads = 8; c.heads_kv = 2; c.seqlen_q = 1; c.seqlen_k = 300; c.head_dim = 128;
+    c.page_size = -1; c.seqlen_new = 1; c.num_splits = 3;
+    add(c, "decode contiguous batch_idx, append 1, 3 splits");
+    c.page_size = 16; c.num_splits = 0; c.seqlen_q = 3; c.seqlen_new = 3; c.causal = true; c.head_dim = 64;
+    add(c, "decode paged 16, Lq 3 causal, heuristic splits");
+    if (t == DType::kFloat32) continue;
+    c.page_size = 5; c.num_splits = 2; c.seqlen_q = 2; c.seqlen_new = 0; c.causal = false; c.head_dim = 256;
+    c.heads = 4; c.heads_kv = 1; c.alibi = true; c.sinks = true; c.seqlen_k = 100;
+    add(c, "decode paged 5, alibi sinks, 2 splits");
+    c = Case(); c.dtype = t; c.batch = 2; c.heads = 2; c.heads_kv = 2; c.seqlen_q = 1; c.seqlen_k = 70;
+    c.head_dim = 40; c.page_size = -1; c.leftpad = true; c.window_left = 20; c.softcap = 4.0f; c.num_splits = 1;
+    add(c, "decode leftpad window softcap, 1 split");
+    c = Case(); c.dtype = t; c.batch = 2; c.heads = 6; c.heads_kv = 1; c.seqlen_q = 4; c.seqlen_k = 40;
+    c.head_dim = 96; c.page_size = 1; c.causal = true; c.num_splits = 4;
+    add(c, "decode page 1, 24 packed rows (2 m-tiles), 4 splits");
+    c = Case(); c.dtype = t; c.batch = 1; c.heads = 2; c.heads_kv = 1; c.seqlen_q = 1; c.seqlen_k = 40;
+    c.head_dim = 59; c.pad = 1; c.page_size = -1; c.num_splits = 2;
+    add(c, "decode unaligned d59");
+  }
+  return all;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  // Four schedules; a missing wait or barrier shows up in at least one of them:
+  //   cp.async completing at issue or as late as the waits allow (then unwaited data reads NaN),
+  //   warps in lockstep or each run as far as it gets (then a warp refills a stage others read).
+  const struct {
+    bool late, greedy, reverse;
+  } schedules[] = {{false, false, false}, {true, false, false}, {true, true, true}, {false, true, false}};
+  for (const auto& schedule : schedules) {
+    emu::options().late_cp_async = schedule.late;
+    emu::options().greedy_warps = schedule.greedy;
+    emu::options().reverse_schedule = schedule.reverse;
+    std::printf("-- cp.async %s, warps %s\n", schedule.late ? "late" : "at issue",
+                !schedule.greedy ? "in lockstep" : schedule.reverse ? "one at a time, last first" : "one at a time");
+    for (const Case& c : cases()) {
+      if (filter.empty() || c.name.find(filter) != std::string::npos) run(c);
+    }
+    if (filter.empty() || std::string("merge").find(filter) != std::string::npos) {
+      for (DType t : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) run_merge(t);
+    }
+  }
+  std::printf("%s: %d failure(s), %llu blocks emulated\n", g_failures ? "FAILED" : "OK", g_failures,
+              static_cast<unsigned long long>(emu::launched_blocks()));
+  return g_failures ? 1 : 0;
+}
