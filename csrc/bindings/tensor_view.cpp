@@ -74,7 +74,7 @@ bool view_torch_tensor(const py::handle& array, TensorView& view) {
     const py::object index = device.attr("index");
     view.device = {dlpack::kCUDA, index.is_none() ? 0 : index.cast<int32_t>()};
   } else {
-    return false;
+    throw std::invalid_argument(view.name + " is on device '" + device_type + "'; fusedattn takes cpu or cuda tensors");
   }
   view.data = reinterpret_cast<void*>(array.attr("data_ptr")().cast<uintptr_t>());
   for (const py::handle size : array.attr("shape")) view.shape.push_back(size.cast<int64_t>());

@@ -191,8 +191,9 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
   if (views.dmask) {
     const TensorView& dmask = *views.dmask;
     const AttentionParams& f = params.forward;
-    if (dmask.dtype.code != dlpack::kFloat || dmask.dtype.bits != 32 || dmask.dtype.lanes != 1) {
-      throw py::type_error(dmask.name + " must be float32, got " + dmask.dtype_string());
+    const int bits = f.dtype == DType::kFloat64 ? 64 : 32;
+    if (dmask.dtype.code != dlpack::kFloat || dmask.dtype.bits != bits || dmask.dtype.lanes != 1) {
+      throw py::type_error(dmask.name + " must be float" + std::to_string(bits) + ", got " + dmask.dtype_string());
     }
     const std::vector<int64_t> expected{f.batch, f.num_heads, f.seqlen_q, f.seqlen_k};
     const std::vector<int64_t> contiguous{f.num_heads * f.seqlen_q * f.seqlen_k, f.seqlen_q * f.seqlen_k, f.seqlen_k, 1};
@@ -203,7 +204,11 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
     if (f.mask.type == MaskType::kNone || f.mask.type == MaskType::kBool) {
       fail("dmask (the attn_mask gradient) needs a float attn_mask");
     }
-    params.dmask = static_cast<float*>(dmask.data);
+    if (bits == 64) {
+      params.dmask_f64 = static_cast<double*>(dmask.data);
+    } else {
+      params.dmask = static_cast<float*>(dmask.data);
+    }
   }
   return params;
 }

@@ -125,6 +125,7 @@ struct BackwardParams {
   // zero-filled by the caller (entries of skipped tiles stay 0); null = not requested. The
   // caller sums it over the mask's broadcast dims.
   float* dmask = nullptr;
+  double* dmask_f64 = nullptr;  // instead of dmask, for fp64 inputs
 };
 
 }  // namespace fusedattn

@@ -252,10 +252,12 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         }
       }
       softmax_gradient(s, m, head_dsum + i0);
-      if (bp.dmask != nullptr) {
-        float* dmask = bp.dmask + ((batch * p.num_heads + head) * p.seqlen_q + i0) * p.seqlen_k + j0;
-        for (int64_t r = 0; r < m; ++r) {
-          for (int64_t c = 0; c < n; ++c) dmask[r * p.seqlen_k + c] = static_cast<float>(s.ds[r * s.ldn + c]);
+      const int64_t dmask_offset = ((batch * p.num_heads + head) * p.seqlen_q + i0) * p.seqlen_k + j0;
+      for (int64_t r = 0; r < m && (bp.dmask != nullptr || bp.dmask_f64 != nullptr); ++r) {
+        for (int64_t c = 0; c < n; ++c) {
+          const int64_t index = dmask_offset + r * p.seqlen_k + c;
+          if (bp.dmask_f64 != nullptr) bp.dmask_f64[index] = static_cast<double>(s.ds[r * s.ldn + c]);
+          else bp.dmask[index] = static_cast<float>(s.ds[r * s.ldn + c]);
         }
       }
       if (p.softcap > 0.0f) {  // d(cap·tanh(s/cap))/ds = 1 - tanh²

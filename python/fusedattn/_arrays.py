@@ -42,6 +42,12 @@ def check_same_kind(arrays, names) -> None:
         raise TypeError(f"{odd} must be of the same kind as {names[0]} ({names[0]} is {kind})")
 
 
+def is_compiling() -> bool:
+    """True inside a torch.compile trace (never without torch)."""
+    torch = torch_module()
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def torch_mode(*tensors) -> str:
     """How to run torch tensors: "op" (the torch.library op: torch.compile traces and tensor
     subclasses such as FakeTensor or DTensor), "autograd" (eager with a gradient to record), or

@@ -17,6 +17,7 @@ __all__ = ["get_num_threads", "set_num_threads", "cpu_isa", "info"]
 
 _num_threads: int | None = None
 _forced_isa: str | None = os.environ.get("FUSEDATTN_CPU_ISA") or None
+_attached = [False]  # whether attach_torch_openmp() has run (once torch is loaded)
 
 
 def get_num_threads() -> int:
@@ -25,6 +26,9 @@ def get_num_threads() -> int:
         return _num_threads
     torch = sys.modules.get("torch")
     if torch is not None:
+        if not _attached[0]:
+            _attached[0] = True
+            attach_torch_openmp()
         return max(1, torch.get_num_threads())
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -18,8 +18,6 @@ import torch
 
 from . import _C, _runtime
 
-_runtime.attach_torch_openmp()
-
 _VARIANT_ARGS = (
     "float scale, bool causal, int q_offset, int window_left, int window_right, float softcap, "
     "float dropout_p, bool bshd, str names"
@@ -91,8 +89,8 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks,
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     batch, num_heads, seqlen_q = _lse_shape(q, bshd)
     seqlen_k = k.shape[1] if bshd else k.shape[2]
-    dmask = (torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device)
-             if mask_grad else q.new_empty((0,), dtype=torch.float32))
+    dmask = (torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=lse_dtype(q), device=q.device)
+             if mask_grad else q.new_empty((0,), dtype=lse_dtype(q)))
     if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum()
         dout = dout.contiguous()
     if dlse is not None:
@@ -118,7 +116,7 @@ def _backward_fake(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks
     dmask_shape = (batch, num_heads, seqlen_q, seqlen_k) if mask_grad else (0,)
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            q.new_empty(dmask_shape, dtype=torch.float32), dsinks)
+            q.new_empty(dmask_shape, dtype=lse_dtype(q)), dsinks)
 
 
 _NO_GRAD_OPTIONS = (None,) * 10  # rng_seed and the nine variant scalars

@@ -43,6 +43,9 @@ def _forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, attn_mask, alibi_slopes, s
     _C.attention_varlen_forward(_packed(q), _packed(k), _packed(v), _packed(out), lse[None], cu_seqlens_q,
                                 cu_seqlens_k, variant, _runtime.cpu_isa(), _runtime.get_num_threads(),
                                 tuple(names.split(",")))
+    if cu_seqlens_q[-1] < q.shape[0]:  # packed rows that belong to no sequence
+        out[int(cu_seqlens_q[-1]):] = 0
+        lse[:, int(cu_seqlens_q[-1]):] = float("-inf")
     return out, lse
 
 
@@ -59,6 +62,9 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, att
                                  _packed(v), _packed(out), lse[None], _packed(dq), _packed(dk), _packed(dv),
                                  cu_seqlens_q, cu_seqlens_k, variant, _runtime.cpu_isa(), _runtime.get_num_threads(),
                                  tuple(names.split(",")))
+    dq[int(cu_seqlens_q[-1]):] = 0  # packed rows that belong to no sequence
+    dk[int(cu_seqlens_k[-1]):] = 0
+    dv[int(cu_seqlens_k[-1]):] = 0
     dsinks = q.new_empty((0,))
     if sinks is not None:  # d sinks[h] = -Σ_i exp(sinks[h] - lse[h, i]) · (rowsum(dO∘O) - dlse)[h, i]
         dsum = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(0, 1)

@@ -106,11 +106,13 @@ class _Call:
     def forward(self, return_lse: bool):
         q, k, v = self.q, self.k, self.v
         if _arrays.is_torch(q):
+            torch = _arrays.torch_module()
+            if self.alibi_slopes is not None and self.alibi_slopes.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi); "
+                                          "pass them detached")
             grad_inputs = (q, k, v, self.attn_mask, self.sinks)
             mode = _arrays.torch_mode(*(x for x in grad_inputs if x is not None))
             if mode != "direct":
-                if self.alibi_slopes is not None and self.alibi_slopes.requires_grad and mode == "autograd":
-                    raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi)")
                 ops = _arrays.torch_ops()
                 run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
                 out, lse = run(q, k, v, *self.op_args())

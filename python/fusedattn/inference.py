@@ -74,9 +74,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         arrays.append(x)
     q, k, v = arrays
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
-    lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
-    if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
-        raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
+    if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
+        lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
+        if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
+            raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
     # (total, heads, d) viewed as (1, total, heads, d): the kernels' bshd layout with batch 1.
     call = _Call(q[None], k[None], v[None], layout="bshd", names=names, causal=causal, scale=scale, q_offset=0,
                  window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
@@ -95,7 +96,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _C.attention_varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
                                 None if lse is None else lse[None], cu_q, cu_k, variant, _runtime.cpu_isa(),
                                 _runtime.get_num_threads(), names)
+    clear_rows_after_last_sequence(out, lse, int(cu_q[-1]))
     return (out, lse) if return_lse else out
+
+
+def clear_rows_after_last_sequence(out, lse, end: int) -> None:
+    """Packed rows past cu_seqlens_q[-1] belong to no sequence: output 0, LSE -inf."""
+    if end < out.shape[0]:
+        out[end:] = 0
+        if lse is not None:
+            lse[:, end:] = -np.inf
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -147,6 +157,21 @@ def _append(cache, new, rows, positions, block_table):
         cache[pages, positions % page_size] = new
 
 
+def _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad) -> None:
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    head_dim, num_heads, num_heads_kv = q.shape[3], q.shape[2], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim or not 1 <= head_dim <= 256:
+        raise ValueError(f"q has head_dim {head_dim} and k_cache {k_cache.shape[3]}; they must match, in 1..256")
+    if num_heads_kv == 0 or num_heads % num_heads_kv != 0:
+        raise ValueError(f"q has {num_heads} heads, not a multiple of the cache's {num_heads_kv} heads")
+    if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):
+        raise ValueError("a paged cache (block_table) cannot be combined with cache_batch_idx or cache_leftpad")
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            cache_batch_idx=None, cache_leftpad=None, causal=True, scale=None, window=(-1, -1),
                            alibi_slopes=None, softcap=0.0, sinks=None, rotary_cos=None, rotary_sin=None,
@@ -177,6 +202,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
     _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
     _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
+    # Everything is validated before the cache is written, so a rejected call changes nothing.
+    call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
+                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+    _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
     batch, seqlen_q = q.shape[0], q.shape[1]
     seqlens = np.asarray(_int32(cache_seqlens, "cache_seqlens", q)).astype(np.int64)
     if seqlens.shape == (1,) and batch != 1:
@@ -211,7 +240,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     positions_new = seqlens[:, None] + np.arange(new_len)[None, :]
     if rotary_cos is not None:
         cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
-        q_positions = seqlens[:, None] + np.arange(seqlen_q)[None, :] if causal or window != (-1, -1) else \
+        local = tuple(int(w) for w in window) != (-1, -1)
+        q_positions = seqlens[:, None] + np.arange(seqlen_q)[None, :] if causal or local else \
             np.repeat(seqlens[:, None], seqlen_q, axis=1)
         q = _apply_rotary(q, cos, sin, _arrays.index_like(q, q_positions), rotary_interleaved)
         if k is not None:
@@ -222,8 +252,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _append(k_cache, k, index_rows, index_positions, table)
         _append(v_cache, v, index_rows, index_positions, table)
 
-    call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
-                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     out = _arrays.empty_like_kind(q, q.shape)
     lse = _arrays.empty_like_kind(q, (batch, q.shape[2], seqlen_q), _arrays.lse_dtype_of(q)) if return_lse else None
     total = _int32(seqlens + new_len, "cache_seqlens", q)
@@ -266,12 +294,16 @@ def merge_attention_states_list(outs, lses, *, layout="bhsd"):
     outs[i]: (batch, heads, seqlen, d) (or (batch, seqlen, heads, d) for layout "bshd"); lses[i]:
     (batch, heads, seqlen) natural-log LSE. Returns (out, lse) with lse = log Σ exp(lse_i) and
     out = Σ exp(lse_i - lse) · out_i; parts with LSE -inf (no visible key) contribute nothing, and
-    rows where every part is -inf give 0 and -inf. Differentiable for torch inputs.
+    rows where every part is -inf give 0 and -inf. Computed in float32 (float64 for float64
+    outputs); out has the outputs' dtype. Differentiable for torch inputs.
     """
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"need as many outs as lses (at least one), got {len(outs)} and {len(lses)}")
     outs = [_arrays.as_array(o, f"outs[{i}]") for i, o in enumerate(outs)]
     lses = [_arrays.as_array(x, f"lses[{i}]") for i, x in enumerate(lses)]
+    _arrays.check_same_kind(outs + lses, [f"outs[{i}]" for i in range(len(outs))] + [f"lses[{i}]" for i in range(len(lses))])
     for i, (o, x) in enumerate(zip(outs, lses)):
         expected = (o.shape[0], o.shape[2], o.shape[1]) if layout == "bshd" else tuple(o.shape[:-1])
         if o.shape != outs[0].shape or tuple(x.shape) != expected:
@@ -279,24 +311,28 @@ def merge_attention_states_list(outs, lses, *, layout="bhsd"):
                              f"{tuple(outs[0].shape)} / {expected}")
     if _arrays.is_torch(outs[0]):
         torch = _arrays.torch_module()
-        stacked = torch.stack([x.float() for x in lses])
-        lse = torch.logsumexp(stacked, dim=0)
+        compute = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+        stacked = torch.stack([x.to(compute) for x in lses])
+        lse = torch.logsumexp(stacked, dim=0)  # -inf where every part is -inf
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         weights = torch.where(torch.isfinite(stacked), torch.exp(stacked - safe), torch.zeros_like(stacked))
-    else:
-        stacked = np.stack([x.astype(np.float32) for x in lses])
-        top = stacked.max(axis=0)
-        safe = np.where(np.isfinite(top), top, 0.0).astype(np.float32)
-        weights = np.where(np.isfinite(stacked), np.exp(stacked - safe), 0.0).astype(np.float32)
-        total = weights.sum(axis=0)
-        with np.errstate(divide="ignore"):
-            lse = np.where(total > 0, safe + np.log(np.where(total > 0, total, 1.0)), -np.inf).astype(np.float32)
-        weights = np.where(total > 0, weights / np.where(total > 0, total, 1.0), 0.0)
+        if layout == "bshd":
+            weights = weights.transpose(2, 3)
+        out = sum(w[..., None] * o.to(compute) for w, o in zip(weights, outs))
+        return out.to(outs[0].dtype), lse
+    compute = np.float64 if outs[0].dtype == np.float64 else np.float32
+    stacked = np.stack([x.astype(compute) for x in lses])
+    top = stacked.max(axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0).astype(compute)
+    weights = np.where(np.isfinite(stacked), np.exp(stacked - safe), 0.0).astype(compute)
+    total = weights.sum(axis=0)
+    nonzero = np.where(total > 0, total, 1.0)
+    lse = np.where(total > 0, safe + np.log(nonzero), -np.inf).astype(compute)
+    weights = np.where(total > 0, weights / nonzero, 0.0)
     if layout == "bshd":
-        weights = weights.transpose(2, 3) if _arrays.is_torch(outs[0]) else weights.swapaxes(2, 3)
-    out = sum(w[..., None] * o.astype(np.float32) if not _arrays.is_torch(o) else w[..., None] * o.float()
-              for w, o in zip(weights, outs))
-    return out.astype(outs[0].dtype) if not _arrays.is_torch(out) else out.to(outs[0].dtype), lse
+        weights = weights.swapaxes(2, 3)
+    out = sum(w[..., None] * o.astype(compute) for w, o in zip(weights, outs))
+    return out.astype(outs[0].dtype), lse
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, layout="bhsd"):
