@@ -1,5 +1,6 @@
-"""Bad input raises ValueError / TypeError naming the argument (DESIGN.md "Bad input"); features
-not implemented yet raise NotImplementedError; empty sizes (Lq = 0, Lk = 0, batch 0) work.
+"""Bad input raises ValueError / TypeError naming the argument (DESIGN.md "Bad input"), also for the
+variant arguments (mask, ALiBi, sinks, softcap, dropout, seed); the features that used to raise
+NotImplementedError are accepted; empty sizes (Lq = 0, Lk = 0, batch 0) work.
 """
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 import fusedattn
 from conftest import check_attention, make_qkv
+from fusedattn.reference import attention_probabilities, attention_reference
 
 
 def _qkv(shape_q=(2, 4, 9, 16), shape_kv=(2, 4, 11, 16), dtype=torch.float32):
@@ -139,17 +141,60 @@ def test_sdpa_mismatched_leading_dims_raise():
         fusedattn.scaled_dot_product_attention(q, k, v)
 
 
-def test_not_implemented_features():
+FORMERLY_NOT_IMPLEMENTED = [  # (api, kwargs): these raised NotImplementedError before the variants landed
+    ("sdpa", dict(attn_mask="bool")), ("sdpa", dict(attn_mask="float")), ("sdpa", dict(dropout_p=0.1)),
+    ("flash", dict(softcap=3.0)), ("flash", dict(alibi_slopes="slopes")), ("flash", dict(dropout_p=0.2)),
+    ("flash", dict(return_attn_probs=True)),
+]
+
+
+@pytest.mark.parametrize("api,kwargs", FORMERLY_NOT_IMPLEMENTED, ids=lambda x: x if isinstance(x, str) else "-".join(x))
+def test_formerly_not_implemented_features_are_accepted(api, kwargs):
+    """The arguments are accepted and give the reference's answer (test_variants.py covers them in depth)."""
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(9, 11, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        fusedattn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    for kwargs, match in [(dict(softcap=30.0), "softcap"), (dict(alibi_slopes=torch.rand(4)), "alibi"),
-                          (dict(dropout_p=0.2), "dropout"), (dict(return_attn_probs=True), "return_attn_probs")]:
-        with pytest.raises(NotImplementedError, match=match):
-            fusedattn.flash_attn_func(q, k, v, **kwargs)
+    values = {"bool": torch.rand(9, 11) > 0.3, "float": torch.randn(9, 11), "slopes": torch.rand(4)}
+    kwargs = {name: values.get(x, x) if isinstance(x, str) else x for name, x in kwargs.items()}
+    if api == "sdpa":
+        out = fusedattn.scaled_dot_product_attention(q, k, v, **kwargs)
+        ref_kwargs = dict(q_offset=0, attn_mask=kwargs.get("attn_mask"))
+    else:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        out = fusedattn.flash_attn_func(q, k, v, **kwargs)
+        ref_kwargs = dict(layout="bshd", softcap=kwargs.get("softcap", 0.0), alibi_slopes=kwargs.get("alibi_slopes"))
+    if kwargs.get("return_attn_probs"):
+        out, lse, probs = out
+        ref_probs, ref_lse = attention_probabilities(q, k, **ref_kwargs)
+        np.testing.assert_allclose(probs.numpy(), ref_probs, atol=1e-6)
+        np.testing.assert_allclose(lse.numpy(), ref_lse, atol=2e-5, rtol=2e-6)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    if not kwargs.get("dropout_p"):
+        ref, _ = attention_reference(q, k, v, **ref_kwargs)
+        np.testing.assert_allclose(out.numpy(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(attn_mask=torch.ones(9, 10, dtype=torch.bool)), ValueError, r"attn_mask of shape \(9, 10\) does not"),
+    (dict(attn_mask=torch.ones(1, 2, 4, 9, 11)), ValueError, "attn_mask must have at most 4 dims"),
+    (dict(attn_mask=torch.ones(9, 11, dtype=torch.int32)), TypeError, "attn_mask must be bool or floating point"),
+    (dict(attn_mask=np.ones((9, 11), bool)), TypeError, "attn_mask must be of the same kind as q"),
+    (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"),
+    (dict(sinks=torch.rand(2, 4)), ValueError, r"sinks must have shape \(4,\), got \(2, 4\)"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
+    (dict(dropout_p=0.1, seed=-1), ValueError, "seed must be an int"),
+    (dict(dropout_p=0.1, seed=1.5), ValueError, "seed must be an int"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_variant_arguments(kwargs, error, match):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=match):
+        fusedattn.attention(q, k, v, **kwargs)
+
+
+def test_alibi_slopes_requiring_grad_raise_under_autograd():
+    """ALiBi slopes are fixed: asking for their gradient is an error, not a silent None."""
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        fusedattn.attention(q.requires_grad_(True), k, v, alibi_slopes=torch.rand(4, requires_grad=True))
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])

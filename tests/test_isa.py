@@ -76,8 +76,9 @@ def test_unavailable_isa_raises_value_error(name):
 def test_extension_rejects_unknown_isa():
     q = torch.randn(1, 1, 4, 8)
     out = torch.full_like(q, float("nan"))
+    variant = (0.3, False, 0, -1, -1, 0.0, None, None, None, 0.0, 0, 0)  # see functional._Call.variant
     with pytest.raises(ValueError, match="bogus"):
-        _C.attention_forward(q, q, q, out, None, 0.3, False, 0, -1, -1, "bogus", 1, ("q", "k", "v"))
+        _C.attention_forward(q, q, q, out, None, variant, "bogus", 1, ("q", "k", "v"))
     assert torch.isnan(out).all()
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DTYPES, ISAS, assert_close_to_reference, force_isa, torch_attention_lowp
+from conftest import (DTYPES, ISAS, assert_close_to_reference, assert_lse_close, force_isa, lse_dtype_for,
+                      torch_attention_lowp)
 from fusedattn import _C, _runtime
 from fusedattn.reference import attention_reference
 
@@ -40,11 +41,16 @@ def _random_in_nan(shape, dtype):
     return view, buffer
 
 
+def _variant(scale, causal=False, q_offset=0, left=-1, right=-1):
+    """The extension's variant tuple with no mask, ALiBi, softcap, sinks or dropout (see functional._Call)."""
+    return (scale, causal, q_offset, left, right, 0.0, None, None, None, 0.0, 0, 0)
+
+
 def _call(q, k, v, out, lse, *, causal, q_offset=None, left=-1, right=-1, scale=None):
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_offset = seqlen_k - seqlen_q if q_offset is None else q_offset
-    _C.attention_forward(q, k, v, out, lse, scale, causal, q_offset, left, right, _runtime.cpu_isa(), 2,
+    _C.attention_forward(q, k, v, out, lse, _variant(scale, causal, q_offset, left, right), _runtime.cpu_isa(), 2,
                          ("q", "k", "v"))
 
 
@@ -56,7 +62,7 @@ def test_every_output_element_written_and_nothing_outside(isa_name, dtype, head_
     k, k_buf = _random_in_nan((2, heads_kv, seqlen_k, head_dim), dtype)
     v, v_buf = _random_in_nan((2, heads_kv, seqlen_k, head_dim), dtype)
     out, out_buf = _nan_view(q.shape, dtype)
-    lse = torch.full((2, heads, seqlen_q), float("nan"))
+    lse = torch.full((2, heads, seqlen_q), float("nan"), dtype=lse_dtype_for(dtype))
     outside = torch.isnan(out_buf).clone()
     outside[tuple(slice(p, p + n) for n, p in zip(out.shape, (1, 2, 3, 5)))] = False
 
@@ -70,7 +76,7 @@ def test_every_output_element_written_and_nothing_outside(isa_name, dtype, head_
     ref, ref_lse = attention_reference(q, k, v, causal=causal)
     lowp = torch_attention_lowp(q, k, v, causal=causal) if dtype in (torch.float16, torch.bfloat16) else None
     assert_close_to_reference(out, lowp, ref)
-    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=2e-5, rtol=2e-6)
+    assert_lse_close(lse, ref_lse, dtype)
     for buf, before in zip((q_buf, k_buf, v_buf), inputs_before):  # inputs are never written
         assert torch.equal(buf.nan_to_num(7.0), before)
 
@@ -80,7 +86,7 @@ def test_bshd_out_view_in_nan_buffer(dtype):
     """A bshd out (seq and heads strides swapped) inside a NaN buffer: all written, nothing outside."""
     q, k, v = (torch.randn(2, 19, 4, 40, dtype=dtype) for _ in range(3))
     out_bshd, out_buf = _nan_view((2, 19, 4, 40), dtype)
-    lse = torch.full((2, 4, 19), float("nan"))
+    lse = torch.full((2, 4, 19), float("nan"), dtype=lse_dtype_for(dtype))
     _call(*(x.transpose(1, 2) for x in (q, k, v, out_bshd)), lse, causal=True, left=5, right=-1)
     assert not torch.isnan(out_bshd).any()
     assert torch.isnan(out_buf).sum() == out_buf.numel() - out_bshd.numel()
@@ -88,6 +94,7 @@ def test_bshd_out_view_in_nan_buffer(dtype):
     lowp = (torch_attention_lowp(q, k, v, causal=True, window=(5, -1), layout="bshd")
             if dtype in (torch.float16, torch.bfloat16) else None)
     assert_close_to_reference(out_bshd, lowp, ref)
+    assert not torch.isnan(lse).any()
 
 
 def test_fully_masked_rows_overwrite_poison():
@@ -114,7 +121,7 @@ def test_read_only_out_is_rejected():
     out = np.full_like(q, np.nan)
     out.flags.writeable = False
     with pytest.raises(ValueError, match="out"):
-        _C.attention_forward(q, q, q, out, None, 0.25, False, 0, -1, -1, _runtime.cpu_isa(), 1, ("q", "k", "v"))
+        _C.attention_forward(q, q, q, out, None, _variant(0.25), _runtime.cpu_isa(), 1, ("q", "k", "v"))
     assert np.isnan(out).all()
 
 
@@ -126,10 +133,11 @@ def test_mismatched_out_is_rejected(bad):
         _call(q, q, q, out, None, causal=False)
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype", "strided"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "float32-for-float64", "strided"])
 def test_mismatched_lse_is_rejected(bad):
-    q = torch.randn(1, 2, 9, 16)
+    """The LSE buffer is float32, or float64 for float64 inputs; contiguous, of shape (b, h, Lq)."""
+    q = torch.randn(1, 2, 9, 16, dtype=torch.float64 if bad == "float32-for-float64" else torch.float32)
     lse = {"shape": torch.empty(1, 2, 8), "dtype": torch.empty(1, 2, 9, dtype=torch.float64),
-           "strided": torch.empty(1, 9, 2).transpose(1, 2)}[bad]
+           "float32-for-float64": torch.empty(1, 2, 9), "strided": torch.empty(1, 9, 2).transpose(1, 2)}[bad]
     with pytest.raises((ValueError, TypeError), match="lse"):
         _call(q, q, q, torch.empty_like(q), lse, causal=False)
