@@ -10,7 +10,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusedattn", description="fused attention kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, CPU ISA, threads, CUDA build and GPUs")
-    bench_parser = commands.add_parser("bench", help="time fusedattn against torch SDPA and naive torch")
+    bench_parser = commands.add_parser(
+        "bench", help="time fusedattn against torch SDPA and naive torch (fwd, bwd, decode, block, lm)")
     from . import bench
 
     bench.add_arguments(bench_parser)
