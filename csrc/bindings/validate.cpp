@@ -309,8 +309,8 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
   if (!(options.dropout_p >= 0.0 && options.dropout_p <= 1.0)) {
     fail("dropout_p must be in [0, 1], got " + std::to_string(options.dropout_p));
   }
-  params.softcap = static_cast<float>(options.softcap);
-  params.dropout_p = static_cast<float>(options.dropout_p);
+  params.softcap = options.softcap;
+  params.dropout_p = options.dropout_p;
   params.dropout_seed = options.seed;
   params.dropout_offset = options.offset;
   fill_variant(views, params);

@@ -83,12 +83,12 @@ struct AttentionParams {
 
   // Score modifications, applied in DESIGN.md's order (see variant.h):
   // s = scale·q·k → softcap → ALiBi → + float mask → masking → softmax (with sink) → dropout.
-  float softcap = 0.0f;                  // > 0: s = softcap · tanh(s / softcap)
+  double softcap = 0.0;                  // > 0: s = softcap · tanh(s / softcap)
   const double* alibi_slopes = nullptr;  // slope of (batch, head) at b·alibi_batch_stride + h
   int64_t alibi_batch_stride = 0;        // 0 for (num_heads,) slopes, num_heads for (batch, num_heads)
   MaskRef mask;
   const double* sinks = nullptr;         // (num_heads,) logits in each row's softmax denominator
-  float dropout_p = 0.0f;                // probability of dropping each attention weight
+  double dropout_p = 0.0;                // probability of dropping each attention weight
   uint64_t dropout_seed = 0;             // Philox key; the mask depends on (seed, offset, b, h, i, j)
   uint64_t dropout_offset = 0;
 

@@ -146,14 +146,16 @@ FUSEDATTN_HOST_DEVICE DropoutKey dropout_key(const AttentionParams& p) {
 }
 
 // Random words < threshold are kept.
-FUSEDATTN_HOST_DEVICE uint32_t dropout_threshold(float dropout_p) {
-  const double keep = (1.0 - static_cast<double>(dropout_p)) * 4294967296.0;
+FUSEDATTN_HOST_DEVICE uint32_t dropout_threshold(double dropout_p) {
+  const double keep = (1.0 - dropout_p) * 4294967296.0;
   return keep >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(keep);
 }
 
-// Factor applied to kept weights: 1/(1 - p), and 0 when everything is dropped (p = 1).
-FUSEDATTN_HOST_DEVICE float dropout_scale(float dropout_p) {
-  return dropout_p < 1.0f ? 1.0f / (1.0f - dropout_p) : 0.0f;
+// Factor applied to kept weights: 1/(1 - p), and 0 when everything is dropped (p = 1),
+// computed in double and returned in the kernel's compute type T.
+template <typename T = float>
+FUSEDATTN_HOST_DEVICE T dropout_scale(double dropout_p) {
+  return static_cast<T>(dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0);
 }
 
 // Scalar keep decision of one weight (tests and simple backends; kernels generate 4 at a time).

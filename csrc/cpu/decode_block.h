@@ -102,7 +102,7 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
     for (int64_t l = 0; l < lanes.lanes; ++l) {
       Acc* row = s.s_t + l * ldn;
       if (params.softcap > 0.0f) {
-        for (int64_t j = 0; j < n; ++j) row[j] = static_cast<Acc>(params.softcap) * std::tanh(row[j] / params.softcap);
+        for (int64_t j = 0; j < n; ++j) row[j] = softcap_score(std::tanh(row[j] / static_cast<Acc>(params.softcap)), static_cast<Acc>(params.softcap));
       }
       for (int64_t j = 0; j < n; ++j) {
         Acc score = row[j];

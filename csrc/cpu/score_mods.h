@@ -48,7 +48,7 @@ inline VecT<T> tanh_vec(VecT<T> x) {
 
 // s -> softcap · tanh(s / softcap), in place over `count` elements (a multiple of W).
 template <typename Acc>
-inline void apply_softcap(Acc* scores, int64_t count, float softcap, Acc* tanh_out) {
+inline void apply_softcap(Acc* scores, int64_t count, double softcap, Acc* tanh_out) {
   constexpr int W = Vec<Acc>::kWidth;
   const Acc cap = static_cast<Acc>(softcap);
   const VecT<Acc> inv_cap = vec_set1<Acc>(Acc(1) / cap);
@@ -127,7 +127,7 @@ inline void dropout_tile(const AttentionParams& p, int64_t batch, int64_t head, 
   constexpr int W = kRandomLanes;
   const DropoutKey key = dropout_key(p);
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const Acc keep_scale = static_cast<Acc>(dropout_scale(p.dropout_p));
+  const Acc keep_scale = dropout_scale<Acc>(p.dropout_p);
   const uint32_t stream = static_cast<uint32_t>(batch * p.num_heads + head);
   for (int64_t i0 = 0; i0 < rows; i0 += W) {
     for (int64_t g = 0; g < keys; g += 4) {
