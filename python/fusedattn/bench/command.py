@@ -60,9 +60,10 @@ def _decode_shape(text: str) -> tuple:
     """'4x32/8x8192x128' -> (4, 32, 8, 8192, 128); '4x32x8192x128' -> (4, 32, 32, 8192, 128)."""
     parts = text.strip().lower().split("x")
     if len(parts) == 4 and "/" in parts[1]:
-        heads, _, heads_kv = parts[1].partition("/")
-        batch, _, seqlen, head_dim = _ints("x".join([parts[0], heads, parts[2], parts[3]]), 4, SHAPE_FORMATS["decode"])
-        heads_kv = _ints(heads_kv, 1, SHAPE_FORMATS["decode"])[0]
+        heads_text, _, heads_kv_text = parts[1].partition("/")
+        batch, heads, seqlen, head_dim = _ints("x".join([parts[0], heads_text, parts[2], parts[3]]), 4,
+                                               SHAPE_FORMATS["decode"])
+        heads_kv = _ints(heads_kv_text, 1, SHAPE_FORMATS["decode"])[0]
         if heads % heads_kv:
             raise argparse.ArgumentTypeError(f"Hq must be a multiple of Hkv, got {text!r}")
         return batch, heads, heads_kv, seqlen, head_dim
