@@ -38,8 +38,9 @@ def variant(scale, causal):
     return (scale, causal, 0, -1, -1, 0.0, None, None, None, 0.0, 0, 0)
 
 
-def time_interleaved(calls: dict, reps: int, warmup: int = 3) -> dict:
-    """Median milliseconds of each call, measured A B C A B C … with CUDA events."""
+def time_interleaved(calls: dict, reps: int, warmup: int = 3, inner: int = 1) -> dict:
+    """Median milliseconds of each call, measured A B C A B C … with CUDA events; each sample
+    times `inner` back-to-back calls (for microsecond kernels, so launch gaps do not dominate)."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
@@ -49,10 +50,11 @@ def time_interleaved(calls: dict, reps: int, warmup: int = 3) -> dict:
         for name, fn in calls.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            samples[name].append(start.elapsed_time(end))
+            samples[name].append(start.elapsed_time(end) / inner)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -137,7 +139,7 @@ def decode_rows(reps: int, with_fusedattn: bool, bandwidth: float) -> list:
         if not page_size:  # SDPA on the contiguous cache (GQA by enable_gqa)
             kt, vt = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
             calls["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kt, vt, enable_gqa=True)
-        ms = time_interleaved(calls, reps)
+        ms = time_interleaved(calls, reps, inner=20)
         gbs = {name: kv_bytes / (t * 1e-3) / 1e9 for name, t in ms.items()}
         rows.append({"batch": batch, "heads": heads, "heads_kv": heads_kv, "length": length, "head_dim": head_dim,
                      "page_size": page_size, "gbs": gbs, "ms": ms, "percent_of_copy": {n: 100 * g / bandwidth for n, g in gbs.items()}})

@@ -3,7 +3,10 @@
 // runtime queries the launchers need. Under the emulator the same calls run on the CPU.
 #pragma once
 #include <cstdint>
+#include <mutex>
+#include <set>
 #include <string>
+#include <tuple>
 
 #include "cuda/compat.cuh"
 #include "cuda/device_probe.h"
@@ -28,6 +31,19 @@ struct KernelName {
 inline void check_cuda(cudaError_t status, const std::string& what) {
   if (status != cudaSuccess) throw CudaError(what + " failed: " + cudaGetErrorString(status));
 }
+
+// Raises a kernel's dynamic shared-memory limit (needed above 48 KiB), once per (kernel, device).
+inline void allow_dynamic_smem(const void* kernel, int bytes, const KernelName& name) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device, bytes}) != 0) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             name.str() + ": cudaFuncSetAttribute(shared memory " + std::to_string(bytes) + " bytes)");
+  done.insert({kernel, device, bytes});
+}
 #endif
 
 constexpr int64_t kMaxGridBlocks = 2147483647;  // gridDim.x limit
@@ -41,10 +57,7 @@ void launch(void (*kernel)(KernelArgs...), const KernelName& name, int64_t block
   (void)stream;
   emu::launch(dim3(static_cast<unsigned>(blocks)), dim3(threads), smem_bytes, [&] { kernel(args...); });
 #else
-  if (smem_bytes > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-               name.str() + ": cudaFuncSetAttribute(shared memory " + std::to_string(smem_bytes) + " bytes)");
-  }
+  if (smem_bytes > 48 * 1024) allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes, name);
   kernel<<<static_cast<unsigned>(blocks), threads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(args...);
   check_cuda(cudaGetLastError(), name.str() + " launch");
 #endif
