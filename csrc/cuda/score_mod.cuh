@@ -28,9 +28,9 @@ FA_DEVICE ScoreMod make_score_mod(const AttentionParams& p, bool has_mask) {
   ScoreMod mod;
   mod.scale = static_cast<float>(p.scale);
   mod.scale_log2 = mod.scale * kLog2e;
-  mod.softcap = p.softcap;
+  mod.softcap = static_cast<float>(p.softcap);
   mod.alibi = p.alibi_slopes != nullptr;
-  mod.modified = p.softcap > 0.0f || mod.alibi || has_mask;
+  mod.modified = mod.softcap > 0.0f || mod.alibi || has_mask;
   return mod;
 }
 
@@ -145,7 +145,7 @@ struct Dropout {
 FA_DEVICE Dropout make_dropout(const AttentionParams& p, int64_t batch, int64_t head) {
   const DropoutKey key = dropout_key(p);
   return Dropout{key.key0, key.key1, key.counter3, dropout_threshold(p.dropout_p),
-                 static_cast<uint32_t>(batch * p.num_heads + head), dropout_scale(p.dropout_p)};
+                 static_cast<uint32_t>(batch * p.num_heads + head), dropout_scale<float>(p.dropout_p)};
 }
 
 template <int kMTiles, int kNTiles, typename SlotFn>

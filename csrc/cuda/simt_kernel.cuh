@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
   __syncwarp();
 
   const float scale = static_cast<float>(p.scale);
+  const float softcap = static_cast<float>(p.softcap);
   const float position = static_cast<float>(query_position(geo, row));
   const float slope = static_cast<float>(alibi_slope(p, batch, head));
   const void* mask_row = p.mask.type == MaskType::kNone
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
       float dot = 0.0f;
       for (int d = 0; d < head_dim; ++d) dot = fmaf(q[d], k[d], dot);
       score = dot * scale;
-      if (p.softcap > 0.0f) score = softcap_score(tanhf(score / p.softcap), p.softcap);
+      if (softcap > 0.0f) score = softcap_score(tanhf(score / softcap), softcap);
       if (p.alibi_slopes != nullptr) score = alibi_score(score, slope, position, static_cast<float>(key));
       if (mask_row != nullptr) score += mask_value(p.mask, mask_row, key);
     }
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(32 * kSimtWarps) simt_kernel(const __grid_cons
     row_sum = row_sum * rescale + warp_sum(prob);
     row_max = new_max;
     if (p.dropout_p > 0.0f && k != nullptr) {
-      prob *= dropout_keep(p, batch, head, row, key) ? dropout_scale(p.dropout_p) : 0.0f;
+      prob *= dropout_keep(p, batch, head, row, key) ? dropout_scale<float>(p.dropout_p) : 0.0f;
     }
 #pragma unroll
     for (int c = 0; c < kSimtColumns; ++c) o[c] *= rescale;
