@@ -33,6 +33,11 @@ def as_array(x, name: str):
     )
 
 
+def is_cuda(x) -> bool:
+    """A torch tensor on a CUDA device (the CUDA kernels' inputs)."""
+    return is_torch(x) and x.is_cuda
+
+
 def check_same_kind(arrays, names) -> None:
     """All torch tensors or none: a result has one kind, and torch ops take only tensors."""
     torch_flags = [is_torch(x) for x in arrays]

@@ -72,6 +72,23 @@ def _forward_cpu(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causa
     return out, lse
 
 
+def _forward_cuda(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
+                  window_right, softcap, dropout_p, bshd, names):
+    from . import _cuda_backend
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, bshd), dtype=torch.float32, device=q.device)
+    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
+                       softcap, dropout_p)
+    _cuda_backend.forward(_bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, variant,
+                          tuple(names.split(",")))
+    return out, lse
+
+
+def _backward_cuda(*args):
+    raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet")
+
+
 def sink_gradient(sinks, dout, out, lse, dlse, bshd):
     """d loss / d sinks[h] = -sum_{b,i} exp(sinks[h] - lse[b,h,i]) · (rowsum(dO∘O) - dlse)[b,h,i]."""
     compute = lse.dtype
@@ -149,6 +166,8 @@ def _backward(ctx, dout, dlse):
 
 torch.library.impl("fusedattn::attention_forward", "CPU")(_forward_cpu)
 torch.library.impl("fusedattn::attention_backward", "CPU")(_backward_cpu)
+torch.library.impl("fusedattn::attention_forward", "CUDA")(_forward_cuda)
+torch.library.impl("fusedattn::attention_backward", "CUDA")(_backward_cuda)
 torch.library.register_fake("fusedattn::attention_forward")(_forward_fake)
 torch.library.register_fake("fusedattn::attention_backward")(_backward_fake)
 torch.library.register_autograd("fusedattn::attention_forward", _backward, setup_context=_save)

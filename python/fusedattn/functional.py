@@ -74,7 +74,9 @@ class _Call:
         sinks; the op converts them), others become contiguous float64 numpy arrays."""
         x = _arrays.as_array(x, name)
         _arrays.check_same_kind((self.q, x), (self.names[0], name))
-        return x if _arrays.is_torch(x) else np.ascontiguousarray(x, dtype=np.float64)
+        if _arrays.is_torch(x):
+            return x if x.device == self.q.device else x.to(self.q.device)
+        return np.ascontiguousarray(x, dtype=np.float64)
 
     def _seed(self, seed):
         if seed is None:  # torch's default generator for torch callers (torch.manual_seed applies)
@@ -112,6 +114,9 @@ class _Call:
                                           "pass them detached")
             grad_inputs = (q, k, v, self.attn_mask, self.sinks)
             mode = _arrays.torch_mode(*(x for x in grad_inputs if x is not None))
+            if q.is_cuda and mode == "autograd":
+                raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet; "
+                                          "use CPU tensors for training, or call under torch.no_grad()")
             if mode != "direct":
                 ops = _arrays.torch_ops()
                 run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
@@ -121,8 +126,13 @@ class _Call:
         out = _arrays.empty_like_kind(q, q.shape)
         lse = _arrays.empty_like_kind(q, self.lse_shape(), _arrays.lse_dtype_of(q)) if return_lse else None
         variant = self.variant(_arrays.float64_contiguous(self.alibi_slopes), _arrays.float64_contiguous(self.sinks))
-        _C.attention_forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant,
-                             _runtime.cpu_isa(), _runtime.get_num_threads(), self.names)
+        if _arrays.is_cuda(q):
+            from . import _cuda_backend
+
+            _cuda_backend.forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant, self.names)
+        else:
+            _C.attention_forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant,
+                                 _runtime.cpu_isa(), _runtime.get_num_threads(), self.names)
         return (out, lse) if return_lse else out
 
 

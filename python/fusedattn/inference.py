@@ -73,6 +73,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         _arrays.check_rank(x, 3, name, "(total, heads, head_dim)")
         arrays.append(x)
     q, k, v = arrays
+    if _arrays.is_cuda(q):
+        raise NotImplementedError("fusedattn: attention_varlen on CUDA is not implemented yet")
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
     if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
@@ -202,6 +204,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
     _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
     _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
+    if _arrays.is_cuda(q):
+        return _kvcache_cuda(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal, scale=scale,
+                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                             rotary=(rotary_cos, rotary_sin), return_lse=return_lse)
     # Everything is validated before the cache is written, so a rejected call changes nothing.
     call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
@@ -260,6 +267,36 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
     _C.attention_kvcache_forward(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, total,
                                  table, batch_idx, leftpad, variant, _runtime.cpu_isa(), _runtime.get_num_threads())
+    return (out, lse) if return_lse else out
+
+
+def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, causal,
+                  scale, window, alibi_slopes, softcap, sinks, rotary, return_lse):
+    """attention_with_kvcache on CUDA tensors: append and attend on the GPU with no host sync
+    (the cache indices stay on the device; see _cuda_backend.decode)."""
+    from . import _cuda_backend
+
+    torch = _arrays.torch_module()
+    if rotary[0] is not None:
+        raise NotImplementedError("fusedattn: rotary_cos/rotary_sin with CUDA caches is not implemented yet")
+    call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
+                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+    _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
+
+    def on_device(x):
+        if x is None:
+            return None
+        x = torch.as_tensor(x, device=q.device)
+        return (x.expand(q.shape[0]) if x.ndim == 0 else x).to(torch.int32).contiguous()
+
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse \
+        else None
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
+    _cuda_backend.decode(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse,
+                         on_device(cache_seqlens), variant, k=None if k is None else call.bhsd(k),
+                         v=None if v is None else call.bhsd(v), block_table=on_device(block_table),
+                         cache_batch_idx=on_device(cache_batch_idx), cache_leftpad=on_device(cache_leftpad))
     return (out, lse) if return_lse else out
 
 
