@@ -13,7 +13,7 @@ from .forward import GPU_IMPLEMENTATIONS, IMPLEMENTATIONS
 from .peaks import Peaks
 from .progress import Progress
 from .report import environment, format_table, markdown_table, write_json
-from .runner import run_cases
+from .runner import involuntary_switches, run_cases
 from . import suites_attention as attn
 from . import suites_model as model
 
@@ -181,9 +181,23 @@ def resolve_device(torch, name: str) -> str:
 
 # --- the command ------------------------------------------------------------------------------
 
+NOISY_SWITCHES_PER_SECOND = 100  # an otherwise idle machine: a few tens per second
+
+
+def noise_line(switches_start, seconds: float) -> str:
+    """How often the OS preempted this run, and whether that makes the timings noisy."""
+    if switches_start is None:
+        return "context switches not available"
+    rate = (involuntary_switches() - switches_start) / max(seconds, 1e-9)
+    verdict = ("noisy: other processes were competing for the cores" if rate > NOISY_SWITCHES_PER_SECOND
+               else "quiet enough")
+    return f"{rate:.0f} involuntary context switches/s ({verdict})"
+
+
 def run(args: argparse.Namespace) -> int:
     torch = require_torch()
     started = time.perf_counter()
+    switches_start = involuntary_switches()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         _runtime.set_num_threads(args.threads)
@@ -212,18 +226,21 @@ def run(args: argparse.Namespace) -> int:
     for line in peaks.lines():
         print(line)
     load_end = load_average()
-    print(f"% peak: of the GEMM peak (fwd, bwd, block, lm: model FLOPs), of the read bandwidth (decode); "
-          f"wall time {seconds:.0f} s; load average {load_start} -> {load_end}")
+    print("% peak: of the GEMM peak (fwd, bwd, block, lm: model FLOPs), of the read bandwidth (decode)")
+    noise = noise_line(switches_start, seconds)
+    print(f"wall time {seconds:.0f} s; load average {load_start} -> {load_end}; {noise}")
 
     os.makedirs(args.out, exist_ok=True)
     env = environment(torch, device, peaks, args, load_start)
+    env["involuntary_context_switches"] = None if switches_start is None else involuntary_switches() - switches_start
     json_path = os.path.join(args.out, "bench.json")
     write_json(json_path, env, results, seconds)
     table_path = os.path.join(args.out, "table.md")
     with open(table_path, "w") as file:
         dtypes = ",".join(SHORT_DTYPES.get(d, d) for d in (args.dtype or []))
         file.write(f"<!-- {time.strftime('%Y-%m-%d %H:%M')}; {versions_line(torch)}; {machine}; "
-                   f"load {load_start} -> {load_end}; {seconds:.0f} s{'; dtypes ' + dtypes if dtypes else ''} -->\n")
+                   f"load {load_start} -> {load_end}; {seconds:.0f} s; {noise}"
+                   f"{'; dtypes ' + dtypes if dtypes else ''} -->\n")
         file.write(markdown_table(results) + "\n\n")
         file.write("\n".join(peaks.lines()) + "\n")
     written = [json_path, table_path]

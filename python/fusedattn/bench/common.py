@@ -20,7 +20,7 @@ BASELINE = "torch-sdpa"  # every suite's speed-up is against torch SDPA (default
 
 # Auto reps: as many interleaved rounds as fit in about this many seconds per case (full run,
 # --quick), within REPS_RANGE. Suites with slow calls (block, lm) set their own (Case fields).
-TARGET_SECONDS_PER_CASE = {False: 3.0, True: 1.0}
+TARGET_SECONDS_PER_CASE = {False: 3.0, True: 0.5}
 REPS_RANGE = (5, 50)
 
 # What a failing implementation may raise (unsupported dtype or device, no kernel, out of memory):
@@ -173,4 +173,5 @@ class Result:
     speedup_vs_sdpa: float | None = None
     max_abs_err: float | None = None
     error: str | None = None
+    preempted: int | None = None  # involuntary context switches while the case was timed (noise)
     times_ms: list = dataclasses.field(default_factory=list)

@@ -12,18 +12,34 @@ from __future__ import annotations
 import gc
 import statistics
 
+try:
+    import resource
+except ImportError:  # not on Unix: no context-switch counts
+    resource = None
+
 from .common import BASELINE, EXPECTED_ERRORS, UNIT_SCALE, Case, Result, time_interleaved
 from .peaks import Peaks
 from .progress import Progress
 
 
+def involuntary_switches() -> int | None:
+    """How often the OS has preempted this process so far (other jobs competing for the cores)."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
 def measure(case: Case, *, impls=None, reps=None, quick=False, sync=None) -> list[Result]:
-    """Times one case; one Result per implementation (failed ones carry `error`)."""
+    """Times one case; one Result per implementation (failed ones carry `error`).
+
+    Each Result's `preempted` is the number of involuntary context switches during the timing:
+    a noise indicator (tens per second on an idle machine, hundreds when other jobs compete).
+    """
     calls, check = case.prepare()
     if impls:
         calls = {name: call for name, call in calls.items() if name in impls}
+    switches = involuntary_switches()
     times, outputs, failures = time_interleaved(calls, reps, quick, target_seconds=case.target_seconds[quick],
                                                 reps_range=case.reps_range, sync=sync)
+    preempted = None if switches is None else involuntary_switches() - switches
     errors = {}
     if check is not None:
         try:
@@ -33,7 +49,8 @@ def measure(case: Case, *, impls=None, reps=None, quick=False, sync=None) -> lis
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     results = []
     for name in calls:
-        result = Result(case.suite, name, case.label, case.dtype, case.causal, case.params, case.unit)
+        result = Result(case.suite, name, case.label, case.dtype, case.causal, case.params, case.unit,
+                        preempted=preempted)
         if name in failures:
             result.error = failures[name]
         else:
