@@ -139,8 +139,10 @@ def decode_case(torch, shape, dtype_name, device) -> Case:
         gqa = heads != heads_kv
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
+        seqlens_on = {"cpu": seqlens, device: seqlens.to(device)}  # no host-device copy inside the timing
+
         def fusedattn_call(q, k_cache, v_cache):
-            out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens.to(q.device))
+            out = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens_on[q.device.type])
             return out.transpose(1, 2)                                                     # (B, Hq, 1, D) view
 
         calls = {
