@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fusedattn {
 namespace cpu {
@@ -42,6 +43,46 @@ inline BFloat16 from_float<BFloat16>(float x) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40)};
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
   return BFloat16{static_cast<uint16_t>(bits >> 16)};
+}
+
+// Converts the first (count / kConvertLanes) * kConvertLanes elements of src to float, a vector
+// at a time; returns how many. bf16 widens by a 16-bit shift, fp16 by the compiler's vector
+// conversion (vcvtph2ps with F16C). The scalar build converts nothing here (returns 0).
+#if defined(__AVX512F__)
+constexpr int kConvertLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kConvertLanes = 8;
+#else
+constexpr int kConvertLanes = 0;
+#endif
+constexpr int kConvertTypeLanes = kConvertLanes ? kConvertLanes : 2;  // the types must exist either way
+typedef float ConvertFloats __attribute__((vector_size(kConvertTypeLanes * sizeof(float))));
+typedef uint32_t ConvertU32 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint32_t))));
+typedef uint16_t ConvertU16 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint16_t))));
+typedef _Float16 ConvertHalves __attribute__((vector_size(kConvertTypeLanes * sizeof(_Float16))));
+
+template <typename T>
+inline int64_t convert_to_float_vectors(const T* src, int64_t count, float* dst) {
+  int64_t c = 0;
+  if constexpr (kConvertLanes > 0) {
+    for (; c + kConvertLanes <= count; c += kConvertLanes) {
+      ConvertFloats out;
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        ConvertU16 bits;
+        std::memcpy(&bits, src + c, sizeof(bits));
+        const ConvertU32 wide = __builtin_convertvector(bits, ConvertU32) << 16;
+        std::memcpy(&out, &wide, sizeof(out));
+      } else if constexpr (std::is_same_v<T, Half>) {
+        ConvertHalves halves;
+        std::memcpy(&halves, src + c, sizeof(halves));
+        out = __builtin_convertvector(halves, ConvertFloats);
+      } else {
+        std::memcpy(&out, src + c, sizeof(out));
+      }
+      std::memcpy(dst + c, &out, sizeof(out));
+    }
+  }
+  return c;
 }
 
 // The accumulation type of an element type: fp64 for fp64, fp32 for everything else.

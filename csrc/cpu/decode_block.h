@@ -27,15 +27,26 @@ namespace FUSEDATTN_ISA {
 // At 4 lanes the dot-product form costs about what the transposed tile wastes on empty lanes.
 constexpr int64_t kDecodeLanes = 4;
 
+// Sum of the lanes: a shuffle tree for 16 and 8 floats, a plain loop otherwise.
 template <typename T>
 inline T vec_sum(VecT<T> v) {
   constexpr int W = Vec<T>::kWidth;
-  T lanes[W];
-  std::memcpy(lanes, &v, sizeof(lanes));
-  for (int width = W / 2; width > 0; width /= 2) {
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  if constexpr (W == 16 && sizeof(T) == 4) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return v[0];
+  } else if constexpr (W == 8 && sizeof(T) == 4) {
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    return v[0];
+  } else {
+    T sum = 0;
+    for (int lane = 0; lane < W; ++lane) sum += vec_lane<T>(v, lane);
+    return sum;
   }
-  return lanes[0];
 }
 
 template <typename T>
@@ -92,6 +103,7 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
                                         &k_stride);
     for (int64_t j = 0; j < n; ++j) {
       const Acc* k_row = k_blk + j * k_stride;
+      if (j + kPrefetchRows < n) prefetch_row(k_blk + (j + kPrefetchRows) * k_stride, head_dim);
       for (int64_t l = 0; l < lanes.lanes; ++l) {
         const Acc* q_row = s.q_rows + l * s.ldo;
         V acc = vec_set1<Acc>(Acc(0));
@@ -104,23 +116,34 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
       if (params.softcap > 0.0f) {
         for (int64_t j = 0; j < n; ++j) row[j] = softcap_score(std::tanh(row[j] / static_cast<Acc>(params.softcap)), static_cast<Acc>(params.softcap));
       }
-      for (int64_t j = 0; j < n; ++j) {
-        Acc score = row[j];
-        if (params.alibi_slopes != nullptr) score = alibi_score(score, s.lane_slope[l], s.query_pos[l], Acc(j0 + j));
-        if (params.mask.type != MaskType::kNone) score += s.mask_tile[l * ldn + j];
-        const bool visible = j0 + j >= s.key_begin[l] && j0 + j < s.key_end[l];
-        row[j] = visible ? score : -std::numeric_limits<Acc>::infinity();
+      const Acc minus_inf = -std::numeric_limits<Acc>::infinity();
+      if (params.alibi_slopes != nullptr || params.mask.type != MaskType::kNone) {
+        for (int64_t j = 0; j < n; ++j) {
+          Acc score = row[j];
+          if (params.alibi_slopes != nullptr) score = alibi_score(score, s.lane_slope[l], s.query_pos[l], Acc(j0 + j));
+          if (params.mask.type != MaskType::kNone) score += s.mask_tile[l * ldn + j];
+          row[j] = score;
+        }
       }
-      // Online softmax of this lane over the block.
-      Acc new_max = s.row_max[l];
-      for (int64_t j = 0; j < n; ++j) new_max = row[j] > new_max ? row[j] : new_max;
-      const Acc shift = new_max == -std::numeric_limits<Acc>::infinity() ? Acc(0) : new_max;
+      // Keys outside this lane's visible range (and the tile's padding) get -inf.
+      const int64_t lo = s.key_begin[l] - j0, hi = s.key_end[l] - j0;
+      for (int64_t j = 0; j < ldn; ++j) {
+        if (j < lo || j >= hi || j >= n) row[j] = minus_inf;
+      }
+      // Online softmax of this lane over the block, a vector of keys at a time.
+      V max_vec = vec_set1<Acc>(s.row_max[l]);
+      for (int64_t j = 0; j < ldn; j += W) max_vec = vec_max<Acc>(max_vec, vec_load<Acc>(row + j));
+      Acc new_max = vec_lane<Acc>(max_vec, 0);
+      for (int lane = 1; lane < W; ++lane) new_max = vec_lane<Acc>(max_vec, lane) > new_max ? vec_lane<Acc>(max_vec, lane) : new_max;
+      const Acc shift = new_max == minus_inf ? Acc(0) : new_max;
       const Acc rescale = exp_scalar(s.row_max[l] - shift);
-      Acc sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        row[j] = exp_scalar(row[j] - shift);
-        sum += row[j];
+      V sum_vec = vec_set1<Acc>(Acc(0));
+      for (int64_t j = 0; j < ldn; j += W) {
+        const V prob = exp_vec<Acc>(vec_load<Acc>(row + j) - vec_set1<Acc>(shift));
+        vec_store<Acc>(row + j, prob);
+        sum_vec += prob;
       }
+      const Acc sum = vec_sum<Acc>(sum_vec);
       s.row_max[l] = new_max;
       s.row_sum[l] = s.row_sum[l] * rescale + sum;
       if (rescale != Acc(1)) {
@@ -138,12 +161,16 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
     int64_t v_stride;
     const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
                                         &v_stride);
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc* v_row = v_blk + j * v_stride;
-      for (int64_t l = 0; l < lanes.lanes; ++l) {
-        const V weight = vec_set1<Acc>(s.s_t[l * ldn + j]);
-        Acc* o_row = s.o + l * s.ldo;
-        for (int64_t c = 0; c < s.ldo; c += W) vec_store<Acc>(o_row + c, weight * vec_load<Acc>(v_row + c) + vec_load<Acc>(o_row + c));
+    // O += P · V, a vector of head_dim at a time: each O vector stays in a register over the
+    // block's keys (the V block is in cache after the first column).
+    for (int64_t j = 0; j + kPrefetchRows < n; ++j) prefetch_row(v_blk + (j + kPrefetchRows) * v_stride, head_dim);
+    for (int64_t l = 0; l < lanes.lanes; ++l) {
+      const Acc* p_row = s.s_t + l * ldn;
+      Acc* o_row = s.o + l * s.ldo;
+      for (int64_t c = 0; c < s.ldo; c += W) {
+        V acc = vec_load<Acc>(o_row + c);
+        for (int64_t j = 0; j < n; ++j) acc = vec_set1<Acc>(p_row[j]) * vec_load<Acc>(v_blk + j * v_stride + c) + acc;
+        vec_store<Acc>(o_row + c, acc);
       }
     }
     any_key = true;
