@@ -59,6 +59,7 @@ struct ForwardScratch {
   Acc* query_pos;     // [ldq] position of each query row (ALiBi)
   Acc* lane_slope;    // [ldq] ALiBi slope of each lane's head
   Acc* mask_tile;     // [kBlockN x ldq] attn_mask values of the current key block
+  Acc* key_bias;      // [kBlockN] the mask values of a key block whose query rows all agree
   Acc* drop_tile;     // [kBlockN x ldq] dropout factors of the current key block
   MaskIndex<Acc>* key_begin;  // [ldq] first visible key per query row
   MaskIndex<Acc>* key_end;    // [ldq] one past the last visible key
@@ -68,7 +69,7 @@ struct ForwardScratch {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldq = round_up(block_rows, W);
     const int64_t ldo = round_up(head_dim, W);
-    return head_dim * ldq + 3 * kBlockN * ldq + 2 * ldq * ldo + 2 * kBlockN * ldo + 7 * ldq;
+    return head_dim * ldq + 3 * kBlockN * ldq + 2 * ldq * ldo + 2 * kBlockN * ldo + 7 * ldq + kBlockN;
   }
 
   static ForwardScratch carve(void* base, int64_t head_dim, int64_t block_rows) {
@@ -89,6 +90,7 @@ struct ForwardScratch {
     s.query_pos = p;   p += s.ldq;
     s.lane_slope = p;  p += s.ldq;
     s.mask_tile = p;   p += kBlockN * s.ldq;
+    s.key_bias = p;    p += kBlockN;
     s.drop_tile = p;   p += kBlockN * s.ldq;
     s.key_begin = reinterpret_cast<MaskIndex<Acc>*>(p); p += s.ldq;
     s.key_end = reinterpret_cast<MaskIndex<Acc>*>(p);
@@ -143,9 +145,13 @@ inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
   }
 }
 
+// How the current key block's attn_mask applies: not at all, one value per key, or a full tile.
+enum class TileMask { kNone, kPerKey, kTile };
+
 // softcap → ALiBi → + attn_mask on the n x ldq block of scores (DESIGN.md's order).
 template <typename Acc>
-inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
+inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n,
+                          TileMask tile_mask) {
   constexpr int W = Vec<Acc>::kWidth;
   if (params.softcap > 0.0f) apply_softcap<Acc>(s.s_t, n * s.ldq, params.softcap, nullptr);
   if (params.alibi_slopes != nullptr) {
@@ -158,7 +164,14 @@ inline void modify_scores(const AttentionParams& params, const ForwardScratch<Ac
       }
     }
   }
-  if (params.mask.type != MaskType::kNone) {
+  if (tile_mask == TileMask::kPerKey) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (s.key_bias[j] == Acc(0)) continue;
+      Acc* row = s.s_t + j * s.ldq;
+      const VecT<Acc> bias = vec_set1<Acc>(s.key_bias[j]);
+      for (int64_t i = 0; i < s.ldq; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) + bias);
+    }
+  } else if (tile_mask == TileMask::kTile) {
     for (int64_t j = 0; j < n; ++j) {
       Acc* row = s.s_t + j * s.ldq;
       const Acc* bias = s.mask_tile + j * s.ldq;
@@ -343,14 +356,25 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
     const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
+    TileMask tile_mask = TileMask::kNone;
     if (params.mask.type != MaskType::kNone) {
-      if (!load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
-                          s.mask_tile, transposed)) {
-        continue;  // a bool mask hides the whole tile
-      }
-      for (int64_t j = 0; j < n; ++j) {  // packed heads share the mask (its head stride is 0)
-        Acc* tile_row = s.mask_tile + j * s.ldq;
-        for (int64_t i = lanes.rows; i < lanes.lanes; ++i) tile_row[i] = tile_row[i % lanes.rows];
+      bool any_visible = true;
+      if (load_uniform_mask_rows(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
+                                 s.key_bias, &any_visible)) {
+        if (!any_visible) continue;  // a bool mask hides the whole tile
+        for (int64_t j = 0; j < n && tile_mask == TileMask::kNone; ++j) {
+          if (s.key_bias[j] != Acc(0)) tile_mask = TileMask::kPerKey;
+        }
+      } else {
+        if (!load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
+                            s.mask_tile, transposed)) {
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {  // packed heads share the mask (its head stride is 0)
+          Acc* tile_row = s.mask_tile + j * s.ldq;
+          for (int64_t i = lanes.rows; i < lanes.lanes; ++i) tile_row[i] = tile_row[i % lanes.rows];
+        }
+        tile_mask = TileMask::kTile;
       }
     }
     // Sᵀ = K_blk · Qᵀ
@@ -358,7 +382,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, false, s.k_rows, s.ldo,
                                         &k_stride);
     gemm<Acc>(n, s.ldq, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t, s.ldq, s.s_t, s.ldq, false);
-    modify_scores(params, s, j0, n);
+    modify_scores(params, s, j0, n, tile_mask);
 
     const bool fully_visible = j0 >= max_begin && j0 + n <= min_end;
     if (!fully_visible) mask_scores(s, j0, n);

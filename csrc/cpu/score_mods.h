@@ -67,18 +67,21 @@ inline bool load_mask_tile_t(const MaskRef& mask, int64_t batch, int64_t head, i
                              int64_t key_begin, int64_t keys, Acc* tile, Orientation o) {
   const M* base = static_cast<const M*>(mask.data) + batch * mask.batch_stride + head * mask.head_stride +
                   row_begin * mask.row_stride + key_begin * mask.col_stride;
-  const Acc minus_inf = -std::numeric_limits<Acc>::infinity();
+  const Acc additive[2] = {-std::numeric_limits<Acc>::infinity(), Acc(0)};  // indexed by the bool: no branch
   bool any = false;
-  for (int64_t i = 0; i < rows; ++i) {
-    const M* row = base + i * mask.row_stride;
-    Acc* out = tile + i * o.query_step;
-    for (int64_t j = 0; j < keys; ++j) {
-      const M value = row[j * mask.col_stride];
+  // Loop so that the tile is written contiguously (its rows are the inner dimension).
+  const bool keys_outer = o.key_step > o.query_step;
+  const int64_t outer = keys_outer ? keys : rows, inner = keys_outer ? rows : keys;
+  for (int64_t a = 0; a < outer; ++a) {
+    for (int64_t b = 0; b < inner; ++b) {
+      const int64_t i = keys_outer ? b : a, j = keys_outer ? a : b;
+      const M value = base[i * mask.row_stride + j * mask.col_stride];
+      Acc* out = tile + i * o.query_step + j * o.key_step;
       if constexpr (std::is_same_v<M, bool>) {
         any |= value;
-        out[j * o.key_step] = value ? Acc(0) : minus_inf;
+        *out = additive[value ? 1 : 0];
       } else {
-        out[j * o.key_step] = static_cast<Acc>(to_float(value));
+        *out = static_cast<Acc>(to_float(value));
       }
     }
   }
@@ -103,6 +106,47 @@ inline bool load_mask_tile(const MaskRef& mask, int64_t batch, int64_t head, int
     case MaskType::kNone:
       break;
   }
+  return true;
+}
+
+inline int64_t mask_element_size(MaskType type) {
+  switch (type) {
+    case MaskType::kBool: return 1;
+    case MaskType::kFloat16:
+    case MaskType::kBFloat16: return 2;
+    case MaskType::kFloat32: return 4;
+    case MaskType::kFloat64: return 8;
+    case MaskType::kNone: break;
+  }
+  return 0;
+}
+
+// When every query row of the tile carries the same mask values (a key padding mask, whether
+// broadcast with row stride 0 or materialised per row), writes them once per key into key_bias
+// (additive: 0 / -inf for bool) and returns true; *any_visible tells whether any key attends.
+// Comparing the rows' bytes costs far less than building the transposed tile.
+template <typename Acc>
+inline bool load_uniform_mask_rows(const MaskRef& mask, int64_t batch, int64_t head, int64_t row_begin, int64_t rows,
+                                   int64_t key_begin, int64_t keys, Acc* key_bias, bool* any_visible) {
+  const int64_t element = mask_element_size(mask.type);
+  const char* first = static_cast<const char*>(mask.data) +
+                      (batch * mask.batch_stride + head * mask.head_stride + row_begin * mask.row_stride +
+                       key_begin * mask.col_stride) * element;
+  if (mask.row_stride != 0) {
+    for (int64_t i = 1; i < rows; ++i) {
+      const char* row = first + i * mask.row_stride * element;
+      if (mask.col_stride == 1) {
+        if (std::memcmp(row, first, keys * element) != 0) return false;
+      } else {
+        for (int64_t j = 0; j < keys; ++j) {
+          if (std::memcmp(row + j * mask.col_stride * element, first + j * mask.col_stride * element, element) != 0) {
+            return false;
+          }
+        }
+      }
+    }
+  }
+  *any_visible = load_mask_tile(mask, batch, head, row_begin, 1, key_begin, keys, key_bias, Orientation{0, 1});
   return true;
 }
 
