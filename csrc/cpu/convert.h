@@ -60,6 +60,8 @@ typedef float ConvertFloats __attribute__((vector_size(kConvertTypeLanes * sizeo
 typedef uint32_t ConvertU32 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint32_t))));
 typedef uint16_t ConvertU16 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint16_t))));
 typedef _Float16 ConvertHalves __attribute__((vector_size(kConvertTypeLanes * sizeof(_Float16))));
+typedef uint8_t ConvertBytes __attribute__((vector_size(kConvertTypeLanes)));
+typedef int32_t ConvertI32 __attribute__((vector_size(kConvertTypeLanes * sizeof(int32_t))));
 
 template <typename T>
 inline int64_t convert_to_float_vectors(const T* src, int64_t count, float* dst) {

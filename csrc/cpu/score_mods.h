@@ -89,11 +89,46 @@ inline bool load_mask_tile_t(const MaskRef& mask, int64_t batch, int64_t head, i
   return any;
 }
 
+// A bool mask tile into the transposed frame (tile[j * ld + i], lanes = query rows), a vector of
+// query rows at a time: the rows' bytes are copied to a small block, then each key's column is
+// widened to 0 / -inf floats with vector ops (float compute, AVX2 / AVX-512 builds).
+inline bool load_bool_tile_transposed(const MaskRef& mask, int64_t batch, int64_t head, int64_t row_begin,
+                                      int64_t rows, int64_t key_begin, int64_t keys, float* tile, int64_t ld) {
+  constexpr int W = kConvertLanes;
+  const uint8_t* base = static_cast<const uint8_t*>(mask.data) + batch * mask.batch_stride +
+                        head * mask.head_stride + row_begin * mask.row_stride + key_begin * mask.col_stride;
+  uint8_t block[W > 0 ? W : 1][64];
+  ConvertBytes any_bytes{};
+  const ConvertFloats minus_inf = ConvertFloats{} - std::numeric_limits<float>::infinity();
+  for (int64_t i0 = 0; i0 < rows; i0 += W) {
+    for (int r = 0; r < W; ++r) {
+      const int64_t row = i0 + r < rows ? i0 + r : rows - 1;  // padding lanes repeat the last row
+      std::memcpy(block[r], base + row * mask.row_stride, keys);
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      ConvertBytes column;
+      for (int r = 0; r < W; ++r) column[r] = block[r][j];
+      any_bytes |= column;
+      const ConvertI32 wide = __builtin_convertvector(column, ConvertI32);
+      const ConvertFloats values = wide != 0 ? ConvertFloats{} : minus_inf;
+      std::memcpy(tile + j * ld + i0, &values, sizeof(values));
+    }
+  }
+  bool any = false;
+  for (int r = 0; r < W; ++r) any |= any_bytes[r] != 0;
+  return any;
+}
+
 template <typename Acc>
 inline bool load_mask_tile(const MaskRef& mask, int64_t batch, int64_t head, int64_t row_begin, int64_t rows,
                            int64_t key_begin, int64_t keys, Acc* tile, Orientation o) {
   switch (mask.type) {
     case MaskType::kBool:
+      if constexpr (std::is_same_v<Acc, float> && kConvertLanes > 0) {
+        if (o.query_step == 1 && mask.col_stride == 1 && keys <= 64) {
+          return load_bool_tile_transposed(mask, batch, head, row_begin, rows, key_begin, keys, tile, o.key_step);
+        }
+      }
       return load_mask_tile_t<bool>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
     case MaskType::kFloat32:
       return load_mask_tile_t<float>(mask, batch, head, row_begin, rows, key_begin, keys, tile, o);
