@@ -176,15 +176,19 @@ attention_forward = torch.ops.fusedattn.attention_forward.default
 attention_backward = torch.ops.fusedattn.attention_backward.default
 
 
-class EagerAttention(torch.autograd.Function):
-    """The same forward and backward for eager mode, calling the kernels without the dispatcher."""
+def eager_function(name, forward_impl, backward_impl, save, backward_args, gradients):
+    """An autograd.Function that runs an op's implementations directly, without the dispatcher
+    (eager mode): the same forward, saved tensors and gradients as the op's registered autograd."""
 
-    @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_cpu(*inputs)
-        _save(ctx, inputs, output)
+        output = forward_impl(*inputs)
+        save(ctx, inputs, output)
         return output
 
-    @staticmethod
     def backward(ctx, dout, dlse):
-        return _gradients(ctx, _backward_cpu(*_backward_args(ctx, dout, dlse)))
+        return gradients(ctx, backward_impl(*backward_args(ctx, dout, dlse)))
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+EagerAttention = eager_function("EagerAttention", _forward_cpu, _backward_cpu, _save, _backward_args, _gradients)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, _runtime
-from ._torch_ops import _VARIANT_ARGS, _variant, lse_dtype
+from ._torch_ops import _VARIANT_ARGS, _variant, eager_function, lse_dtype
 
 torch.library.define(
     "fusedattn::attention_varlen_forward",
@@ -118,15 +118,4 @@ varlen_forward = torch.ops.fusedattn.attention_varlen_forward.default
 varlen_backward = torch.ops.fusedattn.attention_varlen_backward.default
 
 
-class EagerVarlen(torch.autograd.Function):
-    """The varlen forward and backward in eager mode, without the dispatcher."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_cpu(*inputs)
-        _save(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        return _gradients(ctx, _backward_cpu(*_backward_args(ctx, dout, dlse)))
+EagerVarlen = eager_function("EagerVarlen", _forward_cpu, _backward_cpu, _save, _backward_args, _gradients)
