@@ -1,0 +1,277 @@
+"""Inference APIs on the CPU: variable-length batches, KV caches (contiguous, paged, appending,
+rotary, leftpad, batch index), split-KV decode and merging attention states.
+
+Every result is compared with plain fusedattn.attention calls (themselves pinned to the fp64
+reference by test_forward/test_variants) or with the fp64 reference directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fusedattn
+from fusedattn import reference
+
+from conftest import assert_close_to_reference  # noqa: F401  (shared tolerance helpers)
+
+
+def _packed(lengths, heads, head_dim, dtype=torch.float32, grad=False):
+    total = int(sum(lengths))
+    x = torch.randn(total, heads, head_dim, dtype=dtype)
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    return (x.requires_grad_() if grad else x), cu
+
+
+def _close(a, b, tol=2e-5):
+    """Equal infinities (e.g. LSE -inf of rows that see nothing) and close finite values."""
+    a, b = a.detach().double(), b.detach().double()
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite) and torch.equal(a[~finite], b[~finite])
+    if finite.any():
+        scale = max(1.0, b[finite].abs().max().item())
+        assert (a[finite] - b[finite]).abs().max().item() <= tol * scale
+
+
+# ---- variable-length batches ------------------------------------------------------------------
+
+VARLEN_CASES = [
+    dict(causal=True),
+    dict(causal=False, window=(8, 3)),
+    dict(causal=True, softcap=15.0, alibi=True, sinks=True),
+]
+
+
+@pytest.mark.parametrize("options", VARLEN_CASES, ids=["causal", "window", "softcap-alibi-sinks"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_varlen_equals_per_sequence_loop(options, heads):
+    """Forward and backward equal a Python loop of per-sequence calls, with empty sequences and
+    lengths 1, 17 and 1000 in one batch."""
+    num_heads, num_heads_kv = heads
+    lengths_q, lengths_k = [1, 17, 0, 1000, 5], [3, 17, 4, 1000, 0]
+    q, cu_q = _packed(lengths_q, num_heads, 32, grad=True)
+    k, cu_k = _packed(lengths_k, num_heads_kv, 32, grad=True)
+    v, _ = _packed(lengths_k, num_heads_kv, 32, grad=True)
+    extra = dict(causal=options["causal"], window=options.get("window", (-1, -1)),
+                 softcap=options.get("softcap", 0.0),
+                 alibi_slopes=torch.rand(num_heads) * 0.1 if options.get("alibi") else None,
+                 sinks=torch.randn(num_heads) if options.get("sinks") else None)
+    out, lse = fusedattn.attention_varlen(q, k, v, cu_q, cu_k, 1000, 1000, return_lse=True, **extra)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected_grads = [torch.zeros_like(x) for x in (q, k, v)]
+    for b in range(len(lengths_q)):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        keys = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lengths_q[b] == 0:
+            continue
+        qs, ks, vs = (x[s].detach().clone().requires_grad_() for x, s in ((q, rows), (k, keys), (v, keys)))
+        o, l = fusedattn.attention(qs[None], ks[None], vs[None], layout="bshd", return_lse=True, **extra)
+        _close(out[rows], o[0])
+        _close(lse[:, rows], l[0])
+        if lengths_k[b] > 0:
+            for i, g in enumerate(torch.autograd.grad(o[0], (qs, ks, vs), dout[rows])):
+                expected_grads[i][(rows, keys, keys)[i]] = g
+    for got, expected in zip(grads, expected_grads):
+        _close(got, expected)
+
+
+def test_varlen_rows_after_the_last_sequence_are_zero():
+    q, cu_q = _packed([3, 4], 2, 16)
+    k, cu_k = _packed([5, 6], 2, 16)
+    q_padded = torch.cat([q, torch.randn(3, 2, 16)])
+    out, lse = fusedattn.attention_varlen(q_padded, k, k, cu_q, cu_k, 4, 6, return_lse=True)
+    assert torch.equal(out[7:], torch.zeros_like(out[7:]))
+    assert torch.isneginf(lse[:, 7:]).all()
+
+
+def test_varlen_numpy_and_flash_attn_drop_in():
+    q, cu_q = _packed([7, 9], 4, 16)
+    k, cu_k = _packed([12, 9], 2, 16)
+    out = fusedattn.flash_attn_varlen_func(q, k, k, cu_q, cu_k, 9, 12, causal=True)
+    out_np = fusedattn.attention_varlen(q.numpy(), k.numpy(), k.numpy(), cu_q.numpy(), cu_k.numpy(), 9, 12,
+                                        causal=True)
+    assert isinstance(out_np, np.ndarray)
+    _close(out, torch.from_numpy(out_np), tol=0)
+
+
+@pytest.mark.parametrize("cu_q, message", [([1, 3, 8], r"\[0\] must be 0"), ([0, 5, 3], "non-decreasing"),
+                                            ([0, 3, 99], "beyond")])
+def test_varlen_bad_cu_seqlens(cu_q, message):
+    q, _ = _packed([3, 5], 2, 8)
+    k, cu_k = _packed([3, 5], 2, 8)
+    with pytest.raises(ValueError, match=message):
+        fusedattn.attention_varlen(q, k, k, torch.tensor(cu_q, dtype=torch.int32), cu_k, 99, 99)
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+
+
+def _cache(batch, capacity, heads_kv, head_dim, dtype=torch.float32):
+    return (torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype),
+            torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype))
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kvcache_append_then_attend(seqlen_q, dtype):
+    """Appending writes exactly the new slots; attention equals plain attention over the cache."""
+    k_cache, v_cache = _cache(3, 64, 2, 32, dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    seqlens = torch.tensor([0, 20, 61 - seqlen_q], dtype=torch.int32)
+    q = torch.randn(3, seqlen_q, 4, 32, dtype=dtype)
+    k_new, v_new = (torch.randn(3, seqlen_q, 2, 32, dtype=dtype) for _ in range(2))
+    out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
+    for b in range(3):
+        n = int(seqlens[b])
+        new = slice(n, n + seqlen_q)
+        assert torch.equal(k_cache[b, new], k_new[b]) and torch.equal(v_cache[b, new], v_new[b])
+        untouched = torch.ones(64, dtype=torch.bool)
+        untouched[new] = False
+        assert torch.equal(k_cache[b, untouched], k_before[b, untouched])
+        assert torch.equal(v_cache[b, untouched], v_before[b, untouched])
+        expected = fusedattn.attention(q[b:b + 1], k_cache[b:b + 1, :n + seqlen_q], v_cache[b:b + 1, :n + seqlen_q],
+                                       causal=True, layout="bshd")
+        _close(out[b:b + 1], expected, tol=0 if dtype == torch.float32 else 1e-2)
+
+
+def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
+    k_cache, v_cache = _cache(2, 16, 2, 8)
+    before = k_cache.clone()
+    q = torch.randn(2, 2, 2, 8)
+    k_new = torch.randn(2, 2, 2, 8)
+    with pytest.raises(ValueError, match="capacity"):
+        fusedattn.attention_with_kvcache(q, k_cache, v_cache, k_new, k_new, cache_seqlens=torch.tensor([3, 15]))
+    with pytest.raises(ValueError, match="window"):
+        fusedattn.attention_with_kvcache(q, k_cache, v_cache, k_new, k_new, cache_seqlens=3, window=(-2, 0))
+    assert torch.equal(k_cache, before)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 256])
+def test_paged_cache_equals_contiguous(page_size):
+    """Random, non-monotonic block tables; also appending through the pages."""
+    batch, heads_kv, head_dim = 3, 2, 32
+    capacity = 512
+    pages_per_seq = capacity // page_size
+    num_pages = batch * pages_per_seq + 5
+    generator = torch.Generator().manual_seed(page_size)
+    table = torch.randperm(num_pages, generator=generator)[: batch * pages_per_seq].reshape(batch, -1).to(torch.int32)
+    k_pages, v_pages = (torch.randn(num_pages, page_size, heads_kv, head_dim) for _ in range(2))
+    k_contig = torch.stack([k_pages[table[b].long()].reshape(-1, heads_kv, head_dim) for b in range(batch)])
+    v_contig = torch.stack([v_pages[table[b].long()].reshape(-1, heads_kv, head_dim) for b in range(batch)])
+    seqlens = torch.tensor([1, 300, 510], dtype=torch.int32)
+    q = torch.randn(batch, 2, 4, head_dim)
+    k_new, v_new = (torch.randn(batch, 2, heads_kv, head_dim) for _ in range(2))
+    paged = fusedattn.attention_with_kvcache(q, k_pages, v_pages, k_new, v_new, cache_seqlens=seqlens,
+                                             block_table=table, softcap=20.0)
+    contiguous = fusedattn.attention_with_kvcache(q, k_contig, v_contig, k_new, v_new, cache_seqlens=seqlens,
+                                                  softcap=20.0)
+    _close(paged, contiguous, tol=0)
+
+
+def test_kvcache_leftpad_and_batch_idx():
+    k_cache, v_cache = _cache(4, 40, 2, 16)
+    q = torch.randn(2, 1, 2, 16)
+    seqlens = torch.tensor([30, 12], dtype=torch.int32)
+    leftpad = torch.tensor([5, 0], dtype=torch.int32)
+    rows = torch.tensor([3, 1], dtype=torch.int32)
+    out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                           cache_batch_idx=rows)
+    for b in range(2):
+        keys = slice(int(leftpad[b]), int(seqlens[b]))
+        row = int(rows[b])
+        expected = fusedattn.attention(q[b:b + 1], k_cache[row:row + 1, keys], v_cache[row:row + 1, keys],
+                                       causal=True, layout="bshd")
+        _close(out[b:b + 1], expected, tol=0)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_kvcache_rotary(interleaved):
+    """q and the new k are rotated at positions cache_seqlens + t before attending."""
+    head_dim, rotary_dim = 16, 8
+    k_cache, v_cache = _cache(1, 32, 1, head_dim)
+    reference_cache = k_cache.clone()
+    positions = torch.arange(32, dtype=torch.float64)
+    angles = positions[:, None] / (100.0 ** (torch.arange(rotary_dim // 2) / (rotary_dim // 2)))
+    cos, sin = angles.cos().float(), angles.sin().float()
+    q, k_new, v_new = torch.randn(1, 2, 1, head_dim), torch.randn(1, 2, 1, head_dim), torch.randn(1, 2, 1, head_dim)
+
+    def rotate(x, start):
+        y = x.clone()
+        c, s = cos[start:start + x.shape[1]][None, :, None, :], sin[start:start + x.shape[1]][None, :, None, :]
+        if interleaved:
+            x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+            y[..., 0:rotary_dim:2], y[..., 1:rotary_dim:2] = x1 * c - x2 * s, x1 * s + x2 * c
+        else:
+            x1, x2 = x[..., : rotary_dim // 2], x[..., rotary_dim // 2: rotary_dim]
+            y[..., : rotary_dim // 2], y[..., rotary_dim // 2: rotary_dim] = x1 * c - x2 * s, x1 * s + x2 * c
+        return y
+
+    out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=10, rotary_cos=cos,
+                                           rotary_sin=sin, rotary_interleaved=interleaved)
+    reference_cache[:, 10:12] = rotate(k_new, 10)
+    _close(k_cache[:, :12], reference_cache[:, :12], tol=1e-6)
+    expected = fusedattn.attention(rotate(q, 10), reference_cache[:, :12], v_cache[:, :12], causal=True,
+                                   layout="bshd")
+    _close(out, expected, tol=1e-5)
+
+
+def test_kvcache_numpy():
+    k_cache, v_cache = (np.random.randn(2, 20, 1, 8).astype(np.float32) for _ in range(2))
+    q = np.random.randn(2, 1, 2, 8).astype(np.float32)
+    out = fusedattn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=np.array([5, 20], dtype=np.int32))
+    assert isinstance(out, np.ndarray)
+    expected = fusedattn.attention(q[:1], k_cache[:1, :5], v_cache[:1, :5], layout="bshd")
+    np.testing.assert_allclose(out[:1], expected, rtol=0, atol=1e-6)
+
+
+# ---- split-KV and merging ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_split_kv_decode_matches_reference(threads, heads):
+    """Few (batch, kv head) blocks and long keys: the key axis is split and merged by LSE."""
+    num_heads, num_heads_kv = heads
+    q = torch.randn(1, num_heads, 1, 64)
+    k, v = (torch.randn(1, num_heads_kv, 3000, 64) for _ in range(2))
+    sinks = torch.randn(num_heads)
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True)
+    finally:
+        fusedattn.set_num_threads(None)
+    expected, expected_lse = reference.attention_reference(q, k, v, sinks=sinks)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse.numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_two_halves_equals_whole(layout, dtype):
+    q = torch.randn(2, 4, 9, 32, dtype=dtype)
+    k, v = (torch.randn(2, 4, 50, 32, dtype=dtype) for _ in range(2))
+    view = (lambda x: x.transpose(1, 2)) if layout == "bshd" else (lambda x: x)
+    a = fusedattn.attention(view(q), view(k[:, :, :20]), view(v[:, :, :20]), layout=layout, return_lse=True)
+    b = fusedattn.attention(view(q), view(k[:, :, 20:]), view(v[:, :, 20:]), layout=layout, return_lse=True)
+    out, lse = fusedattn.merge_attention_states(a[0], a[1], b[0], b[1], layout=layout)
+    whole, whole_lse = fusedattn.attention(view(q), view(k), view(v), layout=layout, return_lse=True)
+    _close(out, whole, tol=1e-6 if dtype == torch.float32 else 1e-12)
+    _close(lse, whole_lse, tol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_merge_with_a_fully_masked_part_and_list_form():
+    q = torch.randn(1, 2, 5, 16)
+    k, v = (torch.randn(1, 2, 12, 16) for _ in range(2))
+    hidden = torch.zeros(1, 1, 5, 6, dtype=torch.bool)  # the first half sees nothing
+    a = fusedattn.attention(q, k[:, :, :6], v[:, :, :6], attn_mask=hidden, return_lse=True)
+    b = fusedattn.attention(q, k[:, :, 6:], v[:, :, 6:], return_lse=True)
+    assert torch.isneginf(a[1]).all()
+    out, lse = fusedattn.merge_attention_states_list([a[0], b[0]], [a[1], b[1]])
+    _close(out, b[0], tol=0)
+    _close(lse, b[1], tol=0)
+    both_empty = fusedattn.merge_attention_states(a[0], a[1], a[0], a[1])
+    assert torch.equal(both_empty[0], torch.zeros_like(a[0])) and torch.isneginf(both_empty[1]).all()
+    out_np, lse_np = fusedattn.merge_attention_states(a[0].numpy(), a[1].numpy(), b[0].numpy(), b[1].numpy())
+    np.testing.assert_allclose(out_np, b[0].numpy(), rtol=0, atol=0)
