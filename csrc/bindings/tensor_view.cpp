@@ -30,6 +30,9 @@ py::object export_capsule(const py::handle& array, const std::string& name) {
 struct TorchTypes {
   py::object tensor_type;
   std::vector<std::pair<py::object, dlpack::DataType>> dtypes;
+  // Attribute names, created once (a per-call string would cost as much as the lookup).
+  py::str dtype{"dtype"}, is_cpu{"is_cpu"}, is_cuda{"is_cuda"}, get_device{"get_device"}, device{"device"},
+      data_ptr{"data_ptr"}, shape{"shape"}, stride{"stride"};
 };
 
 // Looked up once torch has been imported (the GIL serialises the first lookups).
@@ -56,7 +59,7 @@ const TorchTypes* torch_types() {
 bool view_torch_tensor(const py::handle& array, TensorView& view) {
   const TorchTypes* types = torch_types();
   if (types == nullptr || !py::isinstance(array, types->tensor_type)) return false;
-  const py::object dtype = array.attr("dtype");
+  const py::object dtype = array.attr(types->dtype);
   bool known = false;
   for (const auto& entry : types->dtypes) {
     if (dtype.is(entry.first)) {
@@ -66,19 +69,17 @@ bool view_torch_tensor(const py::handle& array, TensorView& view) {
     }
   }
   if (!known) return false;  // other dtypes: let DLPack describe them (or fail) as usual
-  const py::object device = array.attr("device");
-  const std::string device_type = py::str(device.attr("type"));
-  if (device_type == "cpu") {
+  if (array.attr(types->is_cpu).cast<bool>()) {
     view.device = {dlpack::kCPU, 0};
-  } else if (device_type == "cuda") {
-    const py::object index = device.attr("index");
-    view.device = {dlpack::kCUDA, index.is_none() ? 0 : index.cast<int32_t>()};
+  } else if (array.attr(types->is_cuda).cast<bool>()) {
+    view.device = {dlpack::kCUDA, array.attr(types->get_device)().cast<int32_t>()};
   } else {
-    throw std::invalid_argument(view.name + " is on device '" + device_type + "'; fusedattn takes cpu or cuda tensors");
+    throw std::invalid_argument(view.name + " is on device '" + std::string(py::str(array.attr(types->device))) +
+                                "'; fusedattn takes cpu or cuda tensors");
   }
-  view.data = reinterpret_cast<void*>(array.attr("data_ptr")().cast<uintptr_t>());
-  for (const py::handle size : array.attr("shape")) view.shape.push_back(size.cast<int64_t>());
-  for (const py::handle stride : array.attr("stride")()) view.strides.push_back(stride.cast<int64_t>());
+  view.data = reinterpret_cast<void*>(array.attr(types->data_ptr)().cast<uintptr_t>());
+  for (const py::handle size : array.attr(types->shape)) view.shape.push_back(size.cast<int64_t>());
+  for (const py::handle stride : array.attr(types->stride)()) view.strides.push_back(stride.cast<int64_t>());
   view.read_only = false;
   view.capsule = py::reinterpret_borrow<py::object>(array);  // keeps the tensor alive
   return true;

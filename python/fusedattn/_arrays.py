@@ -17,9 +17,16 @@ def torch_module():
     return sys.modules.get("torch")
 
 
+_tensor_type = []  # [torch.Tensor] once torch has been imported (a hot path: ~10 checks per call)
+
+
 def is_torch(x) -> bool:
-    torch = torch_module()
-    return torch is not None and isinstance(x, torch.Tensor)
+    if not _tensor_type:
+        torch = torch_module()
+        if torch is None:
+            return False
+        _tensor_type.append(torch.Tensor)
+    return isinstance(x, _tensor_type[0])
 
 
 def as_array(x, name: str):
