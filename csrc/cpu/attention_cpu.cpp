@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <memory>
 #include <new>
-#include <numeric>
 #include <vector>
 
 #include "common/variant.h"
