@@ -89,11 +89,7 @@ def main() -> int:
                                   f"{flops / ours / 1e9:.0f}", f"{theirs * 1e3:.2f}", f"{flops / theirs / 1e9:.0f}",
                                   f"{theirs / ours:.2f}×"))
                 print(f"  done {shape} {dtype_name} causal={causal}", flush=True)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-    for i, row in enumerate(lines):
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(bench.aligned_table(lines[0], lines[1:]))
     print("\nper-call overhead at (1, 1, 1, 8), eager, median µs:")
     for name, value in overhead_us().items():
         print(f"  {name:24s} {value:7.1f}")

@@ -86,11 +86,7 @@ def main() -> int:
                          f"{paged * 1e3:.2f}", f"{paged / ours:.2f}", f"{sdpa * 1e3:.2f}",
                          f"{bytes_read / sdpa / 1e9:.1f}", f"{sdpa / ours:.2f}×", f"{error:.1e}"))
             print(f"  done Hkv={num_heads_kv} {dtype}", flush=True)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(bench.aligned_table(rows[0], rows[1:]))
     return 0
 
 

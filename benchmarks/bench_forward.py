@@ -37,12 +37,7 @@ def side_by_side(rows: list[bench.Row]) -> str:
         lines.append(key + (f"{ours.ms:.2f}", f"{ours.gflops:.1f}", f"{ours.pct_fp32_peak:.1f}%",
                             f"{sdpa.ms:.2f}", f"{sdpa.gflops:.1f}", f"{sdpa.pct_fp32_peak:.1f}%",
                             f"{ours.speedup_vs_sdpa:.2f}x", f"{ours.max_abs_err:.1e}", f"{sdpa.max_abs_err:.1e}"))
-    widths = [max(len(cells[i]) for cells in [header] + lines) for i in range(len(header))]
-
-    def render(cells):
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines])
+    return bench.aligned_table(header, lines, left_columns=3)
 
 
 def main() -> int:

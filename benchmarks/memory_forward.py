@@ -65,10 +65,9 @@ def format_table(lengths, impls, results) -> str:
         arguments = by_impl[impls[0]]["arguments"]
         lines.append((str(seqlen), f"{arguments / MIB:.1f}", f"{seqlen * seqlen * FLOAT_BYTES / MIB:.0f}",
                       *(f"{by_impl[i]['beyond'] / MIB:.2f}" for i in impls)))
-    widths = [max(len(cells[i]) for cells in [header] + lines) for i in range(len(header))]
-    render = "  ".join
-    return "\n".join([render(c.rjust(w) for c, w in zip(header, widths)), render("-" * w for w in widths)]
-                     + [render(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines])
+    from fusedattn.bench import aligned_table  # the parent process only formats; children measure
+
+    return aligned_table(header, lines)
 
 
 def comma_list(convert):

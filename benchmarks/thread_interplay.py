@@ -93,12 +93,7 @@ def format_table(results) -> str:
         lines.append((label, f"{n}²", str(shape), str(t["iters"]), us["matmul"], us["fusedattn"],
                       us["matmul+fusedattn"], f"{t['overhead_fusedattn']:+.1f}%", us["sdpa"], us["matmul+sdpa"],
                       f"{t['overhead_sdpa']:+.1f}%"))
-    widths = [max(len(cells[i]) for cells in [header] + lines) for i in range(len(header))]
-
-    def render(cells):
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines])
+    return bench.aligned_table(header, lines, left_columns=3)
 
 
 def main() -> int:

@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "bindings/sequences.h"
 #include "bindings/tensor_view.h"
@@ -17,110 +19,122 @@ using namespace fusedattn;
 
 namespace {
 
+using Names = std::tuple<std::string, std::string, std::string>;  // the caller's names for q, k, v
+
 void check_threads(int num_threads) {
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(num_threads));
 }
 
-// variant: see parse_variant (validate.h). names: the caller's names for q, k, v.
-void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
-                       const py::tuple& variant, const std::string& isa, int num_threads,
-                       const std::tuple<std::string, std::string, std::string>& names) {
-  check_threads(num_threads);
-  ForwardViews views{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
-                     view_array(v, std::get<2>(names)), view_array(out, "out")};
-  if (!lse.is_none()) views.lse = view_array(lse, "lse");
-  const ForwardOptions options = parse_variant(variant, views);
-  const AttentionParams params = make_forward_params(views, options);
-  cpu::kernels_for_isa(isa);  // raises for an unavailable ISA before releasing the GIL
+std::optional<TensorView> optional_view(py::handle array, const char* name) {
+  if (array.is_none()) return std::nullopt;
+  return view_array(array, name);
+}
+
+ForwardViews forward_views(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
+                           const Names& names) {
+  return ForwardViews{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
+                      view_array(v, std::get<2>(names)), view_array(out, "out"), optional_view(lse, "lse")};
+}
+
+BackwardViews backward_views(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v,
+                             py::handle out, py::handle lse, py::handle dq, py::handle dk, py::handle dv,
+                             const Names& names) {
+  return BackwardViews{forward_views(q, k, v, out, lse, names), view_array(dout, "dout"), view_array(dq, "dq"),
+                       view_array(dk, "dk"), view_array(dv, "dv"), optional_view(dlse, "dlse")};
+}
+
+// cu_seqlens views; sets the sequence count that per-sequence arguments are checked against.
+std::pair<TensorView, TensorView> varlen_views(py::handle cu_seqlens_q, py::handle cu_seqlens_k,
+                                               ForwardViews& views) {
+  TensorView cu_q = view_array(cu_seqlens_q, "cu_seqlens_q"), cu_k = view_array(cu_seqlens_k, "cu_seqlens_k");
+  views.sequence_count = cu_q.shape.empty() ? 0 : cu_q.shape[0] - 1;
+  return {std::move(cu_q), std::move(cu_k)};
+}
+
+void reject_mask(const ForwardViews& views, const char* with) {
+  if (views.mask) throw std::invalid_argument(std::string("attn_mask is not supported with ") + with);
+}
+
+// The ISA is checked (it raises) before the GIL is released for the kernel.
+void run_forward(const AttentionParams& params, const std::string& isa, int num_threads) {
+  cpu::kernels_for_isa(isa);
   py::gil_scoped_release release;
   cpu::attention_forward(params, isa, num_threads);
 }
 
-// dmask: None, or a zero-filled float32 (batch, heads, seqlen_q, seqlen_k) array for the
-// gradient of a float attn_mask.
-void attention_backward(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v, py::handle out,
-                        py::handle lse, py::handle dq, py::handle dk, py::handle dv, py::handle dmask,
-                        const py::tuple& variant, const std::string& isa, int num_threads,
-                        const std::tuple<std::string, std::string, std::string>& names) {
-  check_threads(num_threads);
-  BackwardViews views{ForwardViews{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
-                                   view_array(v, std::get<2>(names)), view_array(out, "out"), view_array(lse, "lse")},
-                      view_array(dout, "dout"), view_array(dq, "dq"), view_array(dk, "dk"), view_array(dv, "dv"),
-                      std::nullopt};
-  if (!dlse.is_none()) views.dlse = view_array(dlse, "dlse");
-  if (!dmask.is_none()) views.dmask = view_array(dmask, "dmask");
-  const ForwardOptions options = parse_variant(variant, views.forward);
-  const BackwardParams params = make_backward_params(views, options);
+void run_backward(const BackwardParams& params, const std::string& isa, int num_threads) {
   cpu::kernels_for_isa(isa);
   py::gil_scoped_release release;
   cpu::attention_backward(params, isa, num_threads);
+}
+
+// variant: see parse_variant (validate.h).
+void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
+                       const py::tuple& variant, const std::string& isa, int num_threads, const Names& names) {
+  check_threads(num_threads);
+  ForwardViews views = forward_views(q, k, v, out, lse, names);
+  const ForwardOptions options = parse_variant(variant, views);
+  run_forward(make_forward_params(views, options), isa, num_threads);
+}
+
+// dmask: None, or a zero-filled (batch, heads, seqlen_q, seqlen_k) array (float32, float64 for
+// float64 inputs) for the gradient of a float attn_mask.
+void attention_backward(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v, py::handle out,
+                        py::handle lse, py::handle dq, py::handle dk, py::handle dv, py::handle dmask,
+                        const py::tuple& variant, const std::string& isa, int num_threads, const Names& names) {
+  check_threads(num_threads);
+  BackwardViews views = backward_views(dout, dlse, q, k, v, out, lse, dq, dk, dv, names);
+  views.dmask = optional_view(dmask, "dmask");
+  const ForwardOptions options = parse_variant(variant, views.forward);
+  run_backward(make_backward_params(views, options), isa, num_threads);
 }
 
 // Variable-length batches: q, k, v, out are the packed (total, heads, d) arrays viewed by the
 // caller as (1, heads, total, d), lse (heads, total_q) as (1, heads, total_q).
 void attention_varlen_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
                               py::handle cu_seqlens_q, py::handle cu_seqlens_k, const py::tuple& variant,
-                              const std::string& isa, int num_threads,
-                              const std::tuple<std::string, std::string, std::string>& names) {
+                              const std::string& isa, int num_threads, const Names& names) {
   check_threads(num_threads);
-  ForwardViews views{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
-                     view_array(v, std::get<2>(names)), view_array(out, "out")};
-  if (!lse.is_none()) views.lse = view_array(lse, "lse");
-  const TensorView cu_q = view_array(cu_seqlens_q, "cu_seqlens_q"), cu_k = view_array(cu_seqlens_k, "cu_seqlens_k");
-  views.sequence_count = cu_q.shape.empty() ? 0 : cu_q.shape[0] - 1;
+  ForwardViews views = forward_views(q, k, v, out, lse, names);
+  const auto [cu_q, cu_k] = varlen_views(cu_seqlens_q, cu_seqlens_k, views);
   const ForwardOptions options = parse_variant(variant, views);
-  if (views.mask) throw std::invalid_argument("attn_mask is not supported with variable-length batches");
+  reject_mask(views, "variable-length batches");
   AttentionParams params = make_forward_params(views, options);
   apply_varlen(params, cu_q, cu_k);
-  cpu::kernels_for_isa(isa);
-  py::gil_scoped_release release;
-  cpu::attention_forward(params, isa, num_threads);
+  run_forward(params, isa, num_threads);
 }
 
 void attention_varlen_backward(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v,
                                py::handle out, py::handle lse, py::handle dq, py::handle dk, py::handle dv,
                                py::handle cu_seqlens_q, py::handle cu_seqlens_k, const py::tuple& variant,
-                               const std::string& isa, int num_threads,
-                               const std::tuple<std::string, std::string, std::string>& names) {
+                               const std::string& isa, int num_threads, const Names& names) {
   check_threads(num_threads);
-  BackwardViews views{ForwardViews{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
-                                   view_array(v, std::get<2>(names)), view_array(out, "out"), view_array(lse, "lse")},
-                      view_array(dout, "dout"), view_array(dq, "dq"), view_array(dk, "dk"), view_array(dv, "dv"),
-                      std::nullopt};
-  if (!dlse.is_none()) views.dlse = view_array(dlse, "dlse");
-  const TensorView cu_q = view_array(cu_seqlens_q, "cu_seqlens_q"), cu_k = view_array(cu_seqlens_k, "cu_seqlens_k");
-  views.forward.sequence_count = cu_q.shape.empty() ? 0 : cu_q.shape[0] - 1;
+  BackwardViews views = backward_views(dout, dlse, q, k, v, out, lse, dq, dk, dv, names);
+  const auto [cu_q, cu_k] = varlen_views(cu_seqlens_q, cu_seqlens_k, views.forward);
   const ForwardOptions options = parse_variant(variant, views.forward);
-  if (views.forward.mask) throw std::invalid_argument("attn_mask is not supported with variable-length batches");
+  reject_mask(views.forward, "variable-length batches");
   BackwardParams params = make_backward_params(views, options);
   apply_varlen(params.forward, cu_q, cu_k);
-  cpu::kernels_for_isa(isa);
-  py::gil_scoped_release release;
-  cpu::attention_backward(params, isa, num_threads);
+  run_backward(params, isa, num_threads);
 }
 
 // KV cache: q, out (batch, heads, seqlen_q, d); k_cache, v_cache viewed as (rows or pages,
-// kv_heads, capacity or page_size, d). The new keys are already appended (see functional.py).
+// kv_heads, capacity or page_size, d). The new keys are already appended (see inference.py).
 void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_cache, py::handle out, py::handle lse,
                                py::handle cache_seqlens, py::handle block_table, py::handle cache_batch_idx,
                                py::handle cache_leftpad, const py::tuple& variant, const std::string& isa,
                                int num_threads) {
   check_threads(num_threads);
-  ForwardViews views{view_array(q, "q"), view_array(k_cache, "k_cache"), view_array(v_cache, "v_cache"),
-                     view_array(out, "out")};
-  if (!lse.is_none()) views.lse = view_array(lse, "lse");
+  ForwardViews views = forward_views(q, k_cache, v_cache, out, lse, Names{"q", "k_cache", "v_cache"});
   views.kv_is_cache = true;
   const ForwardOptions options = parse_variant(variant, views);
-  if (views.mask) throw std::invalid_argument("attn_mask is not supported with a KV cache");
+  reject_mask(views, "a KV cache");
   AttentionParams params = make_forward_params(views, options);
-  KvCacheViews cache{view_array(cache_seqlens, "cache_seqlens")};
-  if (!block_table.is_none()) cache.block_table = view_array(block_table, "block_table");
-  if (!cache_batch_idx.is_none()) cache.cache_batch_idx = view_array(cache_batch_idx, "cache_batch_idx");
-  if (!cache_leftpad.is_none()) cache.cache_leftpad = view_array(cache_leftpad, "cache_leftpad");
+  const KvCacheViews cache{view_array(cache_seqlens, "cache_seqlens"), optional_view(block_table, "block_table"),
+                           optional_view(cache_batch_idx, "cache_batch_idx"),
+                           optional_view(cache_leftpad, "cache_leftpad")};
   apply_kvcache(params, cache, views.k.shape[0]);
-  cpu::kernels_for_isa(isa);
-  py::gil_scoped_release release;
-  cpu::attention_forward(params, isa, num_threads);
+  run_forward(params, isa, num_threads);
 }
 
 }  // namespace

@@ -22,11 +22,7 @@ const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::str
   if (view.device.device_type != dlpack::kCPU && view.device.device_type != dlpack::kCUDAHost) {
     fail(view.name + " must be a CPU array, got one on " + view.device_string());
   }
-  int64_t expected = 1;
-  for (int64_t d = view.ndim() - 1; d >= 0; --d) {
-    if (view.shape[d] > 1 && view.strides[d] != expected) fail(view.name + " must be contiguous");
-    expected *= view.shape[d];
-  }
+  if (!view.is_contiguous()) fail(view.name + " must be contiguous");
   return static_cast<const int32_t*>(view.data);
 }
 

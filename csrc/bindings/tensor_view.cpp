@@ -134,6 +134,18 @@ DType kernel_dtype(const TensorView& view) {
                        "; supported: float32, float64, float16, bfloat16");
 }
 
+bool TensorView::is_contiguous() const {
+  for (const int64_t size : shape) {
+    if (size == 0) return true;  // an empty array addresses nothing
+  }
+  int64_t expected = 1;
+  for (int64_t d = ndim() - 1; d >= 0; --d) {
+    if (shape[d] > 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
 std::string TensorView::shape_string() const {
   std::string s = "(";
   for (size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + std::to_string(shape[d]);

@@ -25,6 +25,8 @@ struct TensorView {
   std::vector<int64_t> strides;  // elements
 
   int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
+  // Row-major contiguous, ignoring the strides of dims of size 1 and of empty arrays (they address nothing).
+  bool is_contiguous() const;
   std::string shape_string() const;
   std::string dtype_string() const;
   std::string device_string() const;

@@ -95,11 +95,7 @@ void check_float64_vector(const TensorView& view, const std::vector<std::vector<
   bool matches = false;
   for (const auto& shape : shapes) matches |= view.shape == shape;
   if (!matches) fail(view.name + " must have shape " + expected + ", got " + view.shape_string());
-  int64_t expected_stride = 1;
-  for (int64_t d = view.ndim() - 1; d >= 0; --d) {
-    if (view.shape[d] > 1 && view.strides[d] != expected_stride) fail(view.name + " must be contiguous");
-    expected_stride *= view.shape[d];
-  }
+  if (!view.is_contiguous()) fail(view.name + " must be contiguous");
 }
 
 void fill_variant(const ForwardViews& views, AttentionParams& params) {
@@ -179,9 +175,7 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
     for (int64_t d = 0; d < 3; ++d) {
       if (dlse.shape[d] != lse.shape[d]) fail(dlse.name + " must have the shape of lse " + lse.shape_string());
     }
-    const bool contiguous = dlse.strides[2] == 1 && dlse.strides[1] == dlse.shape[2] &&
-                            dlse.strides[0] == dlse.shape[1] * dlse.shape[2];
-    if (!contiguous && dlse.shape[0] * dlse.shape[1] * dlse.shape[2] > 1) fail(dlse.name + " must be contiguous");
+    if (!dlse.is_contiguous()) fail(dlse.name + " must be contiguous");
     if (dlse.dtype.bits == 64) {
       params.dlse_f64 = static_cast<const double*>(dlse.data);
     } else {
@@ -196,11 +190,8 @@ BackwardParams make_backward_params(const BackwardViews& views, const ForwardOpt
       throw py::type_error(dmask.name + " must be float" + std::to_string(bits) + ", got " + dmask.dtype_string());
     }
     const std::vector<int64_t> expected{f.batch, f.num_heads, f.seqlen_q, f.seqlen_k};
-    const std::vector<int64_t> contiguous{f.num_heads * f.seqlen_q * f.seqlen_k, f.seqlen_q * f.seqlen_k, f.seqlen_k, 1};
     if (dmask.shape != expected) fail(dmask.name + " must have shape (batch, heads, seqlen_q, seqlen_k)");
-    if (dmask.strides != contiguous && f.batch * f.num_heads * f.seqlen_q * f.seqlen_k > 0) {
-      fail(dmask.name + " must be contiguous");
-    }
+    if (!dmask.is_contiguous()) fail(dmask.name + " must be contiguous");
     if (f.mask.type == MaskType::kNone || f.mask.type == MaskType::kBool) {
       fail("dmask (the attn_mask gradient) needs a float attn_mask");
     }
@@ -285,9 +276,7 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
              ", " + std::to_string(q.shape[2]) + "), got " + lse.shape_string());
       }
     }
-    const bool contiguous = lse.strides[2] == 1 && lse.strides[1] == lse.shape[2] &&
-                            lse.strides[0] == lse.shape[1] * lse.shape[2];
-    if (!contiguous && params.seqlen_q > 0 && num_heads > 0) fail(lse.name + " must be contiguous");
+    if (!lse.is_contiguous()) fail(lse.name + " must be contiguous");
     if (lse.read_only) fail(lse.name + " is read-only");
     if (fp64) {
       params.lse_f64 = static_cast<double*>(lse.data);

@@ -48,7 +48,7 @@ struct BackwardViews {
   TensorView dk;         // like k
   TensorView dv;         // like v
   std::optional<TensorView> dlse;  // like lse
-  std::optional<TensorView> dmask;  // float32 (batch, num_heads, seqlen_q, seqlen_k), contiguous, zeroed
+  std::optional<TensorView> dmask;  // (batch, num_heads, seqlen_q, seqlen_k) float32 (float64 for fp64), contiguous, zeroed
 };
 
 BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options);

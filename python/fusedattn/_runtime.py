@@ -18,6 +18,7 @@ __all__ = ["get_num_threads", "set_num_threads", "cpu_isa", "info"]
 _num_threads: int | None = None
 _forced_isa: str | None = os.environ.get("FUSEDATTN_CPU_ISA") or None
 _attached = [False]  # whether attach_torch_openmp() has run (once torch is loaded)
+_AVAILABLE_ISAS = tuple(_C.available_isas())  # fixed for the process: read once, not per call
 
 
 def get_num_threads() -> int:
@@ -47,7 +48,7 @@ def set_num_threads(num_threads: int | None) -> None:
 
 def cpu_isa() -> str:
     """The CPU ISA the kernels run: FUSEDATTN_CPU_ISA when set (it must be available), else the best."""
-    available = _C.available_isas()
+    available = _AVAILABLE_ISAS
     if _forced_isa is None:
         return available[0]
     if _forced_isa not in available:
@@ -79,9 +80,9 @@ def attach_torch_openmp() -> str | None:
 def _set_cpu_isa(name: str | None) -> None:
     """Forces a CPU ISA in this process (None = best available), as FUSEDATTN_CPU_ISA does. For tests."""
     global _forced_isa
-    if name is not None and name not in _C.available_isas():
+    if name is not None and name not in _AVAILABLE_ISAS:
         raise ValueError(
-            f"FUSEDATTN_CPU_ISA={name!r} is not available on this machine; available: {', '.join(_C.available_isas())}"
+            f"FUSEDATTN_CPU_ISA={name!r} is not available on this machine; available: {', '.join(_AVAILABLE_ISAS)}"
         )
     _forced_isa = name
 
@@ -107,7 +108,7 @@ def info(verbose: bool = True) -> dict:
     """
     from . import __version__
 
-    report = {"version": __version__, "cpu_isas_available": _C.available_isas()}
+    report = {"version": __version__, "cpu_isas_available": list(_AVAILABLE_ISAS)}
     try:
         report["cpu_isa"] = cpu_isa()
     except ValueError as error:

@@ -26,6 +26,7 @@ from .common import (
     TARGET_SECONDS_PER_CASE,
     Case,
     Result,
+    aligned_table,
     positive_int,
     require_torch,
     time_interleaved,

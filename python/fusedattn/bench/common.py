@@ -84,6 +84,18 @@ def time_interleaved(calls: dict[str, Callable], reps=None, quick=False, *, targ
     return times, results, errors
 
 
+def aligned_table(header, rows, left_columns: int = 0) -> str:
+    """Plain-text table: the first `left_columns` columns left-aligned, the rest right-aligned,
+    a dashed rule under the header."""
+    rows = [tuple(map(str, row)) for row in rows]
+    widths = [max(len(cells[i]) for cells in [tuple(header)] + rows) for i in range(len(header))]
+
+    def render(cells):
+        return "  ".join(c.ljust(w) if i < left_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(cells) for cells in rows])
+
+
 def versions_line(torch) -> str:
     """'fusedattn 0.1.0 (avx512, 2 threads) vs torch 2.13.0 (2 threads)'."""
     return (f"fusedattn {__version__} ({_runtime.cpu_isa()}, {_runtime.get_num_threads()} threads) vs "
