@@ -103,6 +103,22 @@ def test_variant(name, dtype):
     check_variant(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("head_dim", [40, 64])  # 64: cache rows read in place; 40: converted and padded
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_variant_decode(name, dtype, head_dim):
+    """Decode-sized queries run the decode kernel, whose blocks hold the heads of several kv heads
+    (one thread: all of them) and split the 600 keys when blocks are few."""
+    _, _, heads_kv, options = CONFIGS[name]
+    for seqlen_q, threads in ((1, 1), (1, 2), (3, 2)):
+        q, k, v = make_qkv(BATCH, HEADS, heads_kv, seqlen_q, 600, head_dim, dtype, k_scale=2.0)
+        fusedattn.set_num_threads(threads)
+        try:
+            check_variant(q, k, v, **options(seqlen_q, 600))
+        finally:
+            fusedattn.set_num_threads(None)
+
+
 @pytest.mark.parametrize("name", ["all", "causal-alibi-bh-bool-sinks", "window-softcap-mask-offset"])
 def test_variant_bshd(name):
     q, k, v, kwargs = _config_inputs(name, torch.bfloat16, layout="bshd", head_dim=59)

@@ -2,7 +2,8 @@
 //
 // Blocks (ForwardBlock) are q-blocks of one (sequence, head); for short queries (decode,
 // Lq·group <= kPackedLanes) the query heads of a GQA group are packed into one block so K/V
-// are read once per group. When there are fewer blocks than 2x the threads and the keys are
+// are read once per group, and for decode (Lq·group <= kDecodeLanes) a block holds the groups
+// of up to kPackedLanes lanes, so that it reads each cache row (all kv heads) in one sweep. When there are fewer blocks than 2x the threads and the keys are
 // long, each block's key axis is split (split-KV) and the partial results merged by LSE.
 // Blocks are handed out heaviest first (estimated by rows x keys), which keeps threads busy
 // to the end even when sequence lengths are very uneven.
@@ -99,21 +100,29 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
   for (int64_t b = 0; b < params.batch; ++b) {
     const AttentionParams seq = sequence_params(params, b);
     if (seq.seqlen_q <= 0) continue;
-    const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && params.dropout_p == 0.0f && !mask_per_head;
-    const int64_t heads_per_block = pack ? group : 1;
-    const int64_t rows = pack ? seq.seqlen_q : block_rows;
+    const bool packable = params.dropout_p == 0.0f && !mask_per_head;
+    const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && packable;
+    // Decode: whole groups, up to kPackedLanes lanes, so cache rows are read front to back.
+    const bool all_heads = packable && seq.seqlen_q * group <= kDecodeLanes;
+    int64_t heads_per_block = pack ? group : 1;
+    if (all_heads) {  // ... but at least 2 blocks per thread, if the heads allow it
+      const int64_t blocks_per_sequence = (2 * num_threads + params.batch - 1) / params.batch;
+      const int64_t groups = (params.num_heads / group + blocks_per_sequence - 1) / blocks_per_sequence;
+      heads_per_block = group * std::max<int64_t>(1, std::min(groups, kPackedLanes / (seq.seqlen_q * group)));
+    }
+    const int64_t rows = pack || all_heads ? seq.seqlen_q : block_rows;
     for (int64_t head = 0; head < params.num_heads; head += heads_per_block) {
       for (int64_t r = 0; r < seq.seqlen_q; r += rows) {
         ForwardBlock block;
         block.batch = b;
         block.head_begin = head;
-        block.head_count = heads_per_block;
+        block.head_count = std::min(heads_per_block, params.num_heads - head);
         block.row_begin = r;
         block.row_end = std::min(seq.seqlen_q, r + rows);
         block.key_lo = 0;
         block.key_hi = seq.seqlen_k;
         const KeyRange keys = visible_keys_of_rows(seq, block.row_begin, block.row_end);
-        const int64_t cost = (block.row_end - block.row_begin) * heads_per_block * (keys.end - keys.begin + 64);
+        const int64_t cost = (block.row_end - block.row_begin) * block.head_count * (keys.end - keys.begin + 64);
         plan.push_back({block, cost, -1});
       }
     }

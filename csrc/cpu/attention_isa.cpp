@@ -33,9 +33,8 @@ size_t forward_scratch_bytes(const AttentionParams& params, int64_t block_rows) 
 }
 
 void forward_block(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
-  const int64_t lanes = (block.row_end - block.row_begin) * block.head_count;
   dispatch_dtype(params.dtype, [&](auto tag) {
-    if (lanes <= kDecodeLanes) {
+    if (lanes_per_kv_head(params, block) <= kDecodeLanes) {
       decode_block_t<decltype(tag)>(params, block, scratch);
     } else {
       forward_block_t<decltype(tag)>(params, block, scratch);

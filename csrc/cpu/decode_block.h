@@ -11,21 +11,19 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/kv_layout.h"
 #include "common/variant.h"
 #include "cpu/convert.h"
 #include "cpu/forward_block.h"
+#include "cpu/kernel_table.h"
 #include "cpu/score_mods.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
-
-// Blocks with at most this many lanes (query rows x packed heads) use the decode kernel.
-// At 4 lanes the dot-product form costs about what the transposed tile wastes on empty lanes.
-constexpr int64_t kDecodeLanes = 4;
 
 // Sum of the lanes: a shuffle tree for 16 and 8 floats, a plain loop otherwise.
 template <typename T>
@@ -49,17 +47,150 @@ inline T vec_sum(VecT<T> v) {
   }
 }
 
-template <typename T>
-void decode_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
-  using Acc = typename ComputeType<T>::type;
+// A vector of Acc from W elements of S: a plain load, or bf16/fp16 widened in registers.
+template <typename Acc, typename S>
+inline VecT<Acc> load_widened(const S* p) {
+  constexpr int W = Vec<Acc>::kWidth;
+  if constexpr (std::is_same_v<S, Acc>) {
+    return vec_load<Acc>(p);
+  } else if constexpr (W == 1) {
+    return static_cast<Acc>(to_float(p[0]));
+  } else {
+    static_assert(W == kConvertLanes, "widening loads produce one vector of floats");
+    VecT<Acc> out;
+    if constexpr (std::is_same_v<S, BFloat16>) {
+      ConvertU16 bits;
+      std::memcpy(&bits, p, sizeof(bits));
+      const ConvertU32 wide = __builtin_convertvector(bits, ConvertU32) << 16;
+      std::memcpy(&out, &wide, sizeof(out));
+    } else {
+      ConvertHalves halves;
+      std::memcpy(&halves, p, sizeof(halves));
+      out = __builtin_convertvector(halves, ConvertFloats);
+    }
+    return out;
+  }
+}
+
+// The four lane sums of a0..a3 (a shuffle tree shared by the four for 16 floats).
+template <typename Acc>
+inline void vec_sum4(VecT<Acc> a0, VecT<Acc> a1, VecT<Acc> a2, VecT<Acc> a3, Acc* out) {
+  if constexpr (Vec<Acc>::kWidth == 16 && sizeof(Acc) == 4) {
+    const VecT<Acc> x01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                          __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const VecT<Acc> x23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                          __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    // lanes [4k, 4k + 4) hold four partial sums of a_k
+    VecT<Acc> y = __builtin_shufflevector(x01, x23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(x01, x23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    y += __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    y += __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = y[0], out[1] = y[4], out[2] = y[8], out[3] = y[12];
+  } else {
+    out[0] = vec_sum<Acc>(a0), out[1] = vec_sum<Acc>(a1), out[2] = vec_sum<Acc>(a2), out[3] = vec_sum<Acc>(a3);
+  }
+}
+
+// s[l * ld_s + t] = <q_l, k[t]> for LANES query lanes (rows of q, ld apart) and four key rows,
+// over ld elements (a multiple of the vector width). Each K vector is loaded (and widened) once
+// for all lanes.
+template <typename Acc, typename S, int LANES>
+inline void dot4(const Acc* q, const S* const* k, int64_t ld, Acc* s, int64_t ld_s) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
+  V acc[LANES][4];
+  for (int l = 0; l < LANES; ++l) {
+    for (int t = 0; t < 4; ++t) acc[l][t] = vec_set1<Acc>(Acc(0));
+  }
+  for (int64_t d = 0; d < ld; d += W) {
+    const V k0 = load_widened<Acc>(k[0] + d), k1 = load_widened<Acc>(k[1] + d);
+    const V k2 = load_widened<Acc>(k[2] + d), k3 = load_widened<Acc>(k[3] + d);
+    for (int l = 0; l < LANES; ++l) {
+      const V qv = vec_load<Acc>(q + l * ld + d);
+      acc[l][0] = qv * k0 + acc[l][0];
+      acc[l][1] = qv * k1 + acc[l][1];
+      acc[l][2] = qv * k2 + acc[l][2];
+      acc[l][3] = qv * k3 + acc[l][3];
+    }
+  }
+  for (int l = 0; l < LANES; ++l) vec_sum4<Acc>(acc[l][0], acc[l][1], acc[l][2], acc[l][3], s + l * ld_s);
+}
+
+// o_l[0, ld) += Σ_t p_l[t] · v[t][0, ld) for LANES lanes (o rows ld apart, p rows ld_p apart)
+// and four value rows; each V vector is loaded (and widened) once for all lanes.
+template <typename Acc, typename S, int LANES>
+inline void accumulate4(Acc* o, const Acc* p, int64_t ld_p, const S* const* v, int64_t ld) {
+  using V = VecT<Acc>;
+  constexpr int W = Vec<Acc>::kWidth;
+  V prob[LANES][4];
+  for (int l = 0; l < LANES; ++l) {
+    for (int t = 0; t < 4; ++t) prob[l][t] = vec_set1<Acc>(p[l * ld_p + t]);
+  }
+  for (int64_t c = 0; c < ld; c += W) {
+    const V v0 = load_widened<Acc>(v[0] + c), v1 = load_widened<Acc>(v[1] + c);
+    const V v2 = load_widened<Acc>(v[2] + c), v3 = load_widened<Acc>(v[3] + c);
+    for (int l = 0; l < LANES; ++l) {
+      V acc = vec_load<Acc>(o + l * ld + c);
+      acc = prob[l][0] * v0 + acc;
+      acc = prob[l][1] * v1 + acc;
+      acc = prob[l][2] * v2 + acc;
+      acc = prob[l][3] * v3 + acc;
+      vec_store<Acc>(o + l * ld + c, acc);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, lanes>{}) for lanes in [1, kDecodeLanes].
+template <typename F>
+inline void with_lane_count(int64_t lanes, F&& f) {
+  static_assert(kDecodeLanes == 4, "one case per lane count");
+  switch (lanes) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// The decode kernel. A block's lanes (query rows x heads) may span several kv heads: decode
+// blocks hold all heads of a token (see plan_blocks), so each cache row, which stores the kv
+// heads side by side, is read front to back once: the hardware prefetchers see one sequential
+// stream instead of one 512-byte piece per row and head (fp32 MHA decode: 26 -> 3x GB/s).
+// Lanes of kv head g are [g * lanes_per_kv, (g + 1) * lanes_per_kv).
+// kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
+// converted and zero-padded into scratch.
+template <typename T, bool kDirect>
+void decode_block_impl(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
+  using Acc = typename ComputeType<T>::type;
+  using V = VecT<Acc>;
+  using S = std::conditional_t<kDirect, T, Acc>;  // what the dot products read
+  constexpr int W = Vec<Acc>::kWidth;
+  constexpr int64_t kRowStep = 4;  // cache rows per dot4 / accumulate4
   const int64_t head_dim = params.head_dim;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
-  const int64_t kv_head = kv_head_of(params, block.head_begin);
+  const int64_t kv_first = kv_head_of(params, block.head_begin);
+  const int64_t kv_count = kv_head_of(params, block.head_begin + block.head_count - 1) - kv_first + 1;
+  const int64_t lanes_per_kv = lanes.lanes / kv_count;
   const int64_t ldn = kBlockN;  // scores: [lanes x kBlockN] row-major in s.s_t
   const Orientation row_major{ldn, 1};
+  int64_t j0 = 0, n = 0;  // the current key block
+
+  auto row_of = [&](const TensorRef& t, int64_t kv_head, int64_t j, Acc* buffer) -> const S* {
+    const T* row = static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_head, j0 + j);
+    if constexpr (kDirect) {
+      return row;
+    } else {
+      convert_rows(row, 0, 1, head_dim, buffer, s.ldo);
+      return buffer;
+    }
+  };
+  auto prefetch_ahead = [&](const TensorRef& t, int64_t kv_head, int64_t j) {
+    if (j + kPrefetchRows < n) {
+      prefetch_row(static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_head, j0 + j + kPrefetchRows),
+                   head_dim);
+    }
+  };
 
   const Acc scale = static_cast<Acc>(params.scale);
   KeyRange keys{params.seqlen_k, 0};
@@ -86,8 +217,8 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
   }
 
   bool any_key = false;
-  for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
-    const int64_t n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
+  for (j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
+    n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
     if (params.mask.type != MaskType::kNone) {
       if (!load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
                           s.mask_tile, row_major)) {
@@ -97,18 +228,19 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
         std::memcpy(s.mask_tile + l * ldn, s.mask_tile + (l % lanes.rows) * ldn, n * sizeof(Acc));
       }
     }
-    // Scores, one K row at a time for every lane.
-    int64_t k_stride;
-    const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, true, s.k_rows, s.ldo,
-                                        &k_stride);
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc* k_row = k_blk + j * k_stride;
-      if (j + kPrefetchRows < n) prefetch_row(k_blk + (j + kPrefetchRows) * k_stride, head_dim);
-      for (int64_t l = 0; l < lanes.lanes; ++l) {
-        const Acc* q_row = s.q_rows + l * s.ldo;
-        V acc = vec_set1<Acc>(Acc(0));
-        for (int64_t d = 0; d < s.ldo; d += W) acc = vec_load<Acc>(q_row + d) * vec_load<Acc>(k_row + d) + acc;
-        s.s_t[l * ldn + j] = vec_sum<Acc>(acc);
+    // Scores: each cache row once, all its kv heads, every lane of each, four rows at a time
+    // (a tail block repeats its last row; those scores fall outside [0, n) and are masked).
+    for (int64_t j = 0; j < n; j += kRowStep) {
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const S* k_rows[kRowStep];
+        for (int64_t t = 0; t < kRowStep; ++t) {
+          prefetch_ahead(params.k, kv_first + g, j + t);
+          k_rows[t] = row_of(params.k, kv_first + g, j + t < n ? j + t : n - 1, s.k_rows + t * s.ldo);
+        }
+        const int64_t l = g * lanes_per_kv;
+        with_lane_count(lanes_per_kv, [&](auto count) {
+          dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
+        });
       }
     }
     for (int64_t l = 0; l < lanes.lanes; ++l) {
@@ -151,31 +283,43 @@ void decode_block_t(const AttentionParams& params, const ForwardBlock& block, vo
         for (int64_t c = 0; c < s.ldo; c += W) vec_store<Acc>(o_row + c, vec_load<Acc>(o_row + c) * vec_set1<Acc>(rescale));
       }
     }
-    if (params.dropout_p > 0.0f) {
+    if (params.dropout_p > 0.0f) {  // (blocks with dropout hold one head: see plan_blocks)
       dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile, row_major);
       for (int64_t l = 0; l < lanes.lanes; ++l) {
         for (int64_t j = 0; j < n; ++j) s.s_t[l * ldn + j] *= s.drop_tile[l * ldn + j];
       }
     }
-    // O += P · V, one V row at a time for every lane.
-    int64_t v_stride;
-    const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
-                                        &v_stride);
-    // O += P · V, a vector of head_dim at a time: each O vector stays in a register over the
-    // block's keys (the V block is in cache after the first column).
-    for (int64_t j = 0; j + kPrefetchRows < n; ++j) prefetch_row(v_blk + (j + kPrefetchRows) * v_stride, head_dim);
-    for (int64_t l = 0; l < lanes.lanes; ++l) {
-      const Acc* p_row = s.s_t + l * ldn;
-      Acc* o_row = s.o + l * s.ldo;
-      for (int64_t c = 0; c < s.ldo; c += W) {
-        V acc = vec_load<Acc>(o_row + c);
-        for (int64_t j = 0; j < n; ++j) acc = vec_set1<Acc>(p_row[j]) * vec_load<Acc>(v_blk + j * v_stride + c) + acc;
-        vec_store<Acc>(o_row + c, acc);
+    // O += P · V, four cache rows at a time, all their kv heads, every lane of each (the
+    // probabilities past n are 0).
+    for (int64_t j = 0; j < n; j += kRowStep) {
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const S* v_rows[kRowStep];
+        for (int64_t t = 0; t < kRowStep; ++t) {
+          prefetch_ahead(params.v, kv_first + g, j + t);
+          v_rows[t] = row_of(params.v, kv_first + g, j + t < n ? j + t : n - 1, s.v_rows + t * s.ldo);
+        }
+        const int64_t l = g * lanes_per_kv;
+        with_lane_count(lanes_per_kv, [&](auto count) {
+          accumulate4<Acc, S, decltype(count)::value>(s.o + l * s.ldo, s.s_t + l * ldn + j, ldn, v_rows, s.ldo);
+        });
       }
     }
     any_key = true;
   }
   write_block_output<T>(params, block, lanes, s, !any_key);
+}
+
+template <typename T>
+void decode_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
+  using Acc = typename ComputeType<T>::type;
+  constexpr int W = Vec<Acc>::kWidth;
+  // Reading bf16/fp16 in place needs widening loads (kConvertLanes floats per vector).
+  constexpr bool kWidens = std::is_same_v<T, Acc> || W == 1 || (std::is_same_v<Acc, float> && W == kConvertLanes);
+  if (kWidens && params.head_dim % W == 0) {
+    decode_block_impl<T, kWidens>(params, block, scratch);
+  } else {
+    decode_block_impl<T, false>(params, block, scratch);
+  }
 }
 
 }  // namespace FUSEDATTN_ISA

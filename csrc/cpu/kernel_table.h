@@ -10,7 +10,7 @@ namespace fusedattn {
 namespace cpu {
 
 // The forward's unit of work: query rows [row_begin, row_end) of heads [head_begin,
-// head_begin + head_count) (all reading one kv head), over keys [key_lo, key_hi) (a split of
+// head_begin + head_count), over keys [key_lo, key_hi) (a split of
 // the key axis for split-KV decode; [0, seqlen_k) otherwise). With partial_out set, the block
 // writes its normalised partial output (fp32, [head_count * rows][head_dim]) and partial LSE
 // ([head_count * rows]) there, to be merged by LSE, instead of into params.out / params.lse.
@@ -25,6 +25,18 @@ struct ForwardBlock {
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
 };
+
+// A block's heads read one kv head, or (decode blocks only) whole GQA groups of several.
+// Blocks with at most kDecodeLanes lanes (query rows x heads) per kv head run the decode kernel
+// (dot products along head_dim); at 4 lanes that costs about what the transposed tile of the
+// forward kernel wastes on empty lanes.
+constexpr int64_t kDecodeLanes = 4;
+
+inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlock& block) {
+  const int64_t group = params.num_heads / params.num_heads_kv;
+  const int64_t heads = block.head_count < group ? block.head_count : group;
+  return (block.row_end - block.row_begin) * heads;
+}
 
 struct CpuKernelTable {
   const char* isa_name;
@@ -54,6 +66,7 @@ struct CpuKernelTable {
 FUSEDATTN_DECLARE_ISA(scalar)
 FUSEDATTN_DECLARE_ISA(avx2)
 FUSEDATTN_DECLARE_ISA(avx512)
+FUSEDATTN_DECLARE_ISA(avx512bf16)
 #undef FUSEDATTN_DECLARE_ISA
 
 }  // namespace cpu
