@@ -11,6 +11,9 @@
 // alpha = exp(m_old - m_new), P = exp(S - m_new), l = alpha·l + rowsum(P), O = alpha·O + P·V.
 // At the end O /= l and LSE = m + log(l); rows that saw no key give 0 and LSE = -inf.
 // Key blocks outside the union of the rows' visible ranges (variant.h) are never visited.
+// bf16 on the avx512bf16 ISA keeps both products in bf16 (VDPBF16PS, fp32 accumulation):
+// Qᵀ unscaled in bf16 pairs, K rows read in place as pairs, Sᵀ scaled after the product, and
+// P and V packed into pairs per key block (P rounded to bf16, as FlashAttention does).
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -22,6 +25,7 @@
 #include "common/kv_layout.h"
 #include "common/params.h"
 #include "common/variant.h"
+#include "cpu/bf16_pairs.h"
 #include "cpu/convert.h"
 #include "cpu/gemm_tile.h"
 #include "cpu/kernel_table.h"
@@ -61,6 +65,7 @@ struct ForwardScratch {
   Acc* mask_tile;     // [kBlockN x ldq] attn_mask values of the current key block
   Acc* key_bias;      // [kBlockN] the mask values of a key block whose query rows all agree
   Acc* drop_tile;     // [kBlockN x ldq] dropout factors of the current key block
+  uint32_t* p_pairs;  // [kBlockN / 2 x ldq] P in bf16 pairs (the avx512bf16 path)
   MaskIndex<Acc>* key_begin;  // [ldq] first visible key per query row
   MaskIndex<Acc>* key_end;    // [ldq] one past the last visible key
 
@@ -69,7 +74,8 @@ struct ForwardScratch {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldq = round_up(block_rows, W);
     const int64_t ldo = round_up(head_dim, W);
-    return head_dim * ldq + 3 * kBlockN * ldq + 2 * ldq * ldo + 2 * kBlockN * ldo + 7 * ldq + kBlockN;
+    return head_dim * ldq + 3 * kBlockN * ldq + 2 * ldq * ldo + 2 * kBlockN * ldo + 7 * ldq + kBlockN +
+           kBlockN / 2 * ldq;
   }
 
   static ForwardScratch carve(void* base, int64_t head_dim, int64_t block_rows) {
@@ -92,6 +98,7 @@ struct ForwardScratch {
     s.mask_tile = p;   p += kBlockN * s.ldq;
     s.key_bias = p;    p += kBlockN;
     s.drop_tile = p;   p += kBlockN * s.ldq;
+    s.p_pairs = reinterpret_cast<uint32_t*>(p); p += kBlockN / 2 * s.ldq;
     s.key_begin = reinterpret_cast<MaskIndex<Acc>*>(p); p += s.ldq;
     s.key_end = reinterpret_cast<MaskIndex<Acc>*>(p);
     return s;
@@ -308,6 +315,53 @@ void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& b
   }
 }
 
+// Whether T's products run as bf16 pairs (VDPBF16PS) in this ISA.
+template <typename T>
+constexpr bool kBf16Pairs =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, BFloat16>;
+#else
+    false;
+#endif
+
+#if defined(__AVX512BF16__)
+// Keys [j0, j0 + n) of (batch, kv_head) as rows of bf16 pairs along head_dim: in place when the
+// rows are evenly strided with an even head_dim and stride, else copied (zero-padded to an even
+// width) into `buffer` ([n x pairs]). *stride is in pairs.
+inline const uint32_t* key_pairs(const AttentionParams& p, int64_t batch, int64_t kv_head, int64_t j0, int64_t n,
+                                 uint32_t* buffer, int64_t* stride) {
+  const BFloat16* base = static_cast<const BFloat16*>(p.k.data);
+  if (kv_rows_strided(p, j0, n) && p.head_dim % 2 == 0 && p.k.row_stride % 2 == 0) {
+    *stride = p.k.row_stride / 2;
+    return reinterpret_cast<const uint32_t*>(base + kv_row_offset(p, p.k, batch, kv_head, j0));
+  }
+  const int64_t pairs = (p.head_dim + 1) / 2;
+  for (int64_t j = 0; j < n; ++j) {
+    const BFloat16* row = base + kv_row_offset(p, p.k, batch, kv_head, j0 + j);
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      buffer[j * pairs + kp] = pair_bits(row[2 * kp].bits, 2 * kp + 1 < p.head_dim ? row[2 * kp + 1].bits : 0);
+    }
+  }
+  *stride = pairs;
+  return buffer;
+}
+
+// V rows [j0, j0 + n) of (batch, kv_head) packed into pairs of rows: dst[(n + 1) / 2 x ld].
+inline void value_pairs(const AttentionParams& p, int64_t batch, int64_t kv_head, int64_t j0, int64_t n,
+                        uint32_t* dst, int64_t ld) {
+  const BFloat16* base = static_cast<const BFloat16*>(p.v.data);
+  for (int64_t j = 0; j < n; j += 2) {
+    const BFloat16* even = base + kv_row_offset(p, p.v, batch, kv_head, j0 + j);
+    if (j + 1 < n) {
+      const BFloat16* odd = base + kv_row_offset(p, p.v, batch, kv_head, j0 + j + 1);
+      pack_row_pairs(even, odd - even, 2, p.head_dim, dst + (j / 2) * ld, ld);
+    } else {
+      pack_row_pairs(even, 0, 1, p.head_dim, dst + (j / 2) * ld, ld);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void forward_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
   using Acc = typename ComputeType<T>::type;
@@ -325,8 +379,10 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     const int64_t head = lanes.head(block, lane), row = lanes.row(block, lane);
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
                  head * params.q.head_stride + row * params.q.row_stride;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      s.q_t[d * s.ldq + i] = i < lanes.lanes ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
+    if constexpr (!kBf16Pairs<T>) {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        s.q_t[d * s.ldq + i] = i < lanes.lanes ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
+      }
     }
     KeyRange range = visible_keys(params, row);
     range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
@@ -342,6 +398,16 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     s.query_pos[i] = static_cast<Acc>(query_position(params, row));
     s.lane_slope[i] = static_cast<Acc>(alibi_slope(params, block.batch, head));
   }
+#if defined(__AVX512BF16__)
+  uint32_t* const q_pairs = reinterpret_cast<uint32_t*>(s.q_t);  // [(head_dim + 1) / 2 x ldq], unscaled
+  if constexpr (kBf16Pairs<T>) {
+    auto q_row = [&](int64_t lane) {
+      return static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
+             lanes.head(block, lane) * params.q.head_stride + lanes.row(block, lane) * params.q.row_stride;
+    };
+    pack_transposed_pairs(q_row, lanes.lanes, head_dim, q_pairs, s.ldq);
+  }
+#endif
   MaskIndex<Acc> max_begin = s.key_begin[0], min_end = s.key_end[0];
   KeyRange keys{s.key_begin[0], s.key_end[0]};
   for (int64_t i = 1; i < lanes.lanes; ++i) {
@@ -379,10 +445,21 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       }
     }
     // Sᵀ = K_blk · Qᵀ
-    int64_t k_stride;
-    const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, false, s.k_rows, s.ldo,
+    if constexpr (kBf16Pairs<T>) {
+#if defined(__AVX512BF16__)
+      int64_t k_stride;
+      const uint32_t* k_blk = key_pairs(params, block.batch, kv_head, j0, n, reinterpret_cast<uint32_t*>(s.k_rows),
                                         &k_stride);
-    gemm<Acc>(n, s.ldq, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t, s.ldq, s.s_t, s.ldq, false);
+      gemm_op<Bf16PairOp>(n, s.ldq, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1}, q_pairs, s.ldq,
+                          s.s_t, s.ldq, false);
+      for (int64_t e = 0; e < n * s.ldq; e += W) vec_store<Acc>(s.s_t + e, vec_load<Acc>(s.s_t + e) * scale);
+#endif
+    } else {
+      int64_t k_stride;
+      const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, false, s.k_rows, s.ldo,
+                                          &k_stride);
+      gemm<Acc>(n, s.ldq, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t, s.ldq, s.s_t, s.ldq, false);
+    }
     modify_scores(params, s, j0, n, tile_mask);
 
     const bool fully_visible = j0 >= max_begin && j0 + n <= min_end;
@@ -405,10 +482,20 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       }
     }
     // O += P · V_blk, with Pᵀ read column-wise.
-    int64_t v_stride;
-    const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
-                                        &v_stride);
-    gemm<Acc>(lanes.lanes, s.ldo, n, StridedA<Acc>{s.s_t, 1, s.ldq}, v_blk, v_stride, s.o, s.ldo, !first);
+    if constexpr (kBf16Pairs<T>) {
+#if defined(__AVX512BF16__)
+      uint32_t* v_pairs = reinterpret_cast<uint32_t*>(s.v_rows);  // [(n + 1) / 2 x ldo]
+      value_pairs(params, block.batch, kv_head, j0, n, v_pairs, s.ldo);
+      pack_float_row_pairs(s.s_t, n, s.ldq, s.p_pairs);
+      gemm_op<Bf16PairOp>(lanes.lanes, s.ldo, (n + 1) / 2, StridedA<uint32_t>{s.p_pairs, 1, s.ldq}, v_pairs, s.ldo,
+                          s.o, s.ldo, !first);
+#endif
+    } else {
+      int64_t v_stride;
+      const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
+                                          &v_stride);
+      gemm<Acc>(lanes.lanes, s.ldo, n, StridedA<Acc>{s.s_t, 1, s.ldq}, v_blk, v_stride, s.o, s.ldo, !first);
+    }
     first = false;
   }
   write_block_output<T>(params, block, lanes, s, first);

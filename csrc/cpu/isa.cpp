@@ -21,6 +21,7 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -31,6 +32,9 @@ bool always() { return true; }
 
 const std::vector<IsaEntry>& isa_entries() {  // best first
   static const std::vector<IsaEntry> entries{
+#if defined(FUSEDATTN_HAVE_AVX512BF16)
+      {"avx512bf16", &cpu_has_avx512bf16, &avx512bf16::kernel_table},
+#endif
 #if defined(FUSEDATTN_HAVE_X86_ISAS)
       {"avx512", &cpu_has_avx512, &avx512::kernel_table},
       {"avx2", &cpu_has_avx2, &avx2::kernel_table},

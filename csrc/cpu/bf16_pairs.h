@@ -1,0 +1,86 @@
+// Packing into the "pair" (VNNI) layout that VDPBF16PS reads (the avx512bf16 ISA only): a
+// uint32 holds two bf16 values adjacent along the reduction axis k, k even in the low half.
+//   pairs[kp][i] = x[2kp][i] | x[2kp + 1][i] << 16
+// A matrix that is already stored with k contiguous (a bf16 K or Q row: k = head_dim) is its own
+// pair layout and is read in place; the others (Qᵀ, P, V for the forward) are packed here, with
+// zeros for the odd tail of k and for padding columns, so padded products add exact zeros.
+#pragma once
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/convert.h"
+
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {
+
+inline uint32_t pair_bits(uint16_t low, uint16_t high) {
+  return static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
+}
+
+// 16 pairs from 16 bf16 of row k (low halves) and 16 of row k + 1 (high halves).
+inline __m512i pair_vectors(const BFloat16* even_row, const BFloat16* odd_row) {
+  const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row)));
+  const __m512i high = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd_row)));
+  return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+}
+
+// dst[kp][c] for c < ld (a multiple of 16) from `rows` rows of `cols` bf16 (row r at
+// src + r * src_stride): row pairs (2kp, 2kp + 1), a missing odd row and columns >= cols zero.
+inline void pack_row_pairs(const BFloat16* src, int64_t src_stride, int64_t rows, int64_t cols, uint32_t* dst,
+                           int64_t ld) {
+  static const BFloat16 zeros[16] = {};
+  for (int64_t r = 0; r < rows; r += 2) {
+    const BFloat16* even = src + r * src_stride;
+    const bool has_odd = r + 1 < rows;
+    const BFloat16* odd = has_odd ? even + src_stride : nullptr;
+    uint32_t* out = dst + (r / 2) * ld;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      _mm512_storeu_si512(out + c, pair_vectors(even + c, has_odd ? odd + c : zeros));
+    }
+    for (; c < cols; ++c) out[c] = pair_bits(even[c].bits, has_odd ? odd[c].bits : 0);
+    for (; c < ld; ++c) out[c] = 0;
+  }
+}
+
+// dst[kp][i] for i < ld from fp32 src[k][i] (k < rows, row stride ld), rounded to bf16 (nearest
+// even); a missing odd row gives zeros. ld is a multiple of 16.
+inline void pack_float_row_pairs(const float* src, int64_t rows, int64_t ld, uint32_t* dst) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* even = src + r * ld;
+    const float* odd = even + ld;
+    uint32_t* out = dst + (r / 2) * ld;
+    for (int64_t i = 0; i < ld; i += 16) {
+      const __m512 high = r + 1 < rows ? _mm512_loadu_ps(odd + i) : _mm512_setzero_ps();
+      // cvtne2ps puts the second operand's 16 values in the low 256 bits: (even | odd << 256)
+      const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, _mm512_loadu_ps(even + i)));
+      const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(both));
+      const __m512i up = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1));
+      _mm512_storeu_si512(out + i, _mm512_or_si512(low, _mm512_slli_epi32(up, 16)));
+    }
+  }
+}
+
+// Transposed pairs: dst[kp][i] = x_i[2kp] | x_i[2kp + 1] << 16 for lanes i < lanes (row i at
+// rows[i], `depth` bf16 along k), zero for lanes in [lanes, ld) and for the odd tail of k.
+template <typename RowOf>
+inline void pack_transposed_pairs(RowOf row_of, int64_t lanes, int64_t depth, uint32_t* dst, int64_t ld) {
+  const int64_t pairs = (depth + 1) / 2;
+  for (int64_t i = 0; i < ld; ++i) {
+    const BFloat16* row = i < lanes ? row_of(i) : nullptr;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      uint32_t value = 0;
+      if (row != nullptr) value = pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
+      dst[kp * ld + i] = value;
+    }
+  }
+}
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn
+#endif
