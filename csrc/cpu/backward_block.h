@@ -9,6 +9,10 @@
 //   dQ += dS·K           [m x d]   into this thread's private fp32 partial (summed later in
 //                                  a fixed order, so the result is deterministic)
 // dK (times scale) and dV are written at the end; they sum over the group without K/V copies.
+// bf16 on the avx512bf16 ISA runs all five products on VDPBF16PS (bf16 pairs, fp32 sums): the
+// operands read along head_dim (Q, dO rows) in place, the others packed into pairs (Kᵀ, Vᵀ
+// and K per task; P, dS (rounded to bf16, as FlashAttention does), Q and dO along the query
+// rows per q-block). Scores, softmax, dS and the accumulators stay fp32.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -17,6 +21,7 @@
 
 #include "common/params.h"
 #include "common/variant.h"
+#include "cpu/bf16_pairs.h"
 #include "cpu/convert.h"
 #include "cpu/forward_block.h"
 #include "cpu/gemm_tile.h"
@@ -49,12 +54,19 @@ struct BackwardScratch {
   Acc* drop;     // [kBwdBlockM x ldn] dropout factors
   Acc* cap_t;    // [kBwdBlockM x ldn] tanh(s / softcap), for the softcap chain rule
   Acc* mask;     // [kBwdBlockM x ldn] attn_mask values
+  // bf16 pairs (the avx512bf16 path), in uint32 elements:
+  uint32_t* p_t;       // [kBwdBlockM / 2 x ldn]  P (with dropout) paired along the query rows
+  uint32_t* ds_t;      // [kBwdBlockM / 2 x ldn]  dS paired along the query rows
+  uint32_t* ds_rows;   // [kBwdBlockM x ldn / 2]  dS paired along the keys (bf16 rows)
+  uint32_t* q_pairs;   // [kBwdBlockM / 2 x ldo]  Q paired along the query rows
+  uint32_t* do_pairs;  // [kBwdBlockM / 2 x ldo]  dO paired along the query rows
 
   static int64_t elements(int64_t head_dim) {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldn = round_up(kBwdBlockN, W);
     const int64_t ldo = round_up(head_dim, W);
-    return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 6 * kBwdBlockM * ldn;
+    return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 6 * kBwdBlockM * ldn +
+           kBwdBlockM / 2 * (3 * ldn + 2 * ldo);
   }
 
   static BackwardScratch carve(void* base, int64_t head_dim) {
@@ -75,7 +87,13 @@ struct BackwardScratch {
     s.p_drop = p;  p += kBwdBlockM * s.ldn;
     s.drop = p;    p += kBwdBlockM * s.ldn;
     s.cap_t = p;   p += kBwdBlockM * s.ldn;
-    s.mask = p;
+    s.mask = p;    p += kBwdBlockM * s.ldn;
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(p);
+    s.p_t = pairs;      pairs += kBwdBlockM / 2 * s.ldn;
+    s.ds_t = pairs;     pairs += kBwdBlockM / 2 * s.ldn;
+    s.ds_rows = pairs;  pairs += kBwdBlockM / 2 * s.ldn;
+    s.q_pairs = pairs;  pairs += kBwdBlockM / 2 * s.ldo;
+    s.do_pairs = pairs;
     return s;
   }
 };
@@ -202,14 +220,27 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
                j0 * p.k.row_stride;
   const T* v = static_cast<const T*>(p.v.data) + batch * p.v.batch_stride + kv_head * p.v.head_stride +
                j0 * p.v.row_stride;
-  convert_rows(k, p.k.row_stride, n, head_dim, s.k_rows, s.ldo);
-  for (int64_t j = n; j < kBwdBlockN; ++j) {
-    for (int64_t d = 0; d < s.ldo; ++d) s.k_rows[j * s.ldo + d] = Acc(0);
+#if defined(__AVX512BF16__)
+  // Kᵀ and Vᵀ paired along head_dim, K paired along the keys.
+  uint32_t* const k_t_pairs = reinterpret_cast<uint32_t*>(s.k_t);   // [(head_dim + 1) / 2 x ldn]
+  uint32_t* const v_t_pairs = reinterpret_cast<uint32_t*>(s.v_t);   // [(head_dim + 1) / 2 x ldn]
+  uint32_t* const k_pairs = reinterpret_cast<uint32_t*>(s.k_rows);  // [(n + 1) / 2 x ldo]
+  if constexpr (kBf16Pairs<T>) {
+    pack_transposed_pairs([&](int64_t j) { return k + j * p.k.row_stride; }, n, head_dim, k_t_pairs, s.ldn);
+    pack_transposed_pairs([&](int64_t j) { return v + j * p.v.row_stride; }, n, head_dim, v_t_pairs, s.ldn);
+    pack_row_pairs(k, p.k.row_stride, n, head_dim, k_pairs, s.ldo);
   }
-  for (int64_t d = 0; d < head_dim; ++d) {
-    for (int64_t j = 0; j < s.ldn; ++j) {
-      s.k_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(k[j * p.k.row_stride + d])) : Acc(0);
-      s.v_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(v[j * p.v.row_stride + d])) : Acc(0);
+#endif
+  if constexpr (!kBf16Pairs<T>) {
+    convert_rows(k, p.k.row_stride, n, head_dim, s.k_rows, s.ldo);
+    for (int64_t j = n; j < kBwdBlockN; ++j) {
+      for (int64_t d = 0; d < s.ldo; ++d) s.k_rows[j * s.ldo + d] = Acc(0);
+    }
+    for (int64_t d = 0; d < head_dim; ++d) {
+      for (int64_t j = 0; j < s.ldn; ++j) {
+        s.k_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(k[j * p.k.row_stride + d])) : Acc(0);
+        s.v_t[d * s.ldn + j] = j < n ? static_cast<Acc>(to_float(v[j * p.v.row_stride + d])) : Acc(0);
+      }
     }
   }
   for (int64_t e = 0; e < kBwdBlockN * s.ldo; ++e) s.dk[e] = s.dv[e] = Acc(0);
@@ -229,12 +260,30 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
           !load_mask_tile(p.mask, batch, head, i0, m, j0, n, s.mask, Orientation{s.ldn, 1})) {
         continue;  // a bool mask hides the whole tile: no gradient flows through it
       }
-      int64_t q_stride, do_stride;
-      const Acc* q_blk = operand_rows(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_rows, s.ldo, &q_stride);
-      const Acc* do_blk =
-          operand_rows(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_rows, s.ldo, &do_stride);
-
-      gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{q_blk, q_stride, 1}, s.k_t, s.ldn, s.p, s.ldn, false);
+      int64_t q_stride = 0, do_stride = 0;
+      const Acc* q_blk = nullptr;
+      const Acc* do_blk = nullptr;
+#if defined(__AVX512BF16__)
+      const uint32_t* q_row_pairs = nullptr;   // Q rows paired along head_dim
+      const uint32_t* do_row_pairs = nullptr;  // dO rows paired along head_dim
+#endif
+      if constexpr (kBf16Pairs<T>) {
+#if defined(__AVX512BF16__)
+        q_row_pairs = rows_as_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim,
+                                    reinterpret_cast<uint32_t*>(s.q_rows), &q_stride);
+        do_row_pairs = rows_as_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim,
+                                     reinterpret_cast<uint32_t*>(s.do_rows), &do_stride);
+        pack_row_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_pairs, s.ldo);
+        pack_row_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_pairs, s.ldo);
+        gemm_op<Bf16PairOp>(m, s.ldn, (head_dim + 1) / 2, StridedA<uint32_t>{q_row_pairs, q_stride, 1}, k_t_pairs,
+                            s.ldn, s.p, s.ldn, false);
+#endif
+      } else {
+        q_blk = operand_rows(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_rows, s.ldo, &q_stride);
+        do_blk = operand_rows(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_rows, s.ldo,
+                              &do_stride);
+        gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{q_blk, q_stride, 1}, s.k_t, s.ldn, s.p, s.ldn, false);
+      }
       probabilities_from_lse(p, s, batch, head, i0, m, j0, n, lse_base);
       const Acc* weights = s.p;  // what multiplied V in the forward
       if (dropout) {
@@ -244,8 +293,18 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         }
         weights = s.p_drop;
       }
-      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{weights, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
-      gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{do_blk, do_stride, 1}, s.v_t, s.ldn, s.ds, s.ldn, false);
+      if constexpr (kBf16Pairs<T>) {
+#if defined(__AVX512BF16__)
+        pack_float_row_pairs(weights, m, s.ldn, s.p_t);
+        gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.p_t, 1, s.ldn}, s.do_pairs, s.ldo, s.dv,
+                            s.ldo, true);
+        gemm_op<Bf16PairOp>(m, s.ldn, (head_dim + 1) / 2, StridedA<uint32_t>{do_row_pairs, do_stride, 1}, v_t_pairs,
+                            s.ldn, s.ds, s.ldn, false);
+#endif
+      } else {
+        gemm<Acc>(n, s.ldo, m, StridedA<Acc>{weights, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
+        gemm<Acc>(m, s.ldn, head_dim, StridedA<Acc>{do_blk, do_stride, 1}, s.v_t, s.ldn, s.ds, s.ldn, false);
+      }
       if (dropout) {
         for (int64_t r = 0; r < m; ++r) {
           for (int64_t c = 0; c < n; ++c) s.ds[r * s.ldn + c] *= s.drop[r * s.ldn + c];
@@ -263,8 +322,19 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
       if (p.softcap > 0.0f) {  // d(cap·tanh(s/cap))/ds = 1 - tanh²
         for (int64_t e = 0; e < m * s.ldn; ++e) s.ds[e] *= Acc(1) - s.cap_t[e] * s.cap_t[e];
       }
-      gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.ds, 1, s.ldn}, q_blk, q_stride, s.dk, s.ldo, true);
-      gemm<Acc>(m, s.ldo, n, StridedA<Acc>{s.ds, s.ldn, 1}, s.k_rows, s.ldo, dq + i0 * s.ldo, s.ldo, true);
+      if constexpr (kBf16Pairs<T>) {
+#if defined(__AVX512BF16__)
+        pack_float_row_pairs(s.ds, m, s.ldn, s.ds_t);
+        round_rows_to_pairs(s.ds, m, s.ldn, s.ds_rows);
+        gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.ds_t, 1, s.ldn}, s.q_pairs, s.ldo, s.dk,
+                            s.ldo, true);
+        gemm_op<Bf16PairOp>(m, s.ldo, (n + 1) / 2, StridedA<uint32_t>{s.ds_rows, s.ldn / 2, 1}, k_pairs, s.ldo,
+                            dq + i0 * s.ldo, s.ldo, true);
+#endif
+      } else {
+        gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.ds, 1, s.ldn}, q_blk, q_stride, s.dk, s.ldo, true);
+        gemm<Acc>(m, s.ldo, n, StridedA<Acc>{s.ds, s.ldn, 1}, s.k_rows, s.ldo, dq + i0 * s.ldo, s.ldo, true);
+      }
     }
   }
 

@@ -65,6 +65,37 @@ inline void pack_float_row_pairs(const float* src, int64_t rows, int64_t ld, uin
   }
 }
 
+// Rows of bf16 (m rows, row_stride apart) as rows of pairs along the row: in place when
+// head_dim and the stride are even, else copied (zero-padded to an even width) into `buffer`
+// ([m x (head_dim + 1) / 2]). *stride is in pairs.
+inline const uint32_t* rows_as_pairs(const BFloat16* rows, int64_t row_stride, int64_t m, int64_t head_dim,
+                                     uint32_t* buffer, int64_t* stride) {
+  if (head_dim % 2 == 0 && row_stride % 2 == 0) {
+    *stride = row_stride / 2;
+    return reinterpret_cast<const uint32_t*>(rows);
+  }
+  const int64_t pairs = (head_dim + 1) / 2;
+  for (int64_t r = 0; r < m; ++r) {
+    const BFloat16* row = rows + r * row_stride;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      buffer[r * pairs + kp] = pair_bits(row[2 * kp].bits, 2 * kp + 1 < head_dim ? row[2 * kp + 1].bits : 0);
+    }
+  }
+  *stride = pairs;
+  return buffer;
+}
+
+// fp32 rows (m rows of ld floats, ld a multiple of 32) rounded to bf16 in place of pairs:
+// dst[r][cp] = bf16(src[r][2cp]) | bf16(src[r][2cp + 1]) << 16, i.e. plain bf16 rows.
+inline void round_rows_to_pairs(const float* src, int64_t m, int64_t ld, uint32_t* dst) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t c = 0; c < ld; c += 32) {
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + r * ld + c + 16), _mm512_loadu_ps(src + r * ld + c));
+      _mm512_storeu_si512(dst + (r * ld + c) / 2, reinterpret_cast<__m512i>(both));
+    }
+  }
+}
+
 // Transposed pairs: dst[kp][i] = x_i[2kp] | x_i[2kp + 1] << 16 for lanes i < lanes (row i at
 // rows[i], `depth` bf16 along k), zero for lanes in [lanes, ld) and for the odd tail of k.
 template <typename RowOf>

@@ -325,22 +325,21 @@ constexpr bool kBf16Pairs =
 #endif
 
 #if defined(__AVX512BF16__)
-// Keys [j0, j0 + n) of (batch, kv_head) as rows of bf16 pairs along head_dim: in place when the
-// rows are evenly strided with an even head_dim and stride, else copied (zero-padded to an even
-// width) into `buffer` ([n x pairs]). *stride is in pairs.
+// Keys [j0, j0 + n) of (batch, kv_head) as rows of bf16 pairs along head_dim (rows_as_pairs;
+// rows that are not evenly strided, as in a paged cache, are gathered first). *stride in pairs.
 inline const uint32_t* key_pairs(const AttentionParams& p, int64_t batch, int64_t kv_head, int64_t j0, int64_t n,
                                  uint32_t* buffer, int64_t* stride) {
   const BFloat16* base = static_cast<const BFloat16*>(p.k.data);
-  if (kv_rows_strided(p, j0, n) && p.head_dim % 2 == 0 && p.k.row_stride % 2 == 0) {
-    *stride = p.k.row_stride / 2;
-    return reinterpret_cast<const uint32_t*>(base + kv_row_offset(p, p.k, batch, kv_head, j0));
+  if (kv_rows_strided(p, j0, n)) {
+    return rows_as_pairs(base + kv_row_offset(p, p.k, batch, kv_head, j0), p.k.row_stride, n, p.head_dim, buffer,
+                         stride);
   }
   const int64_t pairs = (p.head_dim + 1) / 2;
   for (int64_t j = 0; j < n; ++j) {
+    int64_t unused;
     const BFloat16* row = base + kv_row_offset(p, p.k, batch, kv_head, j0 + j);
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      buffer[j * pairs + kp] = pair_bits(row[2 * kp].bits, 2 * kp + 1 < p.head_dim ? row[2 * kp + 1].bits : 0);
-    }
+    const uint32_t* packed = rows_as_pairs(row, 0, 1, p.head_dim, buffer + j * pairs, &unused);
+    if (packed != buffer + j * pairs) std::memcpy(buffer + j * pairs, packed, pairs * sizeof(uint32_t));
   }
   *stride = pairs;
   return buffer;
