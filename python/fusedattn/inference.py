@@ -74,7 +74,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         arrays.append(x)
     q, k, v = arrays
     if _arrays.is_cuda(q):
-        raise NotImplementedError("fusedattn: attention_varlen on CUDA is not implemented yet")
+        return _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale,
+                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                            seed=seed, return_lse=return_lse)
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
     if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
@@ -108,6 +110,60 @@ def clear_rows_after_last_sequence(out, lse, end: int) -> None:
         out[end:] = 0
         if lse is not None:
             lse[:, end:] = -np.inf
+
+
+def _cu_seqlens_cuda(x, name, q, total, max_seqlen):
+    """cu_seqlens as contiguous int32 on q's GPU. CUDA tensors stay on the device unread (no host
+    sync: the kernel reads them and clamps them to the packed rows); host arrays are checked here
+    first, as the CPU path checks them, then copied over."""
+    torch = _arrays.torch_module()
+    if _arrays.is_cuda(x):
+        if x.is_floating_point():
+            raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+        return x.to(torch.int32).contiguous()
+    cu = np.asarray(_int32(x, name, q))
+    if cu.ndim != 1 or len(cu) < 1:
+        raise ValueError(f"{name} must have shape (batch + 1,), got {cu.shape}")
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
+    lengths = np.diff(cu)
+    if (lengths < 0).any():
+        b = int(np.argmax(lengths < 0)) + 1
+        raise ValueError(f"{name} must be non-decreasing, but entry {b} < entry {b - 1}")
+    if cu[-1] > total:
+        raise ValueError(f"{name} ends at {cu[-1]}, beyond the {total} packed rows")
+    if len(lengths) and lengths.max() > max_seqlen:
+        raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
+    return torch.from_numpy(cu).to(q.device)
+
+
+def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, return_lse, **options):
+    """attention_varlen on CUDA tensors: one kernel launch reading cu_seqlens on the GPU, no host
+    sync; max_seqlen_q sizes its grid (see _cuda_backend.varlen_forward). Forward only."""
+    from . import _cuda_backend
+
+    names = ("q", "k", "v")
+    call = _Call(q[None], k[None], v[None], layout="bshd", names=names, q_offset=0, **options)
+    mode = _arrays.torch_mode(*(x for x in (q, k, v, call.sinks) if x is not None))
+    if mode == "autograd":
+        raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet; "
+                                  "use CPU tensors for training, or call under torch.no_grad()")
+    if mode == "op":
+        raise NotImplementedError("fusedattn: attention_varlen on CUDA under torch.compile or with tensor subclasses "
+                                  "is not implemented yet")
+    if int(max_seqlen_q) < 0 or int(max_seqlen_k) < 0:
+        raise ValueError(f"max_seqlen_q and max_seqlen_k must be >= 0, got {max_seqlen_q} and {max_seqlen_k}")
+    cu_q = _cu_seqlens_cuda(cu_seqlens_q, "cu_seqlens_q", q, q.shape[0], max_seqlen_q)
+    cu_k = _cu_seqlens_cuda(cu_seqlens_k, "cu_seqlens_k", q, k.shape[0], max_seqlen_k)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got "
+                         f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    out = _arrays.empty_like_kind(q, q.shape)
+    lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.lse_dtype_of(q)) if return_lse else None
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
+    _cuda_backend.varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
+                                 None if lse is None else lse[None], cu_q, cu_k, max_seqlen_q, variant, names)
+    return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
