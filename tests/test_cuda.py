@@ -19,6 +19,7 @@ import torch
 import fusedattn
 from conftest import (FP32_ATOL, FP32_RTOL, assert_close_to_reference, assert_lse_close, torch_attention)
 from fusedattn import _cuda_backend as backend
+from fusedattn import inference
 from fusedattn.reference import attention_reference, dropout_keep_mask
 
 pytestmark = pytest.mark.cuda
@@ -575,6 +576,94 @@ def test_varlen_errors_and_no_backward():
         fusedattn.attention_varlen(q_grad, k, k, cu_q, cu_k, 5, 5)
     with torch.no_grad():
         fusedattn.attention_varlen(q_grad, k, k, cu_q, cu_k, 5, 5)
+
+
+# ---------------------------------------------------------------- rotary with CUDA caches
+
+def _rotary_table(positions, rotary_dim, dtype=torch.float32):
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] / (
+        100.0 ** (torch.arange(rotary_dim // 2, dtype=torch.float64) / (rotary_dim // 2)))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+ROTARY_CASES = [
+    # dtype, interleaved, causal, window, paged, leftpad, new tokens
+    (torch.float16, True, True, (-1, -1), False, False, 2),
+    (torch.bfloat16, False, True, (-1, -1), True, False, 3),
+    (torch.float32, True, False, (-1, -1), False, True, 1),   # causal=False, no window: all of q at cache_seqlens
+    (torch.float16, False, False, (16, 0), False, False, 2),  # a window: per-token positions again
+    (torch.bfloat16, True, True, (-1, -1), False, True, 0),   # no new tokens: only q rotates
+]
+
+
+@pytest.mark.parametrize("dtype,interleaved,causal,window,paged,leftpad,new", ROTARY_CASES,
+                         ids=[f"{str(c[0])[6:]}-{'interleaved' if c[1] else 'halves'}-{'causal' if c[2] else 'full'}"
+                              f"-w{c[3][0]}{'-paged' if c[4] else ''}{'-leftpad' if c[5] else ''}-new{c[6]}"
+                              for c in ROTARY_CASES])
+def test_kvcache_rotary_matches_the_cpu_path(dtype, interleaved, causal, window, paged, leftpad, new):
+    """attention_with_kvcache(rotary_cos=..., rotary_sin=...) on CUDA caches: the cache gets
+    exactly the CPU path's rotated keys (same torch ops, bit for bit), and out is the attention
+    of the rotated q over it (fp64 reference, DESIGN.md's rule)."""
+    batch, seqlen_q, heads, heads_kv, head_dim, rotary_dim, capacity = 3, max(new, 2), 4, 2, 64, 32, 48
+    cos, sin = _rotary_table(capacity, rotary_dim)
+    before = torch.tensor([2, 17, capacity - seqlen_q], dtype=torch.int32)  # the last one ends at the capacity
+    q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, new, heads_kv, head_dim, dtype=dtype) for _ in range(2))
+    kwargs = dict(causal=causal, window=window, rotary_interleaved=interleaved, return_lse=True)
+    if paged:
+        page_size = 16
+        table = torch.randperm(batch * capacity // page_size + 2)[: batch * capacity // page_size]
+        kwargs["block_table"] = table.reshape(batch, -1).to(torch.int32)
+        cache_shape = (batch * capacity // page_size + 2, page_size, heads_kv, head_dim)
+    else:
+        cache_shape = (batch, capacity, heads_kv, head_dim)
+    if leftpad:
+        kwargs["cache_leftpad"] = torch.tensor([0, 5, 2], dtype=torch.int32)
+    k_cache, v_cache = (torch.randn(cache_shape, dtype=dtype) for _ in range(2))
+    k_gpu, v_gpu = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    new_kv = (k_new, v_new) if new else (None, None)
+
+    out_cpu, lse_cpu = fusedattn.attention_with_kvcache(q, k_cache, v_cache, *new_kv, cache_seqlens=before,
+                                                        rotary_cos=cos, rotary_sin=sin, **kwargs)
+    gpu_kwargs = {key: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for key, x in kwargs.items()}
+    out, lse = fusedattn.attention_with_kvcache(q.to(DEVICE), k_gpu, v_gpu,
+                                                *(None if x is None else x.to(DEVICE) for x in new_kv),
+                                                cache_seqlens=before.to(DEVICE), rotary_cos=cos.to(DEVICE),
+                                                rotary_sin=sin.to(DEVICE), **gpu_kwargs)
+    torch.cuda.synchronize()
+    assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
+    # The rotated q, as the CPU path computes it (its positions rule), then plain attention per sequence.
+    steps = torch.arange(seqlen_q) if causal or window != (-1, -1) else torch.zeros(seqlen_q, dtype=torch.long)
+    q_rot = inference._apply_rotary(q, cos, sin, before.long()[:, None] + steps, interleaved)
+    begin = kwargs.get("cache_leftpad", torch.zeros(batch, dtype=torch.int32))
+    for b in range(batch):
+        slots = torch.arange(int(begin[b]), int(before[b]) + new)
+        if paged:
+            table = kwargs["block_table"]
+            keys, values = (c[table[b, slots // page_size].long(), slots % page_size][None] for c in (k_cache, v_cache))
+        else:
+            keys, values = k_cache[b, slots][None], v_cache[b, slots][None]
+        options = dict(causal=causal, window=window, q_offset=keys.shape[1] - seqlen_q)
+        ref, ref_lse = attention_reference(q_rot[b:b + 1], keys, values, layout="bshd", **options)
+        lowp = None if dtype == torch.float32 else torch_attention(q_rot[b:b + 1], keys, values, layout="bshd",
+                                                                   **options)[0]
+        assert_close_to_reference(out[b:b + 1].cpu(), lowp, ref)
+        assert_lse_close(lse[b:b + 1].cpu(), ref_lse, dtype)
+    torch.testing.assert_close(lse.cpu(), lse_cpu, atol=2e-5, rtol=2e-6)
+
+
+def test_kvcache_rotary_errors():
+    q = torch.randn(1, 1, 2, 64, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(1, 32, 1, 64, dtype=torch.float16, device=DEVICE)
+    cos, sin = (x.to(DEVICE) for x in _rotary_table(32, 16))
+    with pytest.raises(ValueError, match="both rotary_cos and rotary_sin"):
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=cos)
+    with pytest.raises(ValueError, match="cache capacity"):
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=cos[:20],
+                                         rotary_sin=sin[:20])
+    with pytest.raises(ValueError, match="rotary_dim"):
+        wide = torch.zeros(32, 40, device=DEVICE)
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=wide, rotary_sin=wide)
 
 
 # ---------------------------------------------------------------- merge_attention_states
