@@ -5,7 +5,9 @@ Forward: hidden 2048 (heads = 2048 / head_dim), head_dim 64 and 128, (batch, seq
 (32, 512) to (1, 16384) with batch·seqlen = 16k, causal and not, bf16 (FlashAttention's grid).
 TFLOP/s = 4·B·H·L²·D / time, halved when causal. Implementations are timed interleaved
 (A B C D A B C D …, CUDA events, medians), after warm-up; max |fusedattn - SDPA| is printed
-as a sanity column. Decode: one query token per sequence (GQA 32/8, head_dim 128, bf16) over a
+as a sanity column. Varlen: 16k packed tokens in sequences of 64..4096 (fixed draw), causal,
+against SDPA on the same sequences zero-padded to the longest (what varlen saves); TFLOP/s of
+the real tokens. Decode: one query token per sequence (GQA 32/8, head_dim 128, bf16) over a
 contiguous or paged cache: GB/s of K/V read against a large device-to-device copy (bytes read
 plus written), the machine's measured bandwidth. fusedattn runs first in a subprocess smoke
 test; if that crashes, only the baselines are timed.
@@ -16,8 +18,10 @@ test; if that crashes, only the baselines are timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,20 @@ FORWARD_SHAPES = [(32, 512), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16
 # (batch, heads, heads_kv, cache length, head_dim, page_size or 0 for a contiguous cache)
 DECODE_SHAPES = [(1, 32, 8, 16384, 128, 0), (8, 32, 8, 8192, 128, 0), (32, 32, 8, 4096, 128, 0),
                  (64, 32, 8, 2048, 128, 0), (8, 32, 8, 8192, 128, 16), (32, 32, 8, 4096, 128, 256)]
+
+
+def varlen_lengths(total: int = 16384) -> list:
+    """Sequence lengths of 64..4096 summing to `total` (a fixed draw)."""
+    draw, lengths = random.Random(0), []
+    while sum(lengths) < total:
+        lengths.append(draw.randint(64, 4096))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+def packed(x):
+    """(total, heads, d) as the (1, heads, total, d) view the CUDA module reads."""
+    return x[None].transpose(1, 2)
 
 
 def variant(scale, causal):
@@ -115,6 +133,41 @@ def forward_rows(reps: int, with_fusedattn: bool, quick: bool) -> list:
     return rows
 
 
+def varlen_rows(reps: int, with_fusedattn: bool) -> list:
+    rows = []
+    baselines = sdpa_backends()
+    lengths = varlen_lengths()
+    longest, total = max(lengths), sum(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    for head_dim in (64, 128):
+        heads = HIDDEN // head_dim
+        q, k, v = (torch.randn(total, heads, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        out = torch.empty_like(q)
+        # The same sequences zero-padded to the longest, (batch, heads, longest, d): causal top-left is
+        # bottom-right for Lq = Lk, and padding after the real keys is never seen by real rows.
+        padded = [torch.zeros(len(lengths), heads, longest, head_dim, dtype=torch.bfloat16, device="cuda")
+                  for _ in range(3)]
+        for b, (start, length) in enumerate(zip(cu.tolist(), lengths)):
+            for dst, src in zip(padded, (q, k, v)):
+                dst[b, :, :length] = src[start:start + length].transpose(0, 1)
+        flops = sum(4 * heads * length * length * head_dim / 2 for length in lengths)
+        calls = {}
+        if with_fusedattn:
+            calls["fusedattn"] = lambda: backend.varlen_forward(packed(q), packed(k), packed(v), packed(out), None, cu,
+                                                                cu, longest, variant(head_dim**-0.5, True))
+        for name, fn in baselines.items():
+            try:
+                fn(*padded, True)
+                calls[name] = lambda fn=fn: fn(*padded, True)
+            except RuntimeError:
+                pass
+        ms = time_interleaved(calls, reps)
+        rows.append({"head_dim": head_dim, "sequences": len(lengths), "longest": longest, "total": total,
+                     "tflops": {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}, "ms": ms})
+        del q, k, v, out, padded
+    return rows
+
+
 def decode_rows(reps: int, with_fusedattn: bool, bandwidth: float) -> list:
     rows = []
     for batch, heads, heads_kv, length, head_dim, page_size in DECODE_SHAPES:
@@ -158,6 +211,20 @@ def smoke() -> None:
             torch.cuda.synchronize()
             err = (out.float() - expected.float()).abs().max().item()
             print(f"smoke forward d{head_dim} causal={causal}: max |diff| vs SDPA {err:.3g}")
+    lengths = [300, 1, 77]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 4, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    out = torch.empty_like(q)
+    backend.varlen_forward(packed(q), packed(k), packed(v), packed(out), None, cu, cu, max(lengths),
+                           variant(64**-0.5, True))
+    err = 0.0
+    for start, length in zip(cu.tolist(), lengths):
+        rows = slice(start, start + length)
+        expected = torch.nn.functional.scaled_dot_product_attention(*(x[rows].transpose(0, 1) for x in (q, k, v)),
+                                                                    is_causal=True)
+        err = max(err, (out[rows].transpose(0, 1).float() - expected.float()).abs().max().item())
+    torch.cuda.synchronize()
+    print(f"smoke varlen d64 causal: max |diff| vs SDPA per sequence {err:.3g}")
     k_cache = torch.randn(2, 1000, 2, 128, dtype=torch.bfloat16, device="cuda")
     q = torch.randn(2, 8, 1, 128, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
@@ -167,7 +234,7 @@ def smoke() -> None:
     print("smoke decode: ok")
 
 
-def table(forward: list, decode: list, bandwidth: float, fused_ok: bool) -> str:
+def table(forward: list, varlen: list, decode: list, bandwidth: float, fused_ok: bool) -> str:
     lines = [f"GPU: {torch.cuda.get_device_name()}   torch {torch.__version__}   copy bandwidth {bandwidth:.0f} GB/s"]
     if not fused_ok:
         lines.append("fusedattn CRASHED in the smoke test: baselines only")
@@ -181,6 +248,17 @@ def table(forward: list, decode: list, bandwidth: float, fused_ok: bool) -> str:
         diff = f"{r['max_abs_diff']:8.1e}" if "max_abs_diff" in r else f"{'-':>8}"
         lines.append(f"{r['head_dim']:>4} {('yes' if r['causal'] else 'no'):>6} {r['batch']:>3}x{r['seqlen']:<5} " +
                      " ".join(f"{t[n]:9.1f}" if n in t else f"{'-':>9}" for n in names) + f" {ratio} {diff}")
+    if varlen:
+        r = varlen[0]
+        lines.append(f"varlen bf16 causal, {r['total']} tokens in {r['sequences']} sequences (longest {r['longest']}), "
+                     "TFLOP/s of the real tokens; SDPA on the zero-padded batch")
+        lines.append(f"{'d':>4} " + " ".join(f"{n:>9}" for n in names) + f" {'vs best':>8}")
+        for r in varlen:
+            t = r["tflops"]
+            best = max((t[n] for n in names[1:] if n in t), default=0.0)
+            ratio = f"{t['fusedattn'] / best:8.2f}" if "fusedattn" in t and best else f"{'-':>8}"
+            lines.append(f"{r['head_dim']:>4} " + " ".join(f"{t[n]:9.1f}" if n in t else f"{'-':>9}" for n in names) +
+                         f" {ratio}")
     lines.append(f"decode bf16, 1 query token, GB/s of K/V read (% of the copy bandwidth)")
     lines.append(f"{'B':>4} {'Hq/Hkv':>7} {'L':>6} {'d':>4} {'cache':>10} {'fusedattn':>16} {'sdpa':>16}")
     for r in decode:
@@ -211,14 +289,15 @@ def main() -> int:
     started = time.time()
     bandwidth = measure_bandwidth()
     forward = forward_rows(args.reps, fused_ok, args.quick)
+    varlen = varlen_rows(args.reps, fused_ok)
     decode = decode_rows(args.reps, fused_ok, bandwidth)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "bandwidth_gbs": bandwidth,
-                       "fusedattn_ok": fused_ok, "forward": forward, "decode": decode}, f, indent=1)
+                       "fusedattn_ok": fused_ok, "forward": forward, "varlen": varlen, "decode": decode}, f, indent=1)
     print(f"(benchmark took {time.time() - started:.0f} s)")
-    print(table(forward, decode, bandwidth, fused_ok))
+    print(table(forward, varlen, decode, bandwidth, fused_ok))
     return 0 if fused_ok else 1
 
 

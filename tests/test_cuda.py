@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (FP32_ATOL, FP32_RTOL, assert_close_to_reference, assert_lse_close, torch_attention)
+import fusedattn
+from conftest import (FP32_ATOL, FP32_RTOL, LSE_ATOL, LSE_RTOL, assert_close_to_reference, assert_lse_close,
+                      torch_attention)
 from fusedattn import _cuda_backend as backend
+from fusedattn import inference
 from fusedattn.reference import attention_reference, dropout_keep_mask
 
 pytestmark = pytest.mark.cuda
@@ -388,6 +391,281 @@ def test_kvcache_append_paged_any_page_size():
                 assert torch.equal(cache[page, slot % page_size], k[b, :, t])
                 assert torch.equal(other[page, slot % page_size], k[b, :, t] * 2)
         assert int((cache != 0).any(-1).any(-1).sum()) == 10  # nothing else written
+
+
+# ---------------------------------------------------------------- varlen (packed sequences)
+
+VARLEN_LENGTHS = ([1, 17, 0, 1000, 5], [3, 17, 4, 1000, 0])  # an empty q and an empty k sequence
+
+
+def _packed(lengths, heads, head_dim, dtype, scale=1.0):
+    """A random packed (total, heads, head_dim) GPU tensor and its int32 cu_seqlens on the GPU."""
+    x = torch.randn(int(sum(lengths)), heads, head_dim, dtype=dtype, device=DEVICE) * scale
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=DEVICE)
+    return x, cu
+
+
+def _varlen_options(case, num_heads, batch):
+    """Keyword arguments of one varlen variant; ALiBi slopes per (sequence, head)."""
+    return dict(causal=case.get("causal", False), window=case.get("window", (-1, -1)), softcap=case.get("softcap", 0.0),
+                alibi_slopes=torch.rand(batch, num_heads, device=DEVICE) * 0.1 if case.get("alibi") else None,
+                sinks=torch.randn(num_heads, device=DEVICE) if case.get("sinks") else None)
+
+
+def _run_varlen(q, k, v, cu_q, cu_k, max_seqlen_q, *, tail=0, scale=None, causal=False, window=(-1, -1), softcap=0.0,
+                alibi_slopes=None, sinks=None, dropout_p=0.0, seed=0):
+    """The CUDA varlen forward into a NaN-poisoned out (inside a NaN buffer) and lse, q having
+    `tail` extra packed rows after the last sequence. Returns (out, lse) after checking that every
+    element, the tail's included, was written and nothing around it."""
+    total_q, heads, head_dim = q.shape[0] + tail, q.shape[1], q.shape[2]
+    q = torch.cat([q, torch.randn(tail, heads, head_dim, dtype=q.dtype, device=DEVICE)])
+    big, out = _nan_view((1, heads, total_q, head_dim), q.dtype, "bshd")  # out[0]: (total_q, heads, d)
+    lse = torch.full((1, heads, total_q), float("nan"), device=DEVICE)
+    variant = _variant(head_dim**-0.5 if scale is None else scale, causal=causal, window=window, softcap=softcap,
+                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, seed=seed)
+    backend.varlen_forward(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                           out.transpose(1, 2), lse, cu_q, cu_k, max_seqlen_q, variant)
+    torch.cuda.synchronize()
+    _assert_only_view_written(big, out)
+    assert not torch.isnan(lse).any(), "an lse entry was not written"
+    end = int(cu_q[-1])
+    assert torch.equal(out[0, end:], torch.zeros_like(out[0, end:])), "rows after the last sequence must be 0"
+    assert torch.isneginf(lse[0, :, end:]).all(), "rows after the last sequence must have LSE -inf"
+    return out[0, :end], lse[0, :, :end]
+
+
+def _check_varlen_sequence(out, lse, q, k, v, dropout_mask=None, **options):
+    """One sequence (packed rows) against the fp64 reference with DESIGN.md's rule."""
+    if k.shape[0] == 0:  # no keys: out 0, LSE -inf (or the sink's logit, through exp2/log2 on tensor cores)
+        sinks = options.get("sinks")
+        expected = (torch.full(lse.shape, float("-inf")) if sinks is None
+                    else sinks.float().cpu()[:, None].expand(lse.shape))
+        assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
+        torch.testing.assert_close(lse.cpu(), expected, atol=LSE_ATOL, rtol=LSE_RTOL)
+        return
+    q, k, v = (x[None] for x in (q, k, v))  # (1, seqlen, heads, d): bshd
+    ref, ref_lse = attention_reference(q, k, v, layout="bshd", dropout_mask=dropout_mask, **options)
+    lowp = None
+    if q.dtype != torch.float32:
+        cpu_options = {key: (_cpu(x) if isinstance(x, torch.Tensor) else x) for key, x in options.items()}
+        lowp, _ = torch_attention(_cpu(q), _cpu(k), _cpu(v), layout="bshd", dropout_mask=dropout_mask, **cpu_options)
+    assert_close_to_reference(out[None].cpu(), lowp, ref)
+    if options.get("sinks") is None:
+        assert np.all(out.float().cpu().numpy().swapaxes(0, 1)[np.isneginf(ref_lse[0])] == 0.0)
+    assert_lse_close(lse[None].cpu(), ref_lse, q.dtype)
+
+
+VARLEN_CASES = [dict(causal=True), dict(window=(8, 3)), dict(causal=True, softcap=15.0, alibi=True, sinks=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=["causal", "window", "softcap-alibi-sinks"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_varlen_equals_per_sequence_calls_and_reference(dtype, case, heads):
+    """Sequences of lengths 1, 17, 0 (no queries), 1000 and 5 (no keys), plus 3 rows after the last
+    one: each sequence's rows equal a plain CUDA call on that sequence alone (the same kernel on
+    the same tiles: bit for bit) and the fp64 reference (DESIGN.md's rule), bottom-right."""
+    (lengths_q, lengths_k), (num_heads, num_heads_kv) = VARLEN_LENGTHS, heads
+    q, cu_q = _packed(lengths_q, num_heads, 64, dtype)
+    k, cu_k = _packed(lengths_k, num_heads_kv, 64, dtype, scale=2.0)
+    v, _ = _packed(lengths_k, num_heads_kv, 64, dtype)
+    options = _varlen_options(case, num_heads, len(lengths_q))
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, max(lengths_q), tail=3, **options)
+    for b in range(len(lengths_q)):
+        rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lengths_q[b] == 0:
+            continue
+        slopes = options["alibi_slopes"]
+        per_sequence = dict(options, alibi_slopes=None if slopes is None else slopes[b])
+        alone, alone_lse = fusedattn.attention(q[rows][None], k[keys][None], v[keys][None], layout="bshd",
+                                               return_lse=True, **per_sequence)
+        torch.testing.assert_close(out[rows], alone[0], atol=0, rtol=0)
+        torch.testing.assert_close(lse[:, rows], alone_lse[0], atol=0, rtol=0)
+        _check_varlen_sequence(out[rows], lse[:, rows], q[rows], k[keys], v[keys], **per_sequence)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 59, 96, 128, 192, 256])
+def test_varlen_head_dims(dtype, head_dim):
+    """Every head-dim bucket (59: the 2-byte load path), GQA, a sequence longer than one q-tile."""
+    lengths_q, lengths_k = [1, 17, 0, 130, 5], [3, 17, 4, 140, 0]
+    q, cu_q = _packed(lengths_q, 4, head_dim, dtype)
+    k, cu_k = _packed(lengths_k, 2, head_dim, dtype, scale=2.0)
+    v, _ = _packed(lengths_k, 2, head_dim, dtype)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, 130, tail=2, causal=True)
+    for b in range(len(lengths_q)):
+        rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lengths_q[b]:
+            _check_varlen_sequence(out[rows], lse[:, rows], q[rows], k[keys], v[keys], causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout_p", [0.17, 0.5])
+def test_varlen_dropout_matches_the_philox_mask(dtype, dropout_p):
+    """Dropout sees (sequence b, head, row within the sequence, key): reference.dropout_keep_mask's
+    batch index is the sequence, as on the CPU."""
+    lengths_q, lengths_k = [1, 17, 0, 70, 5], [3, 17, 4, 90, 0]
+    q, cu_q = _packed(lengths_q, 2, 64, dtype)
+    k, cu_k = _packed(lengths_k, 2, 64, dtype)
+    v, _ = _packed(lengths_k, 2, 64, dtype)
+    out, lse = _run_varlen(q, k, v, cu_q, cu_k, 70, causal=True, dropout_p=dropout_p, seed=987654321)
+    keep = dropout_keep_mask(len(lengths_q), 2, max(lengths_q), max(lengths_k), dropout_p, 987654321)
+    for b in range(len(lengths_q)):
+        rows, keys = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lengths_q[b]:
+            mask = keep[b:b + 1, :, :lengths_q[b], :lengths_k[b]]
+            _check_varlen_sequence(out[rows], lse[:, rows], q[rows], k[keys], v[keys], dropout_mask=mask, causal=True,
+                                   dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_public_api_and_rows_after_the_last_sequence(dtype):
+    """attention_varlen / flash_attn_varlen_func on CUDA tensors, cu_seqlens on the GPU (int32 or
+    int64) or on the host (lists, CPU tensors: checked first, as on the CPU); packed rows after
+    cu_seqlens_q[-1] give 0 and LSE -inf."""
+    q, cu_q = _packed([7, 9], 4, 64, dtype)
+    k, cu_k = _packed([12, 9], 2, 64, dtype)
+    q_padded = torch.cat([q, torch.randn(3, 4, 64, dtype=dtype, device=DEVICE)])
+    out, lse = fusedattn.attention_varlen(q_padded, k, k, cu_q, cu_k.long(), 9, 12, causal=True, return_lse=True)
+    assert out.is_cuda and out.shape == q_padded.shape and lse.shape == (4, 19) and lse.dtype == torch.float32
+    assert torch.equal(out[16:], torch.zeros_like(out[16:])) and torch.isneginf(lse[:, 16:]).all()
+    host = fusedattn.flash_attn_varlen_func(q_padded, k, k, [0, 7, 16], cu_k.cpu(), 9, 12, causal=True,
+                                            return_attn_probs=True)
+    torch.testing.assert_close(host[0], out, atol=0, rtol=0)
+    torch.testing.assert_close(host[1], lse, atol=0, rtol=0)
+    for b, rows in enumerate((slice(0, 7), slice(7, 16))):
+        keys = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        _check_varlen_sequence(out[rows], lse[:, rows], q_padded[rows], k[keys], k[keys], causal=True)
+
+
+def test_varlen_sequence_longer_than_max_seqlen_q_is_nan_not_stale():
+    """max_seqlen_q sizes the grid and cannot be checked against cu_seqlens on the GPU without a
+    host sync: the rows of a longer sequence past the grid's q-tiles come out NaN (out and LSE),
+    the rows the tiles cover are right. With cu_seqlens on the host it is a ValueError."""
+    for dtype in DTYPES:
+        q, cu_q = _packed([300, 3], 2, 64, dtype)  # the grid covers >= 4 rows (fp32) or >= 64 (tensor cores)
+        k, cu_k = _packed([310, 5], 2, 64, dtype)
+        out, lse = fusedattn.attention_varlen(q, k, k, cu_q, cu_k, 1, 310, causal=True, return_lse=True)
+        torch.cuda.synchronize()
+        nan_rows = torch.isnan(lse[0, :300])
+        computed = int((~nan_rows).sum())
+        assert 1 <= computed < 300 and not nan_rows[:computed].any(), "the grid covers a prefix of the sequence"
+        assert torch.equal(torch.isnan(out[:300]).all(-1).all(-1), nan_rows)
+        assert torch.equal(torch.isnan(lse[:, :300]), nan_rows.expand(2, 300))
+        _check_varlen_sequence(out[:computed], lse[:, :computed], q[:computed], k[:310], k[:310], causal=True,
+                               q_offset=10)
+        _check_varlen_sequence(out[300:], lse[:, 300:], q[300:], k[310:], k[310:], causal=True)
+    with pytest.raises(ValueError, match="max_seqlen_q / max_seqlen_k are smaller"):
+        fusedattn.attention_varlen(q, k, k, cu_q.cpu(), cu_k.cpu(), 1, 310)
+
+
+def test_varlen_errors_and_no_backward():
+    q, cu_q = _packed([3, 5], 2, 32, torch.float16)
+    k, cu_k = _packed([3, 5], 2, 32, torch.float16)
+    for cu, message in (([1, 3, 8], r"\[0\] must be 0"), ([0, 5, 3], "non-decreasing"), ([0, 3, 99], "beyond")):
+        with pytest.raises(ValueError, match=message):
+            fusedattn.attention_varlen(q, k, k, torch.tensor(cu, dtype=torch.int32), cu_k, 99, 99)
+    with pytest.raises(ValueError, match="batch \\+ 1"):
+        fusedattn.attention_varlen(q, k, k, cu_q, cu_k[:2], 5, 5)
+    with pytest.raises(TypeError, match="integer"):
+        fusedattn.attention_varlen(q, k, k, cu_q.float(), cu_k, 5, 5)
+    with pytest.raises(TypeError, match="float64"):
+        fusedattn.attention_varlen(q.double(), k.double(), k.double(), cu_q, cu_k, 5, 5)
+    with pytest.raises(ValueError, match="k is on cpu"):
+        fusedattn.attention_varlen(q, k.cpu(), k, cu_q, cu_k, 5, 5)
+    q_grad = q.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="backward pass on CUDA"):
+        fusedattn.attention_varlen(q_grad, k, k, cu_q, cu_k, 5, 5)
+    with torch.no_grad():
+        fusedattn.attention_varlen(q_grad, k, k, cu_q, cu_k, 5, 5)
+
+
+# ---------------------------------------------------------------- rotary with CUDA caches
+
+def _rotary_table(positions, rotary_dim, dtype=torch.float32):
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] / (
+        100.0 ** (torch.arange(rotary_dim // 2, dtype=torch.float64) / (rotary_dim // 2)))
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+ROTARY_CASES = [
+    # dtype, interleaved, causal, window, paged, leftpad, new tokens
+    (torch.float16, True, True, (-1, -1), False, False, 2),
+    (torch.bfloat16, False, True, (-1, -1), True, False, 3),
+    (torch.float32, True, False, (-1, -1), False, True, 1),   # causal=False, no window: all of q at cache_seqlens
+    (torch.float16, False, False, (16, 0), False, False, 2),  # a window: per-token positions again
+    (torch.bfloat16, True, True, (-1, -1), False, True, 0),   # no new tokens: only q rotates
+]
+
+
+@pytest.mark.parametrize("dtype,interleaved,causal,window,paged,leftpad,new", ROTARY_CASES,
+                         ids=[f"{str(c[0])[6:]}-{'interleaved' if c[1] else 'halves'}-{'causal' if c[2] else 'full'}"
+                              f"-w{c[3][0]}{'-paged' if c[4] else ''}{'-leftpad' if c[5] else ''}-new{c[6]}"
+                              for c in ROTARY_CASES])
+def test_kvcache_rotary_matches_the_cpu_path(dtype, interleaved, causal, window, paged, leftpad, new):
+    """attention_with_kvcache(rotary_cos=..., rotary_sin=...) on CUDA caches: the cache gets
+    exactly the CPU path's rotated keys (same torch ops, bit for bit), and out is the attention
+    of the rotated q over it (fp64 reference, DESIGN.md's rule)."""
+    batch, seqlen_q, heads, heads_kv, head_dim, rotary_dim, capacity = 3, max(new, 2), 4, 2, 64, 32, 48
+    cos, sin = _rotary_table(capacity, rotary_dim)
+    before = torch.tensor([2, 17, capacity - seqlen_q], dtype=torch.int32)  # the last one ends at the capacity
+    q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, new, heads_kv, head_dim, dtype=dtype) for _ in range(2))
+    kwargs = dict(causal=causal, window=window, rotary_interleaved=interleaved, return_lse=True)
+    if paged:
+        page_size = 16
+        table = torch.randperm(batch * capacity // page_size + 2)[: batch * capacity // page_size]
+        kwargs["block_table"] = table.reshape(batch, -1).to(torch.int32)
+        cache_shape = (batch * capacity // page_size + 2, page_size, heads_kv, head_dim)
+    else:
+        cache_shape = (batch, capacity, heads_kv, head_dim)
+    if leftpad:
+        kwargs["cache_leftpad"] = torch.tensor([0, 5, 2], dtype=torch.int32)
+    k_cache, v_cache = (torch.randn(cache_shape, dtype=dtype) for _ in range(2))
+    k_gpu, v_gpu = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    new_kv = (k_new, v_new) if new else (None, None)
+
+    out_cpu, lse_cpu = fusedattn.attention_with_kvcache(q, k_cache, v_cache, *new_kv, cache_seqlens=before,
+                                                        rotary_cos=cos, rotary_sin=sin, **kwargs)
+    gpu_kwargs = {key: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for key, x in kwargs.items()}
+    out, lse = fusedattn.attention_with_kvcache(q.to(DEVICE), k_gpu, v_gpu,
+                                                *(None if x is None else x.to(DEVICE) for x in new_kv),
+                                                cache_seqlens=before.to(DEVICE), rotary_cos=cos.to(DEVICE),
+                                                rotary_sin=sin.to(DEVICE), **gpu_kwargs)
+    torch.cuda.synchronize()
+    assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
+    # The rotated q, as the CPU path computes it (its positions rule), then plain attention per sequence.
+    steps = torch.arange(seqlen_q) if causal or window != (-1, -1) else torch.zeros(seqlen_q, dtype=torch.long)
+    q_rot = inference._apply_rotary(q, cos, sin, before.long()[:, None] + steps, interleaved)
+    begin = kwargs.get("cache_leftpad", torch.zeros(batch, dtype=torch.int32))
+    for b in range(batch):
+        slots = torch.arange(int(begin[b]), int(before[b]) + new)
+        if paged:
+            table = kwargs["block_table"]
+            keys, values = (c[table[b, slots // page_size].long(), slots % page_size][None] for c in (k_cache, v_cache))
+        else:
+            keys, values = k_cache[b, slots][None], v_cache[b, slots][None]
+        options = dict(causal=causal, window=window, q_offset=keys.shape[1] - seqlen_q)
+        ref, ref_lse = attention_reference(q_rot[b:b + 1], keys, values, layout="bshd", **options)
+        lowp = None if dtype == torch.float32 else torch_attention(q_rot[b:b + 1], keys, values, layout="bshd",
+                                                                   **options)[0]
+        assert_close_to_reference(out[b:b + 1].cpu(), lowp, ref)
+        assert_lse_close(lse[b:b + 1].cpu(), ref_lse, dtype)
+    torch.testing.assert_close(lse.cpu(), lse_cpu, atol=2e-5, rtol=2e-6)
+
+
+def test_kvcache_rotary_errors():
+    q = torch.randn(1, 1, 2, 64, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(1, 32, 1, 64, dtype=torch.float16, device=DEVICE)
+    cos, sin = (x.to(DEVICE) for x in _rotary_table(32, 16))
+    with pytest.raises(ValueError, match="both rotary_cos and rotary_sin"):
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=cos)
+    with pytest.raises(ValueError, match="cache capacity"):
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=cos[:20],
+                                         rotary_sin=sin[:20])
+    with pytest.raises(ValueError, match="rotary_dim"):
+        wide = torch.zeros(32, 40, device=DEVICE)
+        fusedattn.attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=3, rotary_cos=wide, rotary_sin=wide)
 
 
 # ---------------------------------------------------------------- merge_attention_states

@@ -119,6 +119,49 @@ void attention_forward(py::handle q, py::handle k, py::handle v, py::handle out,
   cuda::attention_forward(params, device, stream_pointer(stream));
 }
 
+// Packed variable-length batches: q, k, v, out the packed (total, heads, head_dim) arrays viewed
+// as (1, heads, total, head_dim); lse None or float32 (1, heads, total_q); cu_seqlens_q/k int32
+// (batch + 1,) on the same GPU, read by the kernels (no host sync; their values are not checked
+// here, the kernels clamp them to the packed rows); max_seqlen_q sizes the grid. variant: as
+// attention_forward with no attn_mask (q_offset is ignored: each sequence is bottom-right).
+void attention_varlen_forward(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
+                              py::handle cu_seqlens_q, py::handle cu_seqlens_k, int64_t max_seqlen_q,
+                              const py::tuple& variant, uintptr_t stream,
+                              const std::tuple<std::string, std::string, std::string>& names) {
+  ForwardViews views{view_array(q, std::get<0>(names)), view_array(k, std::get<1>(names)),
+                     view_array(v, std::get<2>(names)), view_array(out, "out")};
+  if (!lse.is_none()) views.lse = view_array(lse, "lse");
+  const TensorView cu_q = view_array(cu_seqlens_q, "cu_seqlens_q"), cu_k = view_array(cu_seqlens_k, "cu_seqlens_k");
+  if (cu_q.ndim() != 1 || cu_q.shape[0] < 1) {
+    fail("cu_seqlens_q must have shape (batch + 1,), got " + cu_q.shape_string());
+  }
+  const int64_t batch = cu_q.shape[0] - 1;
+  views.sequence_count = batch;  // rows of (batch, heads) alibi_slopes
+  const ForwardOptions options = parse_variant(variant, views);
+  if (views.mask) fail("attn_mask is not supported with variable-length batches");
+  if (max_seqlen_q < 0) fail("max_seqlen_q must be >= 0, got " + std::to_string(max_seqlen_q));
+  const int device = forward_device(views);
+  const TensorView q_view = views.q;
+  label_as_host(views);
+  cuda::VarlenParams varlen;
+  varlen.attn = make_forward_params(views, options);
+  check_gpu_dtype(varlen.attn, q_view);
+  AttentionParams& p = varlen.attn;
+  if (p.batch != 1) {
+    fail(q_view.name + " must be the packed (total, heads, head_dim) array viewed as (1, heads, total, head_dim), "
+         "got " + q_view.shape_string());
+  }
+  const std::string cu_shape = shape_text({batch + 1});
+  p.sequences.cu_seqlens_q = int32_array(cu_q, {batch + 1}, cu_shape, device);
+  p.sequences.cu_seqlens_k = int32_array(cu_k, {batch + 1}, cu_shape, device);
+  p.batch = batch;
+  for (TensorRef* t : {&p.q, &p.k, &p.v, &p.out}) t->batch_stride = 0;
+  p.lse_batch_stride = 0;
+  varlen.max_seqlen_q = max_seqlen_q;
+  py::gil_scoped_release release;
+  cuda::attention_varlen_forward(varlen, device, stream_pointer(stream));
+}
+
 // Attention over a KV cache (decode, chunked prefill), as _C.attention_kvcache_forward: q, out
 // (batch, heads, seqlen_q, head_dim); k_cache, v_cache viewed as (rows or pages, heads_kv,
 // max_seqlen or page_size, head_dim); cache_seqlens int32 (batch,) keys per sequence (new
@@ -303,6 +346,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("variant"), py::arg("stream"), py::arg("names"),
         "Forward attention into the caller-allocated out (and lse), on `stream`. Arrays in (b, h, s, d) order.");
+  m.def("attention_varlen_forward", &attention_varlen_forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("variant"), py::arg("stream"), py::arg("names"),
+        "Forward over packed variable-length sequences (bottom-right per sequence); cu_seqlens int32 on the GPU.");
   m.def("attention_kvcache_forward", &attention_kvcache_forward, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("block_table"), py::arg("cache_batch_idx"),
         py::arg("cache_leftpad"), py::arg("variant"), py::arg("num_splits"), py::arg("stream"),

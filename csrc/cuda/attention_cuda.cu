@@ -73,11 +73,13 @@ int64_t decode_m_tiles(const AttentionParams& p) {
   return (packed_rows + kDecodeRows - 1) / kDecodeRows;
 }
 
-void launch_simt(const SimtArgs& args, void* stream) {
+// The SIMT kernel over max_seqlen_q rows per (sequence, head), plus a varlen call's tail sequence.
+void launch_simt(SimtArgs args, int64_t max_seqlen_q, void* stream) {
   const AttentionParams& p = args.params;
-  const int64_t row_blocks = (p.seqlen_q + kSimtWarps - 1) / kSimtWarps;
+  args.row_blocks = std::max<int64_t>(1, (max_seqlen_q + kSimtWarps - 1) / kSimtWarps);
+  const int64_t sequences = p.batch + (p.sequences.cu_seqlens_q != nullptr ? 1 : 0);
   launch(simt_kernel, KernelName{args.kv_cache ? "kvcache_simt" : "forward_simt", Fp32::kName, 0},
-         row_blocks * p.num_heads * p.batch, 32 * kSimtWarps, kSimtSmemBytes, stream, args);
+         args.row_blocks * p.num_heads * sequences, 32 * kSimtWarps, kSimtSmemBytes, stream, args);
 }
 
 }  // namespace
@@ -88,10 +90,23 @@ void attention_forward(const AttentionParams& p, int device, void* stream) {
   if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return;
   DeviceGuard guard(device);
   switch (p.dtype) {
-    case DType::kFloat16: return launch_forward<Fp16>(p, forward_aligned(p), stream);
-    case DType::kBFloat16: return launch_forward<Bf16>(p, forward_aligned(p), stream);
-    case DType::kFloat32: return launch_simt(SimtArgs{p, false, 0, 0}, stream);
+    case DType::kFloat16: return launch_forward<Fp16>(p, p.seqlen_q, forward_aligned(p), stream);
+    case DType::kBFloat16: return launch_forward<Bf16>(p, p.seqlen_q, forward_aligned(p), stream);
+    case DType::kFloat32: return launch_simt(SimtArgs{p, false, 0, 0, 0}, p.seqlen_q, stream);
     default: unsupported_dtype("attention_forward");
+  }
+}
+
+void attention_varlen_forward(const VarlenParams& v, int device, void* stream) {
+  const AttentionParams& p = v.attn;
+  if (p.num_heads == 0 || p.seqlen_q == 0) return;  // no packed query rows
+  DeviceGuard guard(device);
+  // Alignment is judged on the packed views: every row of q/out (k/v) is walked.
+  switch (p.dtype) {
+    case DType::kFloat16: return launch_forward<Fp16>(p, v.max_seqlen_q, forward_aligned(p), stream);
+    case DType::kBFloat16: return launch_forward<Bf16>(p, v.max_seqlen_q, forward_aligned(p), stream);
+    case DType::kFloat32: return launch_simt(SimtArgs{p, false, 0, 0, 0}, v.max_seqlen_q, stream);
+    default: unsupported_dtype("attention_varlen_forward");
   }
 }
 
@@ -112,7 +127,9 @@ void attention_kvcache_forward(const KVCacheParams& c, int device, void* stream)
   const AttentionParams& p = c.attn;
   if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return;
   DeviceGuard guard(device);
-  if (p.dtype == DType::kFloat32) return launch_simt(SimtArgs{p, true, c.cache_rows, c.capacity}, stream);
+  if (p.dtype == DType::kFloat32) {
+    return launch_simt(SimtArgs{p, true, c.cache_rows, c.capacity, 0}, p.seqlen_q, stream);
+  }
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) unsupported_dtype("attention_kvcache_forward");
 
   DecodeArgs args{p, c.cache_rows, c.capacity, kvcache_num_splits(c, device), static_cast<int>(decode_m_tiles(p)),

@@ -12,6 +12,21 @@ namespace cuda {
 // Forward attention (fp16/bf16: tensor cores, head_dim <= 256; fp32: exact SIMT path).
 void attention_forward(const AttentionParams& params, int device, void* stream);
 
+// Forward over packed variable-length sequences (flash-attn's varlen layout; cuda/varlen.cuh).
+// attn is filled as for attention_forward on the packed (total, heads, head_dim) arrays viewed as
+// (1, heads, total, head_dim), so seqlen_q / seqlen_k are the packed row counts and lse is
+// (heads, total_q); then batch = the number of sequences, batch strides 0, and
+// attn.sequences.cu_seqlens_q / cu_seqlens_k are DEVICE int32 (batch + 1,) arrays that the
+// kernels read (no host sync; entries are clamped to the packed rows). Sequence b is
+// bottom-right (q_offset ignored); rows after cu_seqlens_q[batch] get out 0 and LSE -inf.
+// Every forward variant but attn_mask. max_seqlen_q only sizes the grid: a longer sequence is
+// still computed in full, by blocks that loop over its extra q-tiles.
+struct VarlenParams {
+  AttentionParams attn;
+  int64_t max_seqlen_q = 0;
+};
+void attention_varlen_forward(const VarlenParams& params, int device, void* stream);
+
 // Attention over a KV cache: decode and chunked prefill, split-KV (flash-decoding).
 // attn is filled as for the CPU's attention_kvcache_forward: q, out (batch, num_heads, seqlen_q,
 // head_dim); k, v the cache viewed as (rows or pages, num_heads_kv, max_seqlen or page_size,

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   // to the union of the visible ranges of its queries.
   const CacheSequence sequence = cache_sequence(p.sequences, args.capacity, batch);
   const int64_t seqlen_k = sequence.length;
-  const AttentionParams geo = sequence_geometry(p, seqlen_k);
+  const AttentionParams geo = sequence_geometry(p, seqlen_k, seqlen_k - p.seqlen_q);
   const int64_t tiles_per_split = ((args.capacity + kBlockN - 1) / kBlockN + args.num_splits - 1) / args.num_splits;
   const int64_t split_begin = split * tiles_per_split * kBlockN;
   const int64_t split_end = min64(split_begin + tiles_per_split * kBlockN, seqlen_k);

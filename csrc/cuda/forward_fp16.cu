@@ -3,6 +3,6 @@
 
 namespace fusedattn {
 namespace cuda {
-template void launch_forward<Fp16>(const AttentionParams&, bool, void*);
+template void launch_forward<Fp16>(const AttentionParams&, int64_t, bool, void*);
 }  // namespace cuda
 }  // namespace fusedattn

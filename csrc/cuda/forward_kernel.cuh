@@ -2,7 +2,10 @@
 //
 // One thread block per (q-tile of kBlockM rows, head, batch); warp w owns rows
 // [16·kMTiles·w, 16·kMTiles·(w+1)) of the tile ("split-Q": no reduction across warps).
-//   shared memory  Q [kBlockM x D] | K [2 stages x kBlockN x D] | V [2 stages x kBlockN x D]
+// Packed variable-length batches (varlen.cuh) run the same code: the grid covers the q-tiles
+// of max_seqlen_q, and each block reads its sequence's rows from cu_seqlens on the device
+// (the tile's sequence then sits in shared memory, TileSequence).
+//   shared memory  Q [kBlockM x D] | K [2 stages x kBlockN x D] | V [2 stages x kBlockN x D] | TileSequence
 //   registers      S [kMTiles·16 x kBlockN] and O [kMTiles·16 x D] per warp, fp32
 // For each key tile n (only tiles that intersect the rows' visible ranges, variant.h):
 // cp.async tile n+1 into the other stage; wait for tile n; S = Q·Kᵀ; score pipeline
@@ -21,15 +24,25 @@
 #include "cuda/ptx.cuh"
 #include "cuda/score_mod.cuh"
 #include "cuda/tile_config.h"
+#include "cuda/varlen.cuh"
 #include "cuda/warp_tile.cuh"
 
 namespace fusedattn {
 namespace cuda {
 
 struct ForwardArgs {
-  AttentionParams params;
-  int num_m_blocks;  // ceil(seqlen_q / kBlockM)
-  bool aligned;      // 16-byte cp.async path (see load_tile)
+  AttentionParams params;  // varlen: params.sequences.cu_seqlens_q/k set, packed views (varlen.cuh)
+  int num_m_blocks;        // ceil(seqlen_q / kBlockM), or ceil(max_seqlen_q / kBlockM) for varlen
+  bool aligned;            // 16-byte cp.async path (see load_tile)
+};
+
+// Where a q-tile's sequence lies (varlen.cuh), kept in shared memory: held in registers across
+// the key loop, these few values made ptxas spill (56/92 bytes of spill stores/loads at d128,
+// sm_80), while the constants of a plain batch cost no register.
+struct TileSequence {
+  int64_t q_row0;    // the tile's first q/out row in the views
+  int64_t q_offset;  // position of the sequence's query row 0
+  int64_t seqlen_k;  // its keys
 };
 
 template <typename T, int kHeadDim>
@@ -43,7 +56,7 @@ struct ForwardTraits {
   static constexpr int kPitch = smem_pitch<kHeadDim>();
   static constexpr int kNTiles = kBlockN / 8;
   static constexpr int kDTiles = kHeadDim / 8;
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kPitch * 2;
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kPitch * 2 + sizeof(TileSequence);
   static_assert(kBlockM == 16 * kMTiles * kWarps, "each warp owns kMTiles 16-row MMA tiles");
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "MMA k-steps are 16 wide");
 };
@@ -79,9 +92,10 @@ FA_DEVICE void store_rows(uint16_t* out, int64_t row_stride, const uint16_t* til
   }
 }
 
+// One q-tile: rows [m_block·kBlockM, +kBlockM) of sequence `seq` (varlen.cuh), one head.
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
-    forward_kernel(const __grid_constant__ ForwardArgs args) {
+FA_DEVICE void forward_tile(const ForwardArgs& args, const SequenceRows& seq, int m_block, int64_t head,
+                            int64_t batch) {
   using Tr = ForwardTraits<T, kHeadDim>;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kMTiles = Tr::kMTiles, kPitch = Tr::kPitch;
   constexpr int kRowSlots = 2 * kMTiles;
@@ -90,40 +104,40 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
   const int lane = tid % 32;
   const int warp = tid / 32;
 
-  // Block -> (m_block, head, batch); the last q-tiles (the longest under causal) start first.
-  int64_t index = blockIdx.x;
-  const int m_block = args.num_m_blocks - 1 - static_cast<int>(index % args.num_m_blocks);
-  index /= args.num_m_blocks;
-  const int64_t head = index % p.num_heads;
-  const int64_t batch = index / p.num_heads;
-  const int64_t kv_head = kv_head_of(p, head);
-  const int row_begin = m_block * kBlockM;
-  const int rows = min(kBlockM, static_cast<int>(p.seqlen_q) - row_begin);
-  const int seqlen_k = static_cast<int>(p.seqlen_k);
-  const int head_dim = static_cast<int>(p.head_dim);
-
-  const uint16_t* q = static_cast<const uint16_t*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride +
-                      row_begin * p.q.row_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k.data) + batch * p.k.batch_stride + kv_head * p.k.head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v.data) + batch * p.v.batch_stride + kv_head * p.v.head_stride;
-
   uint16_t* s_q = reinterpret_cast<uint16_t*>(shared_memory());
   uint16_t* s_k = s_q + kBlockM * kPitch;
   uint16_t* s_v = s_k + 2 * kBlockN * kPitch;
+  TileSequence* s_seq = reinterpret_cast<TileSequence*>(s_v + 2 * kBlockN * kPitch);
+
+  const int64_t kv_head = kv_head_of(p, head);
+  const int row_begin = m_block * kBlockM;
+  const int rows = min(kBlockM, static_cast<int>(seq.seqlen_q) - row_begin);
+  const int head_dim = static_cast<int>(p.head_dim);
+  if (tid == 0) *s_seq = TileSequence{seq.q_begin + row_begin, sequence_q_offset(p, seq), seq.seqlen_k};
+  __syncthreads();
+  // variant.h's geometry of the sequence (positions, visible ranges), read from shared memory.
+  const auto geometry = [&] { return sequence_geometry(p, s_seq->seqlen_k, s_seq->q_offset); };
+
+  const uint16_t* q = static_cast<const uint16_t*>(p.q.data) + batch * p.q.batch_stride + head * p.q.head_stride +
+                      (seq.q_begin + row_begin) * p.q.row_stride;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k.data) + batch * p.k.batch_stride + kv_head * p.k.head_stride +
+                      seq.k_begin * p.k.row_stride;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v.data) + batch * p.v.batch_stride + kv_head * p.v.head_stride +
+                      seq.k_begin * p.v.row_stride;
 
   // Key tiles to visit: those meeting the union of the rows' visible ranges. A tile inside
   // [begin of the last row, end of the first row) is visible to every row: no range test.
-  const KeyRange keys = visible_keys_of_rows(p, row_begin, row_begin + rows);
+  const KeyRange keys = visible_keys_of_rows(geometry(), row_begin, row_begin + rows);
   const int n_begin = static_cast<int>(keys.begin / kBlockN);
   const int n_end = keys.end > keys.begin ? static_cast<int>((keys.end + kBlockN - 1) / kBlockN) : n_begin;
-  const int64_t all_visible_begin = visible_keys(p, row_begin + rows - 1).begin;
-  const int64_t all_visible_end = visible_keys(p, row_begin).end;
+  const int64_t all_visible_begin = visible_keys(geometry(), row_begin + rows - 1).begin;
+  const int64_t all_visible_end = visible_keys(geometry(), row_begin).end;
 
   load_tile<kBlockM, kHeadDim, Tr::kThreads>(
       s_q, [&](int r) { return r < rows ? q + r * p.q.row_stride : nullptr; }, head_dim, args.aligned, p.q.data, tid);
   auto load_kv = [&](int n, int stage) {
     const int key0 = n * kBlockN;
-    const int valid = min(kBlockN, seqlen_k - key0);
+    const int valid = min(kBlockN, static_cast<int>(s_seq->seqlen_k) - key0);
     load_tile<kBlockN, kHeadDim, Tr::kThreads>(
         s_k + stage * kBlockN * kPitch, [&](int r) { return r < valid ? k + (key0 + r) * p.k.row_stride : nullptr; },
         head_dim, args.aligned, p.k.data, tid);
@@ -146,13 +160,14 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
     const int local = warp_row0 + (ri / 2) * 16 + (ri % 2) * 8 + lane / 4;
     const bool valid = local < rows;
     const int row = row_begin + (valid ? local : rows - 1);
-    const KeyRange range = visible_keys(p, row);
+    const AttentionParams geo = geometry();
+    const KeyRange range = visible_keys(geo, row);
     const void* mask_row = has_mask && valid ? static_cast<const char*>(p.mask.data) +
                                                    (batch * p.mask.batch_stride + head * p.mask.head_stride +
                                                     row * p.mask.row_stride) * mask_element_size(p.mask.type)
                                              : nullptr;
     return RowSlot{row, static_cast<int>(range.begin), static_cast<int>(range.end),
-                   static_cast<float>(query_position(p, row)), slope, mask_row};
+                   static_cast<float>(query_position(geo, row)), slope, mask_row};
   };
   // A sink is a virtual key of logit sinks[head] and no value: (m, l) start at (sink, 1), with
   // the 1 on one lane of the quad since the quad's partial sums are added at the end.
@@ -199,7 +214,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
 
   // Epilogue: O / l into the warp's own Q rows (packed to T), then out to global memory.
   const int t = lane % 4;
-  float* lse = p.lse == nullptr ? nullptr : p.lse + lse_index(p, batch, head, row_begin);
+  float* lse = p.lse == nullptr ? nullptr : p.lse + lse_index(p, batch, head, s_seq->q_row0);
 #pragma unroll
   for (int ri = 0; ri < kRowSlots; ++ri) {
     const float sum = warp_sum_quad(row_sum[ri]);
@@ -216,9 +231,29 @@ __global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
   }
   __syncwarp();
   uint16_t* out = static_cast<uint16_t*>(p.out.data) + batch * p.out.batch_stride + head * p.out.head_stride +
-                  (row_begin + warp_row0) * p.out.row_stride;
+                  (s_seq->q_row0 + warp_row0) * p.out.row_stride;
   store_rows<kHeadDim, 16 * kMTiles>(out, p.out.row_stride, s_q + warp_row0 * kPitch, rows - warp_row0, head_dim,
                                      args.aligned, lane);
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(ForwardTraits<T, kHeadDim>::kThreads)
+    forward_kernel(const __grid_constant__ ForwardArgs args) {
+  using Tr = ForwardTraits<T, kHeadDim>;
+  const AttentionParams& p = args.params;
+  // Block -> (m_block, head, batch); the last q-tiles (the longest under causal) start first.
+  int64_t index = blockIdx.x;
+  const int m_block = args.num_m_blocks - 1 - static_cast<int>(index % args.num_m_blocks);
+  index /= args.num_m_blocks;
+  const int64_t head = index % p.num_heads;
+  const int64_t batch = index / p.num_heads;
+  const SequenceRows seq = sequence_rows(p, batch);
+  if (fill_rows_outside_tiles<T>(p, seq, batch, head, m_block, args.num_m_blocks, Tr::kBlockM, threadIdx.x,
+                                 Tr::kThreads)) {
+    return;  // the tail of a varlen call
+  }
+  if (static_cast<int64_t>(m_block) * Tr::kBlockM >= seq.seqlen_q) return;  // a tile past its sequence's end
+  forward_tile<T, kHeadDim>(args, seq, m_block, head, batch);
 }
 
 }  // namespace cuda

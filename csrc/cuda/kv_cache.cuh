@@ -41,13 +41,12 @@ FA_DEVICE S* cache_slot(const TensorRef& ref, const SequenceLayout& s, int64_t c
   return static_cast<S*>(ref.data) + page * ref.batch_stride + kv_head * ref.head_stride + row * ref.row_stride;
 }
 
-// The geometry of one sequence for variant.h's visible_keys: its key count and its queries at
-// the last positions (bottom-right, q_offset = seqlen_k - seqlen_q).
-FA_DEVICE AttentionParams sequence_geometry(const AttentionParams& p, int64_t seqlen_k) {
+// The geometry of one sequence for variant.h's visible_keys and query_position: seqlen_k keys,
+// query row 0 at position q_offset (seqlen_k - seqlen_q: bottom-right), p's causal and window.
+FA_DEVICE AttentionParams sequence_geometry(const AttentionParams& p, int64_t seqlen_k, int64_t q_offset) {
   AttentionParams g;
-  g.seqlen_q = p.seqlen_q;
   g.seqlen_k = seqlen_k;
-  g.q_offset = seqlen_k - p.seqlen_q;
+  g.q_offset = q_offset;
   g.causal = p.causal;
   g.window_left = p.window_left;
   g.window_right = p.window_right;

@@ -8,9 +8,10 @@
 namespace fusedattn {
 namespace cuda {
 
-// Forward on tensor cores: head-dim bucket switch inside. T: Fp16 or Bf16.
+// Forward on tensor cores: head-dim bucket switch inside. T: Fp16 or Bf16. max_seqlen_q sizes
+// the grid: params.seqlen_q, or for varlen (cu_seqlens set) the caller's bound on the lengths.
 template <typename T>
-void launch_forward(const AttentionParams& params, bool aligned, void* stream);
+void launch_forward(const AttentionParams& params, int64_t max_seqlen_q, bool aligned, void* stream);
 
 // Split-KV decode (args.num_splits > 1 writes the workspace) and its combine step.
 template <typename T>

@@ -20,7 +20,8 @@ try:
 except ImportError:  # built without nvcc
     _cuda = None
 
-__all__ = ["available", "forward", "kvcache_append", "kvcache_forward", "decode", "merge_attention_states"]
+__all__ = ["available", "forward", "varlen_forward", "kvcache_append", "kvcache_forward", "decode",
+           "merge_attention_states"]
 
 
 def available() -> bool:
@@ -51,6 +52,19 @@ def forward(q, k, v, out, lse, variant, names=("q", "k", "v")) -> None:
     offset), its arrays on q's GPU. fp16/bf16 run on the tensor cores, fp32 on the exact path.
     """
     _module().attention_forward(q, k, v, out, lse, variant, _stream(q), tuple(names))
+
+
+def varlen_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, variant, names=("q", "k", "v")) -> None:
+    """Forward over packed variable-length sequences into out (and lse), with no host sync.
+
+    q, k, v, out: the packed (total, heads, head_dim) arrays viewed as (1, heads, total, head_dim);
+    lse: float32 (1, heads, total_q) or None. cu_seqlens_q/k: int32 (batch + 1,) on the GPU, read
+    by the kernel, which clamps them to the packed rows. max_seqlen_q sizes the grid (a longer
+    sequence is still computed in full). variant: as forward's, no attn_mask; each sequence is
+    bottom-right (q_offset is ignored). Rows after cu_seqlens_q[-1] get out 0 and LSE -inf.
+    """
+    _module().attention_varlen_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), variant,
+                                       _stream(q), tuple(names))
 
 
 def kvcache_forward(q, k_cache, v_cache, out, lse, cache_seqlens, variant, *, block_table=None, cache_batch_idx=None,

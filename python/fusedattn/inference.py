@@ -74,7 +74,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         arrays.append(x)
     q, k, v = arrays
     if _arrays.is_cuda(q):
-        raise NotImplementedError("fusedattn: attention_varlen on CUDA is not implemented yet")
+        return _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, scale=scale,
+                            window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
+                            seed=seed, return_lse=return_lse)
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
     if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
@@ -108,6 +110,60 @@ def clear_rows_after_last_sequence(out, lse, end: int) -> None:
         out[end:] = 0
         if lse is not None:
             lse[:, end:] = -np.inf
+
+
+def _cu_seqlens_cuda(x, name, q, total, max_seqlen):
+    """cu_seqlens as contiguous int32 on q's GPU. CUDA tensors stay on the device unread (no host
+    sync: the kernel reads them and clamps them to the packed rows); host arrays are checked here
+    first, as the CPU path checks them, then copied over."""
+    torch = _arrays.torch_module()
+    if _arrays.is_cuda(x):
+        if x.is_floating_point():
+            raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+        return x.to(torch.int32).contiguous()
+    cu = np.asarray(_int32(x, name, q))
+    if cu.ndim != 1 or len(cu) < 1:
+        raise ValueError(f"{name} must have shape (batch + 1,), got {cu.shape}")
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
+    lengths = np.diff(cu)
+    if (lengths < 0).any():
+        b = int(np.argmax(lengths < 0)) + 1
+        raise ValueError(f"{name} must be non-decreasing, but entry {b} < entry {b - 1}")
+    if cu[-1] > total:
+        raise ValueError(f"{name} ends at {cu[-1]}, beyond the {total} packed rows")
+    if len(lengths) and lengths.max() > max_seqlen:
+        raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
+    return torch.from_numpy(cu).to(q.device)
+
+
+def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, return_lse, **options):
+    """attention_varlen on CUDA tensors: one kernel launch reading cu_seqlens on the GPU, no host
+    sync; max_seqlen_q sizes its grid (see _cuda_backend.varlen_forward). Forward only."""
+    from . import _cuda_backend
+
+    names = ("q", "k", "v")
+    call = _Call(q[None], k[None], v[None], layout="bshd", names=names, q_offset=0, **options)
+    mode = _arrays.torch_mode(*(x for x in (q, k, v, call.sinks) if x is not None))
+    if mode == "autograd":
+        raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet; "
+                                  "use CPU tensors for training, or call under torch.no_grad()")
+    if mode == "op":
+        raise NotImplementedError("fusedattn: attention_varlen on CUDA under torch.compile or with tensor subclasses "
+                                  "is not implemented yet")
+    if int(max_seqlen_q) < 0 or int(max_seqlen_k) < 0:
+        raise ValueError(f"max_seqlen_q and max_seqlen_k must be >= 0, got {max_seqlen_q} and {max_seqlen_k}")
+    cu_q = _cu_seqlens_cuda(cu_seqlens_q, "cu_seqlens_q", q, q.shape[0], max_seqlen_q)
+    cu_k = _cu_seqlens_cuda(cu_seqlens_k, "cu_seqlens_k", q, k.shape[0], max_seqlen_k)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got "
+                         f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    out = _arrays.empty_like_kind(q, q.shape)
+    lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.lse_dtype_of(q)) if return_lse else None
+    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
+    _cuda_backend.varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
+                                 None if lse is None else lse[None], cu_q, cu_k, max_seqlen_q, variant, names)
+    return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -208,7 +264,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         return _kvcache_cuda(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                              cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal, scale=scale,
                              window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
-                             rotary=(rotary_cos, rotary_sin), return_lse=return_lse)
+                             rotary=(rotary_cos, rotary_sin, rotary_interleaved), return_lse=return_lse)
     # Everything is validated before the cache is written, so a rejected call changes nothing.
     call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
@@ -277,8 +333,6 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
     from . import _cuda_backend
 
     torch = _arrays.torch_module()
-    if rotary[0] is not None:
-        raise NotImplementedError("fusedattn: rotary_cos/rotary_sin with CUDA caches is not implemented yet")
     call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
@@ -289,15 +343,51 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
         x = torch.as_tensor(x, device=q.device)
         return (x.expand(q.shape[0]) if x.ndim == 0 else x).to(torch.int32).contiguous()
 
+    seqlens = on_device(cache_seqlens)
+    if rotary[0] is not None or rotary[1] is not None:
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        q, k = _rotary_cuda(q, k, seqlens, rotary, rotate_q_per_token=causal or tuple(call.window) != (-1, -1),
+                            capacity=capacity)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse \
         else None
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
-    _cuda_backend.decode(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse,
-                         on_device(cache_seqlens), variant, k=None if k is None else call.bhsd(k),
-                         v=None if v is None else call.bhsd(v), block_table=on_device(block_table),
-                         cache_batch_idx=on_device(cache_batch_idx), cache_leftpad=on_device(cache_leftpad))
+    _cuda_backend.decode(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, seqlens, variant,
+                         k=None if k is None else call.bhsd(k), v=None if v is None else call.bhsd(v),
+                         block_table=on_device(block_table), cache_batch_idx=on_device(cache_batch_idx),
+                         cache_leftpad=on_device(cache_leftpad))
     return (out, lse) if return_lse else out
+
+
+def _rotary_cuda(q, k, seqlens, rotary, *, rotate_q_per_token, capacity):
+    """q and the new k rotated exactly as the CPU path rotates them (_apply_rotary: the same torch
+    ops, at positions cache_seqlens + t; all of q at cache_seqlens unless causal or local), on the
+    GPU: seqlens (int32 (batch,) on q's device) are never read on the host. The table must cover
+    the cache capacity (flash-attn's rule, as positions are not known here); positions past it,
+    from invalid cache_seqlens, are clamped into it rather than faulting the device."""
+    torch = _arrays.torch_module()
+    cos, sin, interleaved = rotary
+    if cos is None or sin is None:
+        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
+    cos, sin = (torch.as_tensor(_arrays.as_array(x, name), device=q.device)
+                for x, name in ((cos, "rotary_cos"), (sin, "rotary_sin")))
+    if cos.ndim != 2 or cos.shape != sin.shape or not 1 <= 2 * cos.shape[1] <= q.shape[3]:
+        raise ValueError(f"rotary_cos and rotary_sin must both be (max_positions, rotary_dim / 2) with rotary_dim <= "
+                         f"head_dim {q.shape[3]}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[0] < capacity:
+        raise ValueError(f"rotary_cos has {cos.shape[0]} positions but the cache holds {capacity}; on CUDA the "
+                         "table must cover the cache capacity")
+    if k is not None and not (_arrays.is_cuda(k) and k.device == q.device):
+        raise ValueError(f"k must be a CUDA tensor on {q.device} like q, got one on "
+                         f"{k.device if _arrays.is_torch(k) else type(k).__name__}")
+    base, last = seqlens.long()[:, None], cos.shape[0] - 1
+    steps = torch.arange(q.shape[1], device=q.device)
+    q_positions = base + (steps if rotate_q_per_token else torch.zeros_like(steps))  # (batch, seqlen_q)
+    q = _apply_rotary(q, cos, sin, q_positions.clamp_(0, last), interleaved)
+    if k is not None:
+        k_positions = base + torch.arange(k.shape[1], device=q.device)  # (batch, seqlen_new)
+        k = _apply_rotary(k, cos, sin, k_positions.clamp_(0, last), interleaved)
+    return q, k
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,

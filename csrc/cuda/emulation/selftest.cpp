@@ -20,6 +20,7 @@
 #include "common/variant.h"
 #include "cuda/attention_cuda.h"
 #include "cuda/emulation/emulator.h"
+#include "cuda/tile_config.h"
 
 using namespace fusedattn;
 
@@ -81,22 +82,23 @@ struct Tensor {
     return dtype == DType::kFloat16 ? emu::half_to_float(bits) : emu::bf16_to_float(bits);
   }
   double at(int64_t i0, int64_t i1, int64_t i2, int64_t i3) const { return raw(index(i0, i1, i2, i3)); }
-  void randomize(double scale = 1.0) {
+  void randomize(double scale = 1.0, int64_t rows = -1) {  // the first `rows` rows (default all)
     std::normal_distribution<double> normal(0.0, scale);
     for (int64_t i0 = 0; i0 < b; ++i0)
       for (int64_t i1 = 0; i1 < h; ++i1)
-        for (int64_t i2 = 0; i2 < s; ++i2)
+        for (int64_t i2 = 0; i2 < (rows < 0 ? s : rows); ++i2)
           for (int64_t i3 = 0; i3 < d; ++i3) set_raw(index(i0, i1, i2, i3), normal(g_rng));
   }
   TensorRef ref() {
     return TensorRef{buffer.data() + offset * element_size(dtype), stride_b, stride_h, stride_s};
   }
-  // Every element inside was written (not NaN) and every one outside still NaN.
-  bool written_exactly() const {
+  // Every element inside (of the first `rows` rows; default all) was written (not NaN) and
+  // every one outside still NaN.
+  bool written_exactly(int64_t rows = -1) const {
     std::vector<char> inside(buffer.size() / element_size(dtype), 0);
     for (int64_t i0 = 0; i0 < b; ++i0)
       for (int64_t i1 = 0; i1 < h; ++i1)
-        for (int64_t i2 = 0; i2 < s; ++i2)
+        for (int64_t i2 = 0; i2 < (rows < 0 ? s : rows); ++i2)
           for (int64_t i3 = 0; i3 < d; ++i3) inside[index(i0, i1, i2, i3)] = 1;
     for (size_t e = 0; e < inside.size(); ++e) {
       if (inside[e] != 0 && std::isnan(raw(e))) return false;
@@ -125,16 +127,28 @@ struct Case {
   int num_splits = 0;
   bool leftpad = false;
   double k_scale = 1.0;
+  // Varlen (packed sequences): lengths per sequence, packed rows after the last sequence, the
+  // max_seqlen_q given to the launcher (-1: the real maximum), and cu_seqlens whose last
+  // entries run past the packed rows (the kernels clamp them).
+  bool varlen = false;
+  std::vector<int32_t> lengths_q, lengths_k;
+  int64_t tail = 0;
+  int64_t max_seqlen_q = -1;
+  bool overrun = false;
 };
 
 std::vector<double> g_slopes, g_sinks;
 std::vector<char> g_mask;
 std::vector<int32_t> g_seqlens, g_begins, g_table, g_batch_idx, g_append_at;
 
-// Plain attention in fp64 on variant.h's definitions. keys(b, h_kv, j) / values(...) give key j of a sequence.
-void reference(const AttentionParams& p, const std::function<double(int64_t, int64_t, int64_t, int64_t)>& key,
-               const std::function<double(int64_t, int64_t, int64_t, int64_t)>& value,
-               const std::function<AttentionParams(int64_t)>& geometry, const Tensor& q, std::vector<double>& out,
+using Accessor = std::function<double(int64_t, int64_t, int64_t, int64_t)>;
+
+// Plain attention in fp64 on variant.h's definitions. query(b, h, i, d), key(b, h_kv, j, d) and
+// value(...) give row i / key j of sequence b; geometry(b) its lengths and q_offset. Results are
+// (batch, heads, p.seqlen_q) rows (p.seqlen_q >= every sequence's length); rows past a
+// sequence's end stay 0 / -inf.
+void reference(const AttentionParams& p, const Accessor& query, const Accessor& key, const Accessor& value,
+               const std::function<AttentionParams(int64_t)>& geometry, std::vector<double>& out,
                std::vector<double>& lse) {
   out.assign(p.batch * p.num_heads * p.seqlen_q * p.head_dim, 0.0);
   lse.assign(p.batch * p.num_heads * p.seqlen_q, -kInf);
@@ -142,13 +156,13 @@ void reference(const AttentionParams& p, const std::function<double(int64_t, int
     const AttentionParams g = geometry(b);
     for (int64_t h = 0; h < p.num_heads; ++h) {
       const int64_t hk = kv_head_of(p, h);
-      for (int64_t i = 0; i < p.seqlen_q; ++i) {
+      for (int64_t i = 0; i < g.seqlen_q; ++i) {
         const KeyRange range = visible_keys(g, i);
         std::vector<double> scores;
         std::vector<int64_t> keys;
         for (int64_t j = range.begin; j < range.end; ++j) {
           double s = 0;
-          for (int64_t d = 0; d < p.head_dim; ++d) s += q.at(b, h, i, d) * key(b, hk, j, d);
+          for (int64_t d = 0; d < p.head_dim; ++d) s += query(b, h, i, d) * key(b, hk, j, d);
           s *= p.scale;
           if (p.softcap > 0) s = p.softcap * std::tanh(s / p.softcap);
           if (p.alibi_slopes != nullptr) s -= alibi_slope(p, b, h) * std::fabs(static_cast<double>(i + g.q_offset - j));
@@ -270,9 +284,10 @@ bool run(const Case& c) {
   const char* result = nullptr;
   if (!cache) {
     p.q_offset = c.q_offset == -1000000 ? c.seqlen_k - c.seqlen_q : c.q_offset;
-    reference(p, [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.at(b, h, j, d); },
+    reference(p, [&](int64_t b, int64_t h, int64_t i, int64_t d) { return q.at(b, h, i, d); },
+              [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.at(b, h, j, d); },
               [&](int64_t b, int64_t h, int64_t j, int64_t d) { return v.at(b, h, j, d); },
-              [&](int64_t) { return p; }, q, ref_out, ref_lse);
+              [&](int64_t) { return p; }, ref_out, ref_lse);
     cuda::attention_forward(p, 0, nullptr);
   } else {
     // Sequence b: slots [begin, end) of its cache row (batch_idx) or pages (block table).
@@ -340,7 +355,10 @@ bool run(const Case& c) {
               }
             }
     }
-    reference(p, [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.raw(slot_index(k, b, h, g_begins[b] + j, d)); },
+    reference(p, [&](int64_t b, int64_t h, int64_t i, int64_t d) { return q.at(b, h, i, d); },
+              [&](int64_t b, int64_t h, int64_t j, int64_t d) {
+                return k.raw(slot_index(k, b, h, g_begins[b] + j, d));
+              },
               [&](int64_t b, int64_t h, int64_t j, int64_t d) { return v.raw(slot_index(v, b, h, g_begins[b] + j, d)); },
               [&](int64_t b) {
                 AttentionParams g = p;
@@ -348,7 +366,7 @@ bool run(const Case& c) {
                 g.q_offset = g.seqlen_k - p.seqlen_q;
                 return g;
               },
-              q, ref_out, ref_lse);
+              ref_out, ref_lse);
     cuda::KVCacheParams kv;
     kv.attn = p;
     kv.cache_rows = cache_rows;
@@ -395,6 +413,175 @@ bool run(const Case& c) {
     else if (worst_out > tol) result = "out error above bound";
     else if (worst_lse > 1e-4) result = "LSE error above bound";
   }
+  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", c.name.c_str(), worst_out, tol, worst_lse,
+              result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
+  std::fflush(stdout);
+  if (result != nullptr) ++g_failures;
+  return result == nullptr;
+}
+
+// Packed variable-length sequences through attention_varlen_forward: q/out (total_q + tail,
+// heads, d) and k/v (total_k, heads_kv, d) as bshd views with padded strides in NaN buffers,
+// cu_seqlens read by the kernels, per-sequence ALiBi slopes (batch, heads). Compared per
+// sequence with the fp64 reference (bottom-right, rows counted from the sequence start);
+// tail rows must be exactly 0 with LSE -inf, and rows past the grid's q-tiles NaN.
+bool run_varlen(const Case& c) {
+  const int64_t batch = static_cast<int64_t>(c.lengths_q.size());
+  std::vector<int32_t> cu_q(batch + 1, 0), cu_k(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    cu_q[b + 1] = cu_q[b] + c.lengths_q[b];
+    cu_k[b + 1] = cu_k[b] + c.lengths_k[b];
+  }
+  const int64_t total_q = cu_q[batch] + c.tail, total_k = cu_k[batch];
+  // The kernels' view of the lengths: entries past the packed rows are clamped to them.
+  std::vector<int32_t> used_q = cu_q, used_k = cu_k;
+  if (c.overrun && batch > 0) {
+    cu_q[batch] += 1000;
+    cu_k[batch] += 77;
+    used_q[batch] = static_cast<int32_t>(total_q);
+  }
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, used_q[b + 1] - used_q[b]);
+
+  // Guard rows after the packed ones, which the kernels must not touch: out's stay NaN (never
+  // written), k/v's are NaN (a key read past the packed rows shows in the output), q's are
+  // numbers (a query row past them would be written as a number).
+  constexpr int64_t kGuardRows = 40;
+  Tensor q(c.dtype, 1, c.heads, total_q + kGuardRows, c.head_dim, c.pad, true);
+  Tensor out(c.dtype, 1, c.heads, total_q + kGuardRows, c.head_dim, c.pad, true);
+  Tensor k(c.dtype, 1, c.heads_kv, total_k + kGuardRows, c.head_dim, c.pad, true);
+  Tensor v(c.dtype, 1, c.heads_kv, total_k + kGuardRows, c.head_dim, c.pad, true);
+  q.randomize();
+  k.randomize(c.k_scale, total_k);
+  v.randomize(1.0, total_k);
+
+  cuda::VarlenParams vp;
+  AttentionParams& p = vp.attn;
+  p.dtype = c.dtype;
+  p.batch = batch;
+  p.num_heads = c.heads;
+  p.num_heads_kv = c.heads_kv;
+  p.seqlen_q = total_q;
+  p.seqlen_k = total_k;
+  p.head_dim = c.head_dim;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  p.causal = c.causal;
+  p.q_offset = 12345;  // ignored: every sequence is bottom-right
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  p.softcap = c.softcap;
+  p.dropout_p = c.dropout;
+  p.dropout_seed = 0x123456789abcdefULL;
+  p.dropout_offset = 0x42ULL << 32 | 7;
+  p.q = q.ref();
+  p.k = k.ref();
+  p.v = v.ref();
+  p.out = out.ref();
+  for (TensorRef* t : {&p.q, &p.k, &p.v, &p.out}) t->batch_stride = 0;
+  // LSE (heads, total_q) with a padded head stride, NaN around.
+  const int64_t lse_stride = total_q + 3;
+  std::vector<float> lse_buffer(c.heads * lse_stride + 8, std::nanf(""));
+  p.lse = lse_buffer.data() + 4;
+  p.lse_head_stride = lse_stride;
+  p.lse_batch_stride = 0;
+  if (c.alibi) {
+    g_slopes.clear();
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < c.heads; ++h) g_slopes.push_back(std::pow(2.0, -(h + 1.0)) * (1.0 + 0.5 * b));
+    p.alibi_slopes = g_slopes.data();
+    p.alibi_batch_stride = c.heads;
+  }
+  if (c.sinks) {
+    g_sinks.clear();
+    for (int64_t h = 0; h < c.heads; ++h) g_sinks.push_back(0.5 * h - 0.3);
+    p.sinks = g_sinks.data();
+  }
+  p.sequences.cu_seqlens_q = cu_q.data();
+  p.sequences.cu_seqlens_k = cu_k.data();
+  vp.max_seqlen_q = c.max_seqlen_q >= 0 ? c.max_seqlen_q : longest;
+  // Rows a sequence has past the ones the grid's q-tiles cover (max_seqlen_q below its length)
+  // must come out NaN: they start as numbers here.
+  const int bucket = cuda::head_dim_bucket(static_cast<int>(c.head_dim));
+  const int64_t block_m = c.dtype == DType::kFloat32 ? 4  // simt_kernel.cuh's kSimtWarps
+                                                     : cuda::forward_tile(bucket).block_m;
+  const int64_t covered = std::max<int64_t>(1, (vp.max_seqlen_q + block_m - 1) / block_m) * block_m;
+  const auto uncovered = [&](int64_t b, int64_t i) { return b < batch && i >= covered; };
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = covered; i < used_q[b + 1] - used_q[b]; ++i)
+      for (int64_t h = 0; h < c.heads; ++h) {
+        for (int64_t d = 0; d < c.head_dim; ++d) out.set_raw(out.index(0, h, used_q[b] + i, d), 7.0);
+        p.lse[h * lse_stride + used_q[b] + i] = 7.0f;
+      }
+
+  AttentionParams rp = p;  // the reference's rows: (batch, heads, longest)
+  rp.seqlen_q = longest;
+  std::vector<double> ref_out, ref_lse;
+  const auto clamped = [](const std::vector<int32_t>& cu, int64_t b, int64_t total) {
+    return std::min<int64_t>(cu[b], total);
+  };
+  reference(rp, [&](int64_t b, int64_t h, int64_t i, int64_t d) { return q.at(0, h, used_q[b] + i, d); },
+            [&](int64_t b, int64_t h, int64_t j, int64_t d) { return k.at(0, h, clamped(cu_k, b, total_k) + j, d); },
+            [&](int64_t b, int64_t h, int64_t j, int64_t d) { return v.at(0, h, clamped(cu_k, b, total_k) + j, d); },
+            [&](int64_t b) {
+              AttentionParams g = rp;
+              g.seqlen_q = used_q[b + 1] - used_q[b];
+              g.seqlen_k = clamped(cu_k, b + 1, total_k) - clamped(cu_k, b, total_k);
+              g.q_offset = g.seqlen_k - g.seqlen_q;
+              return g;
+            },
+            ref_out, ref_lse);
+  cuda::attention_varlen_forward(vp, 0, nullptr);
+
+  const double tol = c.dtype == DType::kFloat32 ? 2e-5 : c.dtype == DType::kFloat16 ? 3e-3 : 2.5e-2;
+  double worst_out = 0.0, worst_lse = 0.0;
+  bool nan = false, lse_inf_mismatch = false, tail_dirty = false, uncovered_not_nan = false;
+  for (int64_t h = 0; h < c.heads; ++h) {
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < used_q[b + 1] - used_q[b]; ++i) {
+        if (uncovered(b, i)) {  // must be NaN; then numbers, for the written-exactly checks below
+          for (int64_t d = 0; d < c.head_dim; ++d) {
+            uncovered_not_nan |= !std::isnan(out.at(0, h, used_q[b] + i, d));
+            out.set_raw(out.index(0, h, used_q[b] + i, d), 0.0);
+          }
+          uncovered_not_nan |= !std::isnan(p.lse[h * lse_stride + used_q[b] + i]);
+          p.lse[h * lse_stride + used_q[b] + i] = 0.0f;
+          continue;
+        }
+        const int64_t row = (b * c.heads + h) * longest + i;
+        for (int64_t d = 0; d < c.head_dim; ++d) {
+          const double got = out.at(0, h, used_q[b] + i, d), want = ref_out[row * c.head_dim + d];
+          if (std::isnan(got)) nan = true;
+          worst_out = std::max(worst_out, std::fabs(got - want) / (1.0 + std::fabs(want)));
+        }
+        const double got = p.lse[h * lse_stride + used_q[b] + i], want = ref_lse[row];
+        if (std::isnan(got)) nan = true;
+        if (std::isinf(want) || std::isinf(got)) {
+          lse_inf_mismatch |= got != want;
+        } else {
+          worst_lse = std::max(worst_lse, std::fabs(got - want) / (1.0 + std::fabs(want)));
+        }
+      }
+    }
+    for (int64_t r = used_q[batch]; r < total_q; ++r) {
+      for (int64_t d = 0; d < c.head_dim; ++d) tail_dirty |= out.at(0, h, r, d) != 0.0;
+      tail_dirty |= p.lse[h * lse_stride + r] != -kInf;
+    }
+  }
+  bool lse_written = true;
+  for (size_t e = 0; e < lse_buffer.size(); ++e) {
+    const int64_t rel = static_cast<int64_t>(e) - 4;
+    const bool inside = rel >= 0 && rel / lse_stride < c.heads && rel % lse_stride < total_q;
+    lse_written &= inside ? !std::isnan(lse_buffer[e]) : std::isnan(lse_buffer[e]);
+  }
+  const char* result = nullptr;
+  if (nan) result = "NaN in the output";
+  else if (!out.written_exactly(total_q)) result = "out: an element unwritten, or one outside written";
+  else if (!lse_written) result = "lse: an entry unwritten, or one outside written";
+  else if (tail_dirty) result = "rows after the last sequence are not 0 / -inf";
+  else if (uncovered_not_nan) result = "rows past the grid's q-tiles (max_seqlen_q too small) are not NaN";
+  else if (lse_inf_mismatch) result = "LSE -inf where the reference is finite (or the reverse)";
+  else if (worst_out > tol) result = "out error above bound";
+  else if (worst_lse > 1e-4) result = "LSE error above bound";
   std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", c.name.c_str(), worst_out, tol, worst_lse,
               result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
   std::fflush(stdout);
@@ -535,6 +722,44 @@ std::vector<Case> cases() {
     c.head_dim = 59; c.pad = 1; c.page_size = -1; c.num_splits = 2;
     add(c, "decode unaligned d59");
   }
+  // Varlen: empty sequences (no queries, no keys), lengths 1, 17 and > block_m, tail rows
+  // (longer than the grid covers, too), max_seqlen_q above the longest and below it (the rows
+  // past the grid's tiles come out NaN), cu_seqlens clamped to the packed rows.
+  const auto add_varlen = [&](Case c, const std::string& what) {
+    c.name = std::string(dtype_name(c.dtype)) + " d" + std::to_string(c.head_dim) + " varlen " + what;
+    c.varlen = true;
+    all.push_back(c);
+  };
+  {
+    Case c;
+    c.lengths_q = {1, 17, 0, 150, 5};
+    c.lengths_k = {3, 17, 4, 140, 0};
+    c.tail = 3; c.heads = 4; c.heads_kv = 2; c.causal = true;
+    add_varlen(c, "1/17/0/150/5 causal gqa, tail 3");
+    c.dtype = DType::kBFloat16; c.head_dim = 128; c.causal = false; c.window_left = 8; c.window_right = 3;
+    c.alibi = true; c.softcap = 4.0f; c.sinks = true; c.tail = 0;
+    add_varlen(c, "window alibi(b,h) softcap sinks");
+    c = Case(); c.head_dim = 32; c.lengths_q = {40, 300, 7}; c.lengths_k = {40, 310, 70}; c.causal = true;
+    c.heads = 2; c.heads_kv = 1; c.max_seqlen_q = 64; c.tail = 130;
+    add_varlen(c, "max_seqlen_q 64 < 300: rows past 128 NaN, tail 130");
+    c = Case(); c.head_dim = 64; c.lengths_q = {33, 20}; c.lengths_k = {50, 64}; c.dropout = 0.3f; c.heads = 2;
+    c.heads_kv = 2; c.causal = true; c.max_seqlen_q = 500;
+    add_varlen(c, "dropout 0.3, max_seqlen_q 500");
+    c = Case(); c.head_dim = 59; c.pad = 3; c.lengths_q = {21, 1}; c.lengths_k = {45, 9}; c.heads = 2; c.heads_kv = 1;
+    c.tail = 2; c.overrun = true;
+    add_varlen(c, "unaligned (2-byte path), cu_seqlens past the rows");
+    c = Case(); c.head_dim = 16; c.tail = 5; c.heads = 1; c.heads_kv = 1;
+    add_varlen(c, "no sequence, 5 tail rows");
+  }
+  {
+    Case c;
+    c.dtype = DType::kFloat32; c.head_dim = 40; c.lengths_q = {1, 17, 0, 70, 5}; c.lengths_k = {3, 17, 4, 80, 0};
+    c.tail = 11; c.heads = 4; c.heads_kv = 2; c.causal = true; c.sinks = true; c.max_seqlen_q = 6;
+    add_varlen(c, "simt causal gqa sinks, max_seqlen_q 6: NaN past 8, tail 11");
+    c.head_dim = 8; c.causal = false; c.sinks = false; c.dropout = 0.25f; c.alibi = true; c.window_left = 5;
+    c.overrun = true; c.max_seqlen_q = -1;
+    add_varlen(c, "simt dropout alibi(b,h) window, cu_seqlens past the rows");
+  }
   return all;
 }
 
@@ -555,7 +780,9 @@ int main(int argc, char** argv) {
     std::printf("-- cp.async %s, warps %s\n", schedule.late ? "late" : "at issue",
                 !schedule.greedy ? "in lockstep" : schedule.reverse ? "one at a time, last first" : "one at a time");
     for (const Case& c : cases()) {
-      if (filter.empty() || c.name.find(filter) != std::string::npos) run(c);
+      if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+      if (c.varlen) run_varlen(c);
+      else run(c);
     }
     if (filter.empty() || std::string("merge").find(filter) != std::string::npos) {
       for (DType t : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) run_merge(t);
