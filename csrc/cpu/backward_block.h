@@ -295,7 +295,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
       }
       if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
-        pack_float_row_pairs(weights, m, s.ldn, s.p_t);
+        pack_float_row_pairs(weights, m, s.ldn, s.ldn, s.p_t);
         gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.p_t, 1, s.ldn}, s.do_pairs, s.ldo, s.dv,
                             s.ldo, true);
         gemm_op<Bf16PairOp>(m, s.ldn, (head_dim + 1) / 2, StridedA<uint32_t>{do_row_pairs, do_stride, 1}, v_t_pairs,
@@ -324,7 +324,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
       }
       if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
-        pack_float_row_pairs(s.ds, m, s.ldn, s.ds_t);
+        pack_float_row_pairs(s.ds, m, s.ldn, s.ldn, s.ds_t);
         round_rows_to_pairs(s.ds, m, s.ldn, s.ds_rows);
         gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.ds_t, 1, s.ldn}, s.q_pairs, s.ldo, s.dk,
                             s.ldo, true);

@@ -47,14 +47,14 @@ inline void pack_row_pairs(const BFloat16* src, int64_t src_stride, int64_t rows
   }
 }
 
-// dst[kp][i] for i < ld from fp32 src[k][i] (k < rows, row stride ld), rounded to bf16 (nearest
-// even); a missing odd row gives zeros. ld is a multiple of 16.
-inline void pack_float_row_pairs(const float* src, int64_t rows, int64_t ld, uint32_t* dst) {
+// dst[kp][i] for i < cols from fp32 src[k][i] (k < rows; src and dst rows ld apart), rounded to
+// bf16 (nearest even); a missing odd row gives zeros. cols is a multiple of 16.
+inline void pack_float_row_pairs(const float* src, int64_t rows, int64_t cols, int64_t ld, uint32_t* dst) {
   for (int64_t r = 0; r < rows; r += 2) {
     const float* even = src + r * ld;
     const float* odd = even + ld;
     uint32_t* out = dst + (r / 2) * ld;
-    for (int64_t i = 0; i < ld; i += 16) {
+    for (int64_t i = 0; i < cols; i += 16) {
       const __m512 high = r + 1 < rows ? _mm512_loadu_ps(odd + i) : _mm512_setzero_ps();
       // cvtne2ps puts the second operand's 16 values in the low 256 bits: (even | odd << 256)
       const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, _mm512_loadu_ps(even + i)));

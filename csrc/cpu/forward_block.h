@@ -46,6 +46,14 @@ inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1)
 template <typename Acc>
 using MaskIndex = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
 
+// Lanes [begin, end) of a block (multiples of the vector width, end <= ldq) that see any key of
+// the current key block; the others (e.g. the rows above the diagonal of a causal block) skip
+// its products and softmax.
+struct LaneRange {
+  int64_t begin;
+  int64_t end;
+};
+
 // Layout of the per-thread scratch buffer, in elements of Acc.
 template <typename Acc>
 struct ForwardScratch {
@@ -129,7 +137,7 @@ inline void convert_rows(const T* src, int64_t src_row_stride, int64_t rows, int
 
 // Sets Sᵀ[j][i] = -inf where key j0 + j is outside the visible range of query row i.
 template <typename Acc>
-inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
+inline void mask_scores(const ForwardScratch<Acc>& s, LaneRange active, int64_t j0, int64_t n) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   typedef MaskIndex<Acc> Index;
@@ -137,7 +145,7 @@ inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const Index key = static_cast<Index>(j0 + j);
     Acc* row = s.s_t + j * s.ldq;
-    for (int64_t i = 0; i < s.ldq; i += W) {
+    for (int64_t i = active.begin; i < active.end; i += W) {
       if constexpr (W == 1) {
         if (key < s.key_begin[i] || key >= s.key_end[i]) row[i] = minus_inf;
       } else {
@@ -155,47 +163,42 @@ inline void mask_scores(const ForwardScratch<Acc>& s, int64_t j0, int64_t n) {
 // How the current key block's attn_mask applies: not at all, one value per key, or a full tile.
 enum class TileMask { kNone, kPerKey, kTile };
 
-// softcap → ALiBi → + attn_mask on the n x ldq block of scores (DESIGN.md's order).
+// softcap → ALiBi → + attn_mask on the active lanes of the n x ldq block of scores (DESIGN.md's order).
 template <typename Acc>
-inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, int64_t j0, int64_t n,
-                          TileMask tile_mask) {
+inline void modify_scores(const AttentionParams& params, const ForwardScratch<Acc>& s, LaneRange active, int64_t j0,
+                          int64_t n, TileMask tile_mask) {
   constexpr int W = Vec<Acc>::kWidth;
-  if (params.softcap > 0.0f) apply_softcap<Acc>(s.s_t, n * s.ldq, params.softcap, nullptr);
-  if (params.alibi_slopes != nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
+    Acc* row = s.s_t + j * s.ldq;
+    if (params.softcap > 0.0f) apply_softcap<Acc>(row + active.begin, active.end - active.begin, params.softcap, nullptr);
+    if (params.alibi_slopes != nullptr) {
       const VecT<Acc> key = vec_set1<Acc>(static_cast<Acc>(j0 + j));
-      Acc* row = s.s_t + j * s.ldq;
-      for (int64_t i = 0; i < s.ldq; i += W) {
+      for (int64_t i = active.begin; i < active.end; i += W) {
         vec_store<Acc>(row + i, alibi_score(vec_load<Acc>(row + i), vec_load<Acc>(s.lane_slope + i),
                                             vec_load<Acc>(s.query_pos + i), key));
       }
     }
-  }
-  if (tile_mask == TileMask::kPerKey) {
-    for (int64_t j = 0; j < n; ++j) {
-      if (s.key_bias[j] == Acc(0)) continue;
-      Acc* row = s.s_t + j * s.ldq;
+    if (tile_mask == TileMask::kPerKey && s.key_bias[j] != Acc(0)) {
       const VecT<Acc> bias = vec_set1<Acc>(s.key_bias[j]);
-      for (int64_t i = 0; i < s.ldq; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) + bias);
-    }
-  } else if (tile_mask == TileMask::kTile) {
-    for (int64_t j = 0; j < n; ++j) {
-      Acc* row = s.s_t + j * s.ldq;
+      for (int64_t i = active.begin; i < active.end; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) + bias);
+    } else if (tile_mask == TileMask::kTile) {
       const Acc* bias = s.mask_tile + j * s.ldq;
-      for (int64_t i = 0; i < s.ldq; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) + vec_load<Acc>(bias + i));
+      for (int64_t i = active.begin; i < active.end; i += W) {
+        vec_store<Acc>(row + i, vec_load<Acc>(row + i) + vec_load<Acc>(bias + i));
+      }
     }
   }
 }
 
-// Online-softmax step over the n x ldq block of scores in s_t (in place: scores -> P).
-// Updates row_max and row_sum and leaves the O rescale factor of each query in row_rescale.
+// Online-softmax step over the active lanes of the n x ldq block of scores in s_t (in place:
+// scores -> P). Updates row_max and row_sum and leaves the O rescale factor in row_rescale.
 template <typename Acc>
-inline void softmax_step(const ForwardScratch<Acc>& s, int64_t n) {
+inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t n) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   const V minus_inf = vec_set1<Acc>(-std::numeric_limits<Acc>::infinity());
   const V zero = vec_set1<Acc>(Acc(0));
-  for (int64_t i = 0; i < s.ldq; i += W) {
+  for (int64_t i = active.begin; i < active.end; i += W) {
     const V old_max = vec_load<Acc>(s.row_max + i);
     V new_max = old_max;
     for (int64_t j = 0; j < n; ++j) new_max = vec_max<Acc>(new_max, vec_load<Acc>(s.s_t + j * s.ldq + i));
@@ -315,6 +318,22 @@ void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& b
   }
 }
 
+// The lanes (of `lanes` real ones) whose visible keys meet [j0, j0 + n), widened to whole vectors.
+template <typename Acc>
+inline LaneRange lanes_seeing(const ForwardScratch<Acc>& s, int64_t lanes, int64_t j0, int64_t n) {
+  constexpr int W = Vec<Acc>::kWidth;
+  int64_t first = lanes, last = -1;
+  for (int64_t i = 0; i < lanes; ++i) {
+    if (s.key_begin[i] < j0 + n && s.key_end[i] > j0) {
+      first = i < first ? i : first;
+      last = i;
+    }
+  }
+  if (last < 0) return LaneRange{0, 0};
+  const int64_t end = round_up(last + 1, W);
+  return LaneRange{first / W * W, end < s.ldq ? end : s.ldq};
+}
+
 // Whether T's products run as bf16 pairs (VDPBF16PS) in this ISA.
 template <typename T>
 constexpr bool kBf16Pairs =
@@ -417,7 +436,8 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   }
   const Orientation transposed{1, s.ldq};  // Sᵀ: element (query lane i, key j) at j * ldq + i
 
-  bool first = true;
+  for (int64_t e = 0; e < lanes.lanes * s.ldo; e += W) vec_store<Acc>(s.o + e, vec_set1<Acc>(Acc(0)));
+  bool any_key = false;
   // Key blocks start at multiples of kBlockN, so a row's summation order (and result) does not
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
@@ -443,61 +463,71 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
         tile_mask = TileMask::kTile;
       }
     }
+    const bool fully_visible = j0 >= max_begin && j0 + n <= min_end;
+    LaneRange active{0, s.ldq};
+    if (!fully_visible) {
+      active = lanes_seeing(s, lanes.lanes, j0, n);
+      if (active.begin == active.end) continue;
+    }
+    const int64_t width = active.end - active.begin;
     // Sᵀ = K_blk · Qᵀ
+    Acc* const s_active = s.s_t + active.begin;
     if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
       int64_t k_stride;
       const uint32_t* k_blk = key_pairs(params, block.batch, kv_head, j0, n, reinterpret_cast<uint32_t*>(s.k_rows),
                                         &k_stride);
-      gemm_op<Bf16PairOp>(n, s.ldq, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1}, q_pairs, s.ldq,
-                          s.s_t, s.ldq, false);
-      for (int64_t e = 0; e < n * s.ldq; e += W) vec_store<Acc>(s.s_t + e, vec_load<Acc>(s.s_t + e) * scale);
+      gemm_op<Bf16PairOp>(n, width, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1},
+                          q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
+      for (int64_t j = 0; j < n; ++j) {
+        Acc* row = s_active + j * s.ldq;
+        for (int64_t i = 0; i < width; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) * scale);
+      }
 #endif
     } else {
       int64_t k_stride;
       const Acc* k_blk = kv_block<T, Acc>(params, params.k, block.batch, kv_head, j0, n, false, s.k_rows, s.ldo,
                                           &k_stride);
-      gemm<Acc>(n, s.ldq, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t, s.ldq, s.s_t, s.ldq, false);
+      gemm<Acc>(n, width, head_dim, StridedA<Acc>{k_blk, k_stride, 1}, s.q_t + active.begin, s.ldq, s_active, s.ldq,
+                false);
     }
-    modify_scores(params, s, j0, n, tile_mask);
-
-    const bool fully_visible = j0 >= max_begin && j0 + n <= min_end;
-    if (!fully_visible) mask_scores(s, j0, n);
-    softmax_step(s, n);
+    modify_scores(params, s, active, j0, n, tile_mask);
+    if (!fully_visible) mask_scores(s, active, j0, n);
+    softmax_step(s, active, n);
+    const int64_t lane_end = active.end < lanes.lanes ? active.end : lanes.lanes;
     if (params.dropout_p > 0.0f) {
       dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile,
                    transposed);
       for (int64_t j = 0; j < n; ++j) {
-        for (int64_t i = 0; i < lanes.lanes; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
+        for (int64_t i = active.begin; i < lane_end; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
       }
     }
-
-    if (!first) {
-      for (int64_t i = 0; i < lanes.lanes; ++i) {
-        const Acc rescale = s.row_rescale[i];
-        if (rescale == Acc(1)) continue;
-        Acc* o_row = s.o + i * s.ldo;
-        for (int64_t c = 0; c < s.ldo; c += W) vec_store<Acc>(o_row + c, vec_load<Acc>(o_row + c) * vec_set1<Acc>(rescale));
-      }
+    for (int64_t i = active.begin; i < lane_end; ++i) {
+      const Acc rescale = s.row_rescale[i];
+      if (rescale == Acc(1)) continue;
+      Acc* o_row = s.o + i * s.ldo;
+      for (int64_t c = 0; c < s.ldo; c += W) vec_store<Acc>(o_row + c, vec_load<Acc>(o_row + c) * vec_set1<Acc>(rescale));
     }
-    // O += P · V_blk, with Pᵀ read column-wise.
+    // O += P · V_blk over the active lanes, with Pᵀ read column-wise.
+    Acc* const o_active = s.o + active.begin * s.ldo;
+    const int64_t rows = lane_end - active.begin;
     if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
       uint32_t* v_pairs = reinterpret_cast<uint32_t*>(s.v_rows);  // [(n + 1) / 2 x ldo]
       value_pairs(params, block.batch, kv_head, j0, n, v_pairs, s.ldo);
-      pack_float_row_pairs(s.s_t, n, s.ldq, s.p_pairs);
-      gemm_op<Bf16PairOp>(lanes.lanes, s.ldo, (n + 1) / 2, StridedA<uint32_t>{s.p_pairs, 1, s.ldq}, v_pairs, s.ldo,
-                          s.o, s.ldo, !first);
+      pack_float_row_pairs(s_active, n, width, s.ldq, s.p_pairs + active.begin);
+      gemm_op<Bf16PairOp>(rows, s.ldo, (n + 1) / 2, StridedA<uint32_t>{s.p_pairs + active.begin, 1, s.ldq}, v_pairs,
+                          s.ldo, o_active, s.ldo, true);
 #endif
     } else {
       int64_t v_stride;
       const Acc* v_blk = kv_block<T, Acc>(params, params.v, block.batch, kv_head, j0, n, true, s.v_rows, s.ldo,
                                           &v_stride);
-      gemm<Acc>(lanes.lanes, s.ldo, n, StridedA<Acc>{s.s_t, 1, s.ldq}, v_blk, v_stride, s.o, s.ldo, !first);
+      gemm<Acc>(rows, s.ldo, n, StridedA<Acc>{s_active, 1, s.ldq}, v_blk, v_stride, o_active, s.ldo, true);
     }
-    first = false;
+    any_key = true;
   }
-  write_block_output<T>(params, block, lanes, s, first);
+  write_block_output<T>(params, block, lanes, s, !any_key);
 }
 
 }  // namespace FUSEDATTN_ISA
