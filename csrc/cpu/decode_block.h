@@ -176,8 +176,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const Orientation row_major{ldn, 1};
   int64_t j0 = 0, n = 0;  // the current key block
 
-  auto row_of = [&](const TensorRef& t, int64_t kv_head, int64_t j, Acc* buffer) -> const S* {
-    const T* row = static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_head, j0 + j);
+  // Row j of the block's first kv head (kv head g is g head strides further: one page lookup
+  // per cache row, not one per row and head), and the rows kPrefetchRows ahead.
+  auto first_head_row = [&](const TensorRef& t, int64_t j) {
+    return static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
+  };
+  auto row_of = [&](const TensorRef& t, const T* first_head, int64_t g, Acc* buffer) -> const S* {
+    const T* row = first_head + g * t.head_stride;
     if constexpr (kDirect) {
       return row;
     } else {
@@ -185,10 +190,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       return buffer;
     }
   };
-  auto prefetch_ahead = [&](const TensorRef& t, int64_t kv_head, int64_t j) {
+  auto prefetch_ahead = [&](const TensorRef& t, int64_t j) {
     if (j + kPrefetchRows < n) {
-      prefetch_row(static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_head, j0 + j + kPrefetchRows),
-                   head_dim);
+      const T* ahead = first_head_row(t, j + kPrefetchRows);
+      for (int64_t g = 0; g < kv_count; ++g) prefetch_row(ahead + g * t.head_stride, head_dim);
     }
   };
 
@@ -231,12 +236,14 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // Scores: each cache row once, all its kv heads, every lane of each, four rows at a time
     // (a tail block repeats its last row; those scores fall outside [0, n) and are masked).
     for (int64_t j = 0; j < n; j += kRowStep) {
+      const T* k_first[kRowStep];
+      for (int64_t t = 0; t < kRowStep; ++t) {
+        prefetch_ahead(params.k, j + t);
+        k_first[t] = first_head_row(params.k, j + t < n ? j + t : n - 1);
+      }
       for (int64_t g = 0; g < kv_count; ++g) {
         const S* k_rows[kRowStep];
-        for (int64_t t = 0; t < kRowStep; ++t) {
-          prefetch_ahead(params.k, kv_first + g, j + t);
-          k_rows[t] = row_of(params.k, kv_first + g, j + t < n ? j + t : n - 1, s.k_rows + t * s.ldo);
-        }
+        for (int64_t t = 0; t < kRowStep; ++t) k_rows[t] = row_of(params.k, k_first[t], g, s.k_rows + t * s.ldo);
         const int64_t l = g * lanes_per_kv;
         with_lane_count(lanes_per_kv, [&](auto count) {
           dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
@@ -292,12 +299,14 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // O += P · V, four cache rows at a time, all their kv heads, every lane of each (the
     // probabilities past n are 0).
     for (int64_t j = 0; j < n; j += kRowStep) {
+      const T* v_first[kRowStep];
+      for (int64_t t = 0; t < kRowStep; ++t) {
+        prefetch_ahead(params.v, j + t);
+        v_first[t] = first_head_row(params.v, j + t < n ? j + t : n - 1);
+      }
       for (int64_t g = 0; g < kv_count; ++g) {
         const S* v_rows[kRowStep];
-        for (int64_t t = 0; t < kRowStep; ++t) {
-          prefetch_ahead(params.v, kv_first + g, j + t);
-          v_rows[t] = row_of(params.v, kv_first + g, j + t < n ? j + t : n - 1, s.v_rows + t * s.ldo);
-        }
+        for (int64_t t = 0; t < kRowStep; ++t) v_rows[t] = row_of(params.v, v_first[t], g, s.v_rows + t * s.ldo);
         const int64_t l = g * lanes_per_kv;
         with_lane_count(lanes_per_kv, [&](auto count) {
           accumulate4<Acc, S, decltype(count)::value>(s.o + l * s.ldo, s.s_t + l * ldn + j, ldn, v_rows, s.ldo);
