@@ -137,6 +137,18 @@ void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_ca
   run_forward(params, isa, num_threads);
 }
 
+// exp_vec of one ISA over a float32 buffer, as bytes (the accuracy test of the vector exp).
+py::bytes exp_floats(const std::string& isa, py::buffer x) {
+  const py::buffer_info info = x.request();
+  if (info.format != py::format_descriptor<float>::format() || info.ndim != 1 || info.strides[0] != sizeof(float)) {
+    throw std::invalid_argument("x must be a contiguous 1-D float32 buffer");
+  }
+  std::string result(static_cast<size_t>(info.size) * sizeof(float), '\0');
+  cpu::kernels_for_isa(isa).exp_floats(static_cast<const float*>(info.ptr), reinterpret_cast<float*>(result.data()),
+                                       info.size);
+  return py::bytes(result);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -164,4 +176,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("use_openmp_runtime", &cpu::use_openmp_runtime, py::arg("library_path"),
         "Run the CPU kernels on an already-loaded OpenMP runtime (PyTorch's); False if unusable.");
   m.def("available_isas", &cpu::available_isas, "CPU ISAs this build and this CPU can run, best first.");
+  m.def("_exp_floats", &exp_floats, py::arg("isa"), py::arg("x"),
+        "exp of a float32 buffer through the named ISA's vector exp (for its accuracy test).");
 }

@@ -5,6 +5,7 @@
 #include "cpu/decode_block.h"
 #include "cpu/forward_block.h"
 
+#include <cstring>
 #include <stdexcept>
 
 namespace fusedattn {
@@ -73,6 +74,18 @@ void backward_reduce_dq(const BackwardParams& params, int64_t batch, int64_t hea
   });
 }
 
+void exp_floats(const float* x, float* y, int64_t n) {
+  constexpr int W = Vec<float>::kWidth;
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t count = n - i < W ? n - i : W;
+    float in[W] = {};
+    float out[W];
+    std::memcpy(in, x + i, count * sizeof(float));
+    vec_store<float>(out, exp_vec<float>(vec_load<float>(in)));
+    std::memcpy(y + i, out, count * sizeof(float));
+  }
+}
+
 }  // namespace
 
 const CpuKernelTable& kernel_table() {
@@ -85,7 +98,8 @@ const CpuKernelTable& kernel_table() {
                                     &backward_dsum,
                                     &backward_kv_block,
                                     &backward_reduce_dq,
-                                    kBwdBlockN};
+                                    kBwdBlockN,
+                                    &exp_floats};
   return table;
 }
 

@@ -57,6 +57,9 @@ struct CpuKernelTable {
   void (*backward_reduce_dq)(const BackwardParams& params, int64_t batch, int64_t head,
                              const void* const* partials, int64_t num_partials);
   int64_t backward_block_keys;  // keys per backward_kv_block task
+
+  // y[i] = exp(x[i]) through the kernels' vector exp (exp_vec), for its accuracy test.
+  void (*exp_floats)(const float* x, float* y, int64_t n);
 };
 
 #define FUSEDATTN_DECLARE_ISA(isa) \
