@@ -1,7 +1,7 @@
 """Backward benchmark: fusedattn vs torch SDPA, backward alone and forward+backward.
 
-Shapes (1, 8, 1024, 64) and (1, 8, 2048, 128), causal and not, fp32 and bf16 (the training
-issue's). Backward alone is timed as torch.autograd.grad over a retained forward graph; both
+Shapes (1, 8, 1024, 64) (the training issue's), (1, 8, 2048, 64), (1, 8, 2048, 128) and
+(1, 16, 4096, 64) (the CPU speed issue's), causal and not, fp32 and bf16. Backward alone is timed as torch.autograd.grad over a retained forward graph; both
 implementations are timed interleaved and compared by medians (DESIGN.md). FLOPs: backward =
 2.5x the forward's 4·B·H·L²·D (halved when causal), fwd+bwd = 3.5x. Also the per-call overhead of
 a tiny call (1, 1, 1, 8), eager, with and without autograd, against SDPA.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fusedattn
 from fusedattn import bench
 
-SHAPES = [(1, 8, 1024, 64), (1, 8, 2048, 128)]
+SHAPES = [(1, 8, 1024, 64), (1, 8, 2048, 64), (1, 8, 2048, 128), (1, 16, 4096, 64)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

@@ -1,6 +1,7 @@
 """Forward benchmark: fusedattn vs torch SDPA, side by side, on the issue's shapes.
 
-Shapes (1, 8, 2048, 64) and (1, 8, 2048, 128), causal and not, fp32 and bf16. For each case both
+Shapes (1, 8, 2048, 64), (1, 8, 2048, 128) and (1, 16, 4096, 64) (the CPU speed issue's),
+causal and not, fp32 and bf16. For each case both
 implementations are warmed up, then timed interleaved (A B A B ...) and their medians compared, as
 DESIGN.md's benchmark rules ask; the measuring is fusedattn.bench's (`fusedattn bench` runs the
 same code with more shapes and the naive torch baseline). One line per case: each side's median
@@ -15,7 +16,7 @@ import argparse
 
 from fusedattn import bench
 
-SHAPES = [(1, 8, 2048, 64), (1, 8, 2048, 128)]
+SHAPES = [(1, 8, 2048, 64), (1, 8, 2048, 128), (1, 16, 4096, 64)]
 DTYPES = ["float32", "bfloat16"]
 IMPLS = ["fusedattn", "torch-sdpa"]
 

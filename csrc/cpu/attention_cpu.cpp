@@ -22,11 +22,6 @@ namespace fusedattn {
 namespace cpu {
 namespace {
 
-// Packed GQA lanes per block at most: 64 lanes keep Qᵀ and the score tile within L1/L2.
-constexpr int64_t kPackedLanes = 64;
-// A key split is at least this many keys (4 kernel key blocks), so merging stays cheap.
-constexpr int64_t kMinSplitKeys = 256;
-
 struct AlignedDelete {
   void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
 };
@@ -85,8 +80,8 @@ AttentionParams sequence_params(const AttentionParams& p, int64_t b) {
 
 int64_t forward_block_rows(const AttentionParams& params, int num_threads) {
   const int64_t heads = params.batch * params.num_heads;
-  int64_t rows = 256;
-  while (rows > 32 && heads * ((params.seqlen_q + rows - 1) / rows) < 4 * num_threads) rows /= 2;
+  int64_t rows = kMaxBlockRows;
+  while (rows > kMinBlockRows && heads * ((params.seqlen_q + rows - 1) / rows) < 4 * num_threads) rows /= 2;
   return rows < params.seqlen_q ? rows : params.seqlen_q;
 }
 

@@ -26,16 +26,12 @@
 #include "cpu/forward_block.h"
 #include "cpu/gemm_tile.h"
 #include "cpu/score_mods.h"
+#include "cpu/tiles.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
-
-// Keys per task and query rows per inner step: 64 x 64 fp32 P and dS tiles (16 KiB each)
-// stay in L1 across the five products that use them.
-constexpr int64_t kBwdBlockN = 64;
-constexpr int64_t kBwdBlockM = 64;
 
 template <typename Acc>
 struct BackwardScratch {

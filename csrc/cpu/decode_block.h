@@ -155,7 +155,7 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 // The decode kernel. A block's lanes (query rows x heads) may span several kv heads: decode
 // blocks hold all heads of a token (see plan_blocks), so each cache row, which stores the kv
 // heads side by side, is read front to back once: the hardware prefetchers see one sequential
-// stream instead of one 512-byte piece per row and head (fp32 MHA decode: 26 -> 3x GB/s).
+// stream instead of one 512-byte piece per row and head (bench_decode.py, fp32 MHA: 26 -> 58 GB/s).
 // Lanes of kv head g are [g * lanes_per_kv, (g + 1) * lanes_per_kv).
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
 // converted and zero-padded into scratch.
@@ -165,7 +165,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   using V = VecT<Acc>;
   using S = std::conditional_t<kDirect, T, Acc>;  // what the dot products read
   constexpr int W = Vec<Acc>::kWidth;
-  constexpr int64_t kRowStep = 4;  // cache rows per dot4 / accumulate4
+  constexpr int64_t kRowStep = kDecodeRowStep;
   const int64_t head_dim = params.head_dim;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);

@@ -30,15 +30,13 @@
 #include "cpu/gemm_tile.h"
 #include "cpu/kernel_table.h"
 #include "cpu/score_mods.h"
+#include "cpu/tiles.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
 
-// Keys per block. 64 keys x 256 queries of fp32 scores = 64 KiB, which stays in L2 between
-// the score, softmax and P·V passes.
-constexpr int64_t kBlockN = 64;
 
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -218,12 +216,8 @@ inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t
   }
 }
 
-// K/V rows of a cache are far apart (heads x head_dim elements), beyond what the hardware
-// prefetchers follow; fetching a few rows ahead keeps enough loads in flight for the memory
-// bus (decode is bandwidth-bound). bench_decode.py, fp32 / bf16 MHA GB/s: no prefetch 20 / 11,
-// 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4, 24 rows 24.2 / 10.4.
-constexpr int64_t kPrefetchRows = 12;
-
+// Fetches the cache lines of one K/V row (kPrefetchRows ahead, tiles.h): loads stay in flight
+// for the memory bus where rows are far apart or gathered from pages.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t count) {
   for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) {

@@ -6,11 +6,7 @@
 // The multiply-add is a policy: FmaOp<T> (C, A, B all T), or Bf16PairOp where every A and B
 // element is a pair of bf16 along k (the VNNI layout) and one VDPBF16PS adds both products
 // into fp32 C, so a k step does twice the work of an fp32 FMA.
-//
-// Register budget (measured to keep all accumulators in registers, no spills):
-//   AVX-512 (32 zmm): 6 rows x 4 vectors = 24 accumulators + 4 B vectors + 1 broadcast
-//   AVX2    (16 ymm): 6 rows x 2 vectors = 12 accumulators + 2 + 1
-//   scalar         : 4 rows x 4 columns
+// The tile sizes (kTileRows, kTileVecs) per ISA are in tiles.h.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -18,22 +14,12 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/tiles.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
-
-#if defined(__AVX512F__)
-constexpr int kTileRows = 6;
-constexpr int kTileVecs = 4;
-#elif defined(__AVX2__)
-constexpr int kTileRows = 6;
-constexpr int kTileVecs = 2;
-#else
-constexpr int kTileRows = 4;
-constexpr int kTileVecs = 4;
-#endif
 
 // Strided read-only operand A(m, k).
 template <typename T>

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/params.h"
+#include "cpu/tiles.h"
 
 namespace fusedattn {
 namespace cpu {
@@ -27,10 +28,8 @@ struct ForwardBlock {
 };
 
 // A block's heads read one kv head, or (decode blocks only) whole GQA groups of several.
-// Blocks with at most kDecodeLanes lanes (query rows x heads) per kv head run the decode kernel
-// (dot products along head_dim); at 4 lanes that costs about what the transposed tile of the
-// forward kernel wastes on empty lanes.
-constexpr int64_t kDecodeLanes = 4;
+// Blocks with at most kDecodeLanes (tiles.h) lanes (query rows x heads) per kv head run the
+// decode kernel.
 
 inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlock& block) {
   const int64_t group = params.num_heads / params.num_heads_kv;

@@ -1,0 +1,76 @@
+// Every tile size and tuning constant of the CPU kernels, in one table, each with the
+// measurement or the budget that chose it. The first part is the same for every ISA (the
+// driver, attention_cpu.cpp, plans with it); the second is compiled once per ISA (included from
+// attention_isa.cpp's headers, where FUSEDATTN_ISA names the ISA namespace). None depends on
+// head_dim: head_dim only sets how deep each product runs.
+// Numbers: 2-core AMD EPYC (AVX-512, AVX512-BF16), 2 threads, unless said otherwise.
+#pragma once
+#include <cstdint>
+
+namespace fusedattn {
+namespace cpu {
+
+// ---- planning (all ISAs) ----------------------------------------------------------------------
+
+// Query rows per forward block at most; halved (down to 32) while there are fewer than 4 blocks
+// per thread. 256 rows x 64 keys of fp32 scores (64 KiB) stay in L2 between the passes.
+constexpr int64_t kMaxBlockRows = 256;
+constexpr int64_t kMinBlockRows = 32;
+// Lanes (query rows x heads) per block at most when GQA heads are packed, or when decode blocks
+// take several kv heads: 64 lanes keep Qᵀ and the score tile within L1/L2.
+constexpr int64_t kPackedLanes = 64;
+// Blocks with at most this many lanes per kv head run the decode kernel (dot products along
+// head_dim): at 4 lanes that costs about what the transposed tile wastes on empty lanes.
+constexpr int64_t kDecodeLanes = 4;
+// A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
+constexpr int64_t kMinSplitKeys = 256;
+
+}  // namespace cpu
+}  // namespace fusedattn
+
+#if defined(FUSEDATTN_ISA)
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {
+
+// ---- products (per ISA) -----------------------------------------------------------------------
+
+// Micro-kernel tile (gemm_tile.h): kTileRows rows x kTileVecs vectors of accumulators, the most
+// that stay in registers with the B vectors and the broadcast (no spills in the generated code):
+//   AVX-512 / AVX512-BF16 (32 zmm): 6 x 4 = 24 accumulators + 4 + 1; the same tile runs the fp32
+//     FMA and the bf16-pair VDPBF16PS products. Forward fp32 at (1,8,2048,128): 67-76% of the
+//     measured FMA peak non-causal (bench_forward.py).
+//   AVX2 (16 ymm): 6 x 2 = 12 + 2 + 1.   scalar: 4 x 4.
+#if defined(__AVX512F__)
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 4;
+#elif defined(__AVX2__)
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 2;
+#else
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 4;
+#endif
+
+// Keys per forward key block: 64 keys x 256 queries of fp32 scores = 64 KiB, in L2 between the
+// score, softmax and P·V passes (and an even count, for the bf16 pairs of P and V).
+constexpr int64_t kBlockN = 64;
+
+// Backward: keys per task and query rows per inner step. 64 x 64 fp32 P and dS tiles (16 KiB
+// each) stay in L1 across the five products that use them; a multiple of 32 for the bf16 rows.
+constexpr int64_t kBwdBlockN = 64;
+constexpr int64_t kBwdBlockM = 64;
+
+// Cache rows fetched ahead by the decode kernel and by gathered K/V blocks. bench_decode.py,
+// fp32 / bf16 MHA GB/s with one block per (batch, kv head), before decode blocks held all heads:
+// no prefetch 20 / 11, 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4, 24 rows 24.2 / 10.4. With
+// all heads per block, dropping the prefetch cost 25% (fp32) and 60% (bf16).
+constexpr int64_t kPrefetchRows = 12;
+
+// Cache rows per decode step (dot4 / accumulate4): four K rows share one reduction tree.
+constexpr int64_t kDecodeRowStep = 4;
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn
+#endif
