@@ -116,6 +116,29 @@ inline void dot4(const Acc* q, const S* const* k, int64_t ld, Acc* s, int64_t ld
   for (int l = 0; l < LANES; ++l) vec_sum4<Acc>(acc[l][0], acc[l][1], acc[l][2], acc[l][3], s + l * ld_s);
 }
 
+#if defined(__AVX512BF16__)
+// dot4 for bf16 rows read as they are (head_dim a multiple of 32): one VDPBF16PS multiplies 16
+// adjacent pairs of q and k, which is exactly the pair layout, so nothing is packed or widened.
+// q: LANES rows of raw bf16 (ld_q elements apart); the sums are unscaled.
+template <int LANES>
+inline void dot4_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* k, int64_t head_dim, float* s,
+                      int64_t ld_s) {
+  __m512 acc[LANES][4];
+  for (int l = 0; l < LANES; ++l) {
+    for (int t = 0; t < 4; ++t) acc[l][t] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < head_dim; d += 32) {
+    __m512bh kv[4];
+    for (int t = 0; t < 4; ++t) kv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[t] + d));
+    for (int l = 0; l < LANES; ++l) {
+      const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + l * ld_q + d));
+      for (int t = 0; t < 4; ++t) acc[l][t] = _mm512_dpbf16_ps(acc[l][t], qv, kv[t]);
+    }
+  }
+  for (int l = 0; l < LANES; ++l) vec_sum4<float>(acc[l][0], acc[l][1], acc[l][2], acc[l][3], s + l * ld_s);
+}
+#endif
+
 // o_l[0, ld) += Σ_t p_l[t] · v[t][0, ld) for LANES lanes (o rows ld apart, p rows ld_p apart)
 // and four value rows; each V vector is loaded (and widened) once for all lanes.
 template <typename Acc, typename S, int LANES>
@@ -175,6 +198,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t ldn = kBlockN;  // scores: [lanes x kBlockN] row-major in s.s_t
   const Orientation row_major{ldn, 1};
   int64_t j0 = 0, n = 0;  // the current key block
+  // bf16 K rows in place on VDPBF16PS: q kept as raw bf16 rows, the scale applied to the sums.
+  constexpr bool kPairDots = kBf16Pairs<T> && kDirect;
+  const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
   // Row j of the block's first kv head (kv head g is g head strides further: one page lookup
   // per cache row, not one per row and head), and the rows kPrefetchRows ahead.
@@ -204,7 +230,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
                  head * params.q.head_stride + row * params.q.row_stride;
     Acc* q_row = s.q_rows + l * s.ldo;
-    for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
+    if (pair_dots) {
+      std::memcpy(reinterpret_cast<T*>(s.q_rows) + l * s.ldo, q, head_dim * sizeof(T));
+    } else {
+      for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
+    }
     KeyRange range = visible_keys(params, row);
     range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
     range.end = range.end < block.key_hi ? range.end : block.key_hi;
@@ -246,8 +276,23 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         for (int64_t t = 0; t < kRowStep; ++t) k_rows[t] = row_of(params.k, k_first[t], g, s.k_rows + t * s.ldo);
         const int64_t l = g * lanes_per_kv;
         with_lane_count(lanes_per_kv, [&](auto count) {
+          if constexpr (kPairDots) {
+#if defined(__AVX512BF16__)
+            if (pair_dots) {
+              dot4_bf16<decltype(count)::value>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_rows,
+                                                head_dim, s.s_t + l * ldn + j, ldn);
+              return;
+            }
+#endif
+          }
           dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
         });
+      }
+    }
+    if (pair_dots) {
+      for (int64_t l = 0; l < lanes.lanes; ++l) {
+        Acc* row = s.s_t + l * ldn;
+        for (int64_t j = 0; j < ldn; j += W) vec_store<Acc>(row + j, vec_load<Acc>(row + j) * scale);
       }
     }
     for (int64_t l = 0; l < lanes.lanes; ++l) {
