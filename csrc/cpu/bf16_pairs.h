@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cpu/convert.h"
+#include "cpu/transpose.h"
 
 namespace fusedattn {
 namespace cpu {
@@ -97,18 +98,12 @@ inline void round_rows_to_pairs(const float* src, int64_t m, int64_t ld, uint32_
 }
 
 // Transposed pairs: dst[kp][i] = x_i[2kp] | x_i[2kp + 1] << 16 for lanes i < lanes (row i at
-// rows[i], `depth` bf16 along k), zero for lanes in [lanes, ld) and for the odd tail of k.
+// row_of(i), `depth` bf16 along k), zero for lanes in [lanes, ld) and for the odd tail of k.
 template <typename RowOf>
 inline void pack_transposed_pairs(RowOf row_of, int64_t lanes, int64_t depth, uint32_t* dst, int64_t ld) {
-  const int64_t pairs = (depth + 1) / 2;
-  for (int64_t i = 0; i < ld; ++i) {
-    const BFloat16* row = i < lanes ? row_of(i) : nullptr;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      uint32_t value = 0;
-      if (row != nullptr) value = pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
-      dst[kp * ld + i] = value;
-    }
-  }
+  pack_transposed<uint32_t>(row_of, lanes, (depth + 1) / 2, dst, ld, [depth](const BFloat16* row, int64_t kp) {
+    return pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
+  });
 }
 
 }  // namespace FUSEDATTN_ISA

@@ -31,6 +31,7 @@
 #include "cpu/kernel_table.h"
 #include "cpu/score_mods.h"
 #include "cpu/tiles.h"
+#include "cpu/transpose.h"
 #include "cpu/vec.h"
 
 namespace fusedattn {
@@ -383,19 +384,12 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
   const int64_t kv_head = kv_head_of(params, block.head_begin);
 
-  // Qᵀ (scaled) and per-lane state. Padding lanes are zero and copy the last lane's key range.
+  // Per-lane state (padding lanes copy the last lane's key range), then Qᵀ (zero padding lanes).
   const Acc scale = static_cast<Acc>(params.scale);
   const bool has_sink = params.sinks != nullptr;
   for (int64_t i = 0; i < s.ldq; ++i) {
     const int64_t lane = i < lanes.lanes ? i : lanes.lanes - 1;
     const int64_t head = lanes.head(block, lane), row = lanes.row(block, lane);
-    const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
-                 head * params.q.head_stride + row * params.q.row_stride;
-    if constexpr (!kBf16Pairs<T>) {
-      for (int64_t d = 0; d < head_dim; ++d) {
-        s.q_t[d * s.ldq + i] = i < lanes.lanes ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
-      }
-    }
     KeyRange range = visible_keys(params, row);
     range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
     range.end = range.end < block.key_hi ? range.end : block.key_hi;
@@ -410,16 +404,18 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     s.query_pos[i] = static_cast<Acc>(query_position(params, row));
     s.lane_slope[i] = static_cast<Acc>(alibi_slope(params, block.batch, head));
   }
+  auto q_row = [&](int64_t lane) {
+    return static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
+           lanes.head(block, lane) * params.q.head_stride + lanes.row(block, lane) * params.q.row_stride;
+  };
 #if defined(__AVX512BF16__)
   uint32_t* const q_pairs = reinterpret_cast<uint32_t*>(s.q_t);  // [(head_dim + 1) / 2 x ldq], unscaled
-  if constexpr (kBf16Pairs<T>) {
-    auto q_row = [&](int64_t lane) {
-      return static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
-             lanes.head(block, lane) * params.q.head_stride + lanes.row(block, lane) * params.q.row_stride;
-    };
-    pack_transposed_pairs(q_row, lanes.lanes, head_dim, q_pairs, s.ldq);
-  }
+  if constexpr (kBf16Pairs<T>) pack_transposed_pairs(q_row, lanes.lanes, head_dim, q_pairs, s.ldq);
 #endif
+  if constexpr (!kBf16Pairs<T>) {
+    pack_transposed<Acc>(q_row, lanes.lanes, head_dim, s.q_t, s.ldq,
+                         [scale](const T* row, int64_t d) { return static_cast<Acc>(to_float(row[d])) * scale; });
+  }
   MaskIndex<Acc> max_begin = s.key_begin[0], min_end = s.key_end[0];
   KeyRange keys{s.key_begin[0], s.key_end[0]};
   for (int64_t i = 1; i < lanes.lanes; ++i) {
