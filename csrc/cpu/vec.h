@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fusedattn {
 namespace cpu {
@@ -87,6 +90,18 @@ inline bool vec_all_equal(VecT<T> a, VecT<T> b) {
 inline float exp_scalar(float x) { return std::exp(x); }
 inline double exp_scalar(double x) { return std::exp(x); }
 
+// e^r for |r| <= ln2 / 2 (Cephes' expf polynomial).
+template <typename T>
+inline VecT<T> exp_reduced_polynomial(VecT<T> r) {
+  VecT<T> p = vec_set1<T>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.0f;
+}
+
 // exp over every lane. float vectors use the polynomial; scalars and doubles use libm.
 template <typename T>
 inline VecT<T> exp_vec(VecT<T> x) {
@@ -98,6 +113,20 @@ inline VecT<T> exp_vec(VecT<T> x) {
     return y;
   } else {
     constexpr int W = Vec<T>::kWidth;
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {
+      // n = round(x / ln2) by VRNDSCALEPS, 2^n applied by VSCALEFPS (no integer exponent
+      // arithmetic, no upper clamp: 2^n overflows to inf by itself); the polynomial is below.
+      const VecT<T> kLowest = vec_set1<T>(-87.33654f);
+      const VecT<T> xc = vec_max<T>(x, kLowest);
+      const VecT<T> nf = _mm512_roundscale_ps(xc * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      VecT<T> r = xc - nf * 0.693359375f;
+      r = r - nf * -2.12194440e-4f;
+      const VecT<T> y = _mm512_scalef_ps(exp_reduced_polynomial<T>(r), nf);
+      const VecT<T> y_or_zero = x < kLowest ? vec_set1<T>(0.0f) : y;
+      return x != x ? x : y_or_zero;  // NaN in, NaN out
+    }
+#endif
     typedef int32_t IntVec __attribute__((vector_size(W * sizeof(int32_t))));
     const VecT<T> kLowest = vec_set1<T>(-87.33654f);
     const VecT<T> xc = vec_max<T>(x, kLowest);
@@ -109,13 +138,7 @@ inline VecT<T> exp_vec(VecT<T> x) {
     const VecT<T> nf = __builtin_convertvector(n, VecT<T>);
     VecT<T> r = xm - nf * 0.693359375f;
     r = r - nf * -2.12194440e-4f;
-    VecT<T> p = vec_set1<T>(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    const VecT<T> p = exp_reduced_polynomial<T>(r);
     const IntVec bits = (n + 127) << 23;
     VecT<T> scale;
     std::memcpy(&scale, &bits, sizeof(scale));
