@@ -4,8 +4,11 @@ B = 8, Hq = 32, L = 4096, D = 128, with Hkv = 32 (MHA) and 8 (GQA), fp32 and bf1
 inference issue's shapes). fusedattn reads the cache through attention_with_kvcache (the
 (B, L, Hkv, D) layout of a real cache), torch SDPA gets contiguous (B, Hkv, L, D) tensors
 (its best case; enable_gqa for GQA). Also the paged cache (block_size 16, shuffled pages)
-against the contiguous one. The machine's read bandwidth is measured in the same run: a
-torch.sum over a 2 GiB fp32 tensor. All timings interleaved, medians (DESIGN.md).
+against the contiguous one. The machine's read bandwidth is measured in the same run, twice: a
+torch.sum over a 2 GiB fp32 tensor at the start, and, for "% BW", a torch.sum over as many
+bytes as the case's K/V, interleaved with the case's own timings (this machine's bandwidth
+drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
+fair yardstick). All timings interleaved, medians (DESIGN.md).
 
     python benchmarks/bench_decode.py [--reps N]
 """
@@ -52,7 +55,9 @@ def decode_case(num_heads_kv, dtype, reps):
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     gqa = num_heads_kv != HEADS
+    same_bytes = torch.ones(2 * k_cache.numel() * k_cache.element_size() // 4)  # fp32, beyond the caches
     calls = {
+        "read-bw": lambda: same_bytes.sum(),
         "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
         "fusedattn-paged16": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
                                                                       block_table=pages),
@@ -74,15 +79,15 @@ def main() -> int:
     print(bench.versions_line(torch))
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s\n")
-    header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
+    header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
     rows = [header]
     for num_heads_kv in (32, 8):
         for dtype in (torch.float32, torch.bfloat16):
             t, bytes_read, error = decode_case(num_heads_kv, dtype, args.reps)
-            ours, paged, sdpa = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"]
+            ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
-                         f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / ours / 1e9 / bandwidth:.0%}",
+                         f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",
                          f"{paged * 1e3:.2f}", f"{paged / ours:.2f}", f"{sdpa * 1e3:.2f}",
                          f"{bytes_read / sdpa / 1e9:.1f}", f"{sdpa / ours:.2f}×", f"{error:.1e}"))
             print(f"  done Hkv={num_heads_kv} {dtype}", flush=True)

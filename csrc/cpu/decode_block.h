@@ -25,26 +25,36 @@ namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
 
-// Sum of the lanes: a shuffle tree for 16 and 8 floats, a plain loop otherwise.
-template <typename T>
-inline T vec_sum(VecT<T> v) {
+// combine() of all lanes (a sum or a max): a shuffle tree for 16 and 8 floats, a loop otherwise.
+template <typename T, typename Combine>
+inline T vec_reduce(VecT<T> v, Combine combine) {
   constexpr int W = Vec<T>::kWidth;
   if constexpr (W == 16 && sizeof(T) == 4) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    v = combine(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = combine(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
     return v[0];
   } else if constexpr (W == 8 && sizeof(T) == 4) {
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    v = combine(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = combine(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = combine(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
     return v[0];
   } else {
-    T sum = 0;
-    for (int lane = 0; lane < W; ++lane) sum += vec_lane<T>(v, lane);
-    return sum;
+    VecT<T> result = vec_set1<T>(vec_lane<T>(v, 0));
+    for (int lane = 1; lane < W; ++lane) result = combine(result, vec_set1<T>(vec_lane<T>(v, lane)));
+    return vec_lane<T>(result, 0);
   }
+}
+
+template <typename T>
+inline T vec_sum(VecT<T> v) {
+  return vec_reduce<T>(v, [](VecT<T> a, VecT<T> b) { return a + b; });
+}
+
+template <typename T>
+inline T vec_max_lane(VecT<T> v) {
+  return vec_reduce<T>(v, [](VecT<T> a, VecT<T> b) { return vec_max<T>(a, b); });
 }
 
 // A vector of Acc from W elements of S: a plain load, or bf16/fp16 widened in registers.
@@ -310,15 +320,14 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         }
       }
       // Keys outside this lane's visible range (and the tile's padding) get -inf.
-      const int64_t lo = s.key_begin[l] - j0, hi = s.key_end[l] - j0;
-      for (int64_t j = 0; j < ldn; ++j) {
-        if (j < lo || j >= hi || j >= n) row[j] = minus_inf;
-      }
+      const int64_t lo = s.key_begin[l] > j0 ? s.key_begin[l] - j0 : 0;
+      const int64_t hi = s.key_end[l] - j0 < n ? s.key_end[l] - j0 : n;
+      for (int64_t j = 0; j < lo && j < ldn; ++j) row[j] = minus_inf;
+      for (int64_t j = hi > 0 ? hi : 0; j < ldn; ++j) row[j] = minus_inf;
       // Online softmax of this lane over the block, a vector of keys at a time.
       V max_vec = vec_set1<Acc>(s.row_max[l]);
       for (int64_t j = 0; j < ldn; j += W) max_vec = vec_max<Acc>(max_vec, vec_load<Acc>(row + j));
-      Acc new_max = vec_lane<Acc>(max_vec, 0);
-      for (int lane = 1; lane < W; ++lane) new_max = vec_lane<Acc>(max_vec, lane) > new_max ? vec_lane<Acc>(max_vec, lane) : new_max;
+      const Acc new_max = vec_max_lane<Acc>(max_vec);
       const Acc shift = new_max == minus_inf ? Acc(0) : new_max;
       const Acc rescale = exp_scalar(s.row_max[l] - shift);
       V sum_vec = vec_set1<Acc>(Acc(0));
