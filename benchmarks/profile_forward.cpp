@@ -18,8 +18,8 @@
 //   pack_q   once: Qᵀ (scaled), or pack_transposed_pairs of Q (bf16 on avx512bf16)
 //   output   once: write_block_output
 //   whole    forward_block_t for the q-block
-// The scaling pass, the O rescale and the fp32 Qᵀ packing are loops written inline in
-// forward_block_t, not functions, so they are repeated here (marked "as forward_block_t"); the
+// The scaling pass and the O rescale are loops written inline in forward_block_t, not
+// functions, so they are repeated here (marked "as forward_block_t"); the
 // rest of its per-lane setup and the zeroing of O are only in the whole. The phases are compiled
 // here, not inside forward_block_t, so their code can differ a little from the kernel's: the
 // whole minus the sum of the phases shows by how much. Phases and whole are interleaved over
@@ -244,12 +244,8 @@ std::string profile(const char* dtype, int reps) {
       pack_transposed_pairs(q_row, lanes.lanes, kHeadDim, q_pairs, s.ldq);
 #endif
     } else {  // scaled Qᵀ, as forward_block_t
-      for (int64_t i = 0; i < s.ldq; ++i) {
-        const T* q_i = q.data() + i * kHeadDim;
-        for (int64_t d = 0; d < kHeadDim; ++d) {
-          s.q_t[d * s.ldq + i] = i < lanes.lanes ? static_cast<float>(to_float(q_i[d])) * scale : 0.0f;
-        }
-      }
+      pack_transposed<float>([&](int64_t i) { return q.data() + i * kHeadDim; }, lanes.lanes, kHeadDim, s.q_t, s.ldq,
+                             [scale](const T* row, int64_t d) { return static_cast<float>(to_float(row[d])) * scale; });
     }
   };
 
