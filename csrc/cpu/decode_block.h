@@ -232,6 +232,22 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t g = 0; g < kv_count; ++g) prefetch_row(ahead + g * t.head_stride, head_dim);
     }
   };
+  // Walks the key block kRowStep cache rows at a time (a tail repeats its last row), and each
+  // kv head of those rows: visit(j, g, rows), rows[r] = row j + r of kv head g.
+  auto for_each_row_group = [&](const TensorRef& t, Acc* buffer, auto&& visit) {
+    for (int64_t j = 0; j < n; j += kRowStep) {
+      const T* first[kRowStep];
+      for (int64_t r = 0; r < kRowStep; ++r) {
+        prefetch_ahead(t, j + r);
+        first[r] = first_head_row(t, j + r < n ? j + r : n - 1);
+      }
+      for (int64_t g = 0; g < kv_count; ++g) {
+        const S* rows[kRowStep];
+        for (int64_t r = 0; r < kRowStep; ++r) rows[r] = row_of(t, first[r], g, buffer + r * s.ldo);
+        visit(j, g, rows);
+      }
+    }
+  };
 
   const Acc scale = static_cast<Acc>(params.scale);
   KeyRange keys{params.seqlen_k, 0};
@@ -273,32 +289,23 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         std::memcpy(s.mask_tile + l * ldn, s.mask_tile + (l % lanes.rows) * ldn, n * sizeof(Acc));
       }
     }
-    // Scores: each cache row once, all its kv heads, every lane of each, four rows at a time
-    // (a tail block repeats its last row; those scores fall outside [0, n) and are masked).
-    for (int64_t j = 0; j < n; j += kRowStep) {
-      const T* k_first[kRowStep];
-      for (int64_t t = 0; t < kRowStep; ++t) {
-        prefetch_ahead(params.k, j + t);
-        k_first[t] = first_head_row(params.k, j + t < n ? j + t : n - 1);
-      }
-      for (int64_t g = 0; g < kv_count; ++g) {
-        const S* k_rows[kRowStep];
-        for (int64_t t = 0; t < kRowStep; ++t) k_rows[t] = row_of(params.k, k_first[t], g, s.k_rows + t * s.ldo);
-        const int64_t l = g * lanes_per_kv;
-        with_lane_count(lanes_per_kv, [&](auto count) {
-          if constexpr (kPairDots) {
+    // Scores: each cache row once, all its kv heads, every lane of each (the scores of a
+    // repeated tail row fall outside [0, n) and are masked below).
+    for_each_row_group(params.k, s.k_rows, [&](int64_t j, int64_t g, const S* const* k_rows) {
+      const int64_t l = g * lanes_per_kv;
+      with_lane_count(lanes_per_kv, [&](auto count) {
+        if constexpr (kPairDots) {
 #if defined(__AVX512BF16__)
-            if (pair_dots) {
-              dot4_bf16<decltype(count)::value>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_rows,
-                                                head_dim, s.s_t + l * ldn + j, ldn);
-              return;
-            }
-#endif
+          if (pair_dots) {
+            dot4_bf16<decltype(count)::value>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_rows,
+                                              head_dim, s.s_t + l * ldn + j, ldn);
+            return;
           }
-          dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
-        });
-      }
-    }
+#endif
+        }
+        dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
+      });
+    });
     if (pair_dots) {
       for (int64_t l = 0; l < lanes.lanes; ++l) {
         Acc* row = s.s_t + l * ldn;
@@ -350,23 +357,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         for (int64_t j = 0; j < n; ++j) s.s_t[l * ldn + j] *= s.drop_tile[l * ldn + j];
       }
     }
-    // O += P · V, four cache rows at a time, all their kv heads, every lane of each (the
-    // probabilities past n are 0).
-    for (int64_t j = 0; j < n; j += kRowStep) {
-      const T* v_first[kRowStep];
-      for (int64_t t = 0; t < kRowStep; ++t) {
-        prefetch_ahead(params.v, j + t);
-        v_first[t] = first_head_row(params.v, j + t < n ? j + t : n - 1);
-      }
-      for (int64_t g = 0; g < kv_count; ++g) {
-        const S* v_rows[kRowStep];
-        for (int64_t t = 0; t < kRowStep; ++t) v_rows[t] = row_of(params.v, v_first[t], g, s.v_rows + t * s.ldo);
-        const int64_t l = g * lanes_per_kv;
-        with_lane_count(lanes_per_kv, [&](auto count) {
-          accumulate4<Acc, S, decltype(count)::value>(s.o + l * s.ldo, s.s_t + l * ldn + j, ldn, v_rows, s.ldo);
-        });
-      }
-    }
+    // O += P · V, the same walk over the V rows (the probabilities past n are 0).
+    for_each_row_group(params.v, s.v_rows, [&](int64_t j, int64_t g, const S* const* v_rows) {
+      const int64_t l = g * lanes_per_kv;
+      with_lane_count(lanes_per_kv, [&](auto count) {
+        accumulate4<Acc, S, decltype(count)::value>(s.o + l * s.ldo, s.s_t + l * ldn + j, ldn, v_rows, s.ldo);
+      });
+    });
     any_key = true;
   }
   write_block_output<T>(params, block, lanes, s, !any_key);
