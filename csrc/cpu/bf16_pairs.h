@@ -22,6 +22,16 @@ inline uint32_t pair_bits(uint16_t low, uint16_t high) {
   return static_cast<uint32_t>(low) | (static_cast<uint32_t>(high) << 16);
 }
 
+// Pair kp of a bf16 row of `depth` elements: elements 2kp and 2kp + 1 (0 past the end).
+inline uint32_t row_pair(const BFloat16* row, int64_t kp, int64_t depth) {
+  return pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
+}
+
+// A bf16 row of `depth` elements as its (depth + 1) / 2 pairs, into dst.
+inline void copy_row_as_pairs(const BFloat16* row, int64_t depth, uint32_t* dst) {
+  for (int64_t kp = 0; kp < (depth + 1) / 2; ++kp) dst[kp] = row_pair(row, kp, depth);
+}
+
 // 16 pairs from 16 bf16 of row k (low halves) and 16 of row k + 1 (high halves).
 inline __m512i pair_vectors(const BFloat16* even_row, const BFloat16* odd_row) {
   const __m512i low = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row)));
@@ -76,12 +86,7 @@ inline const uint32_t* rows_as_pairs(const BFloat16* rows, int64_t row_stride, i
     return reinterpret_cast<const uint32_t*>(rows);
   }
   const int64_t pairs = (head_dim + 1) / 2;
-  for (int64_t r = 0; r < m; ++r) {
-    const BFloat16* row = rows + r * row_stride;
-    for (int64_t kp = 0; kp < pairs; ++kp) {
-      buffer[r * pairs + kp] = pair_bits(row[2 * kp].bits, 2 * kp + 1 < head_dim ? row[2 * kp + 1].bits : 0);
-    }
-  }
+  for (int64_t r = 0; r < m; ++r) copy_row_as_pairs(rows + r * row_stride, head_dim, buffer + r * pairs);
   *stride = pairs;
   return buffer;
 }
@@ -101,9 +106,8 @@ inline void round_rows_to_pairs(const float* src, int64_t m, int64_t ld, uint32_
 // row_of(i), `depth` bf16 along k), zero for lanes in [lanes, ld) and for the odd tail of k.
 template <typename RowOf>
 inline void pack_transposed_pairs(RowOf row_of, int64_t lanes, int64_t depth, uint32_t* dst, int64_t ld) {
-  pack_transposed<uint32_t>(row_of, lanes, (depth + 1) / 2, dst, ld, [depth](const BFloat16* row, int64_t kp) {
-    return pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
-  });
+  pack_transposed<uint32_t>(row_of, lanes, (depth + 1) / 2, dst, ld,
+                            [depth](const BFloat16* row, int64_t kp) { return row_pair(row, kp, depth); });
 }
 
 }  // namespace FUSEDATTN_ISA

@@ -199,12 +199,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   using S = std::conditional_t<kDirect, T, Acc>;  // what the dot products read
   constexpr int W = Vec<Acc>::kWidth;
   constexpr int64_t kRowStep = kDecodeRowStep;
+  static_assert(kRowStep == 4, "dot4 / accumulate4 take four cache rows");
   const int64_t head_dim = params.head_dim;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
   const int64_t kv_first = kv_head_of(params, block.head_begin);
-  const int64_t kv_count = kv_head_of(params, block.head_begin + block.head_count - 1) - kv_first + 1;
-  const int64_t lanes_per_kv = lanes.lanes / kv_count;
+  const int64_t lanes_per_kv = lanes_per_kv_head(params, block);
+  const int64_t kv_count = lanes.lanes / lanes_per_kv;
   const int64_t ldn = kBlockN;  // scores: [lanes x kBlockN] row-major in s.s_t
   const Orientation row_major{ldn, 1};
   int64_t j0 = 0, n = 0;  // the current key block
@@ -261,19 +262,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     } else {
       for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
     }
-    KeyRange range = visible_keys(params, row);
-    range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
-    range.end = range.end < block.key_hi ? range.end : block.key_hi;
-    if (range.end < range.begin) range.end = range.begin;
-    s.key_begin[l] = static_cast<MaskIndex<Acc>>(range.begin);
-    s.key_end[l] = static_cast<MaskIndex<Acc>>(range.end);
+    const KeyRange range = init_lane_state(params, block, lanes, s, l, l);
     keys.begin = range.begin < keys.begin ? range.begin : keys.begin;
     keys.end = range.end > keys.end ? range.end : keys.end;
-    const bool sink_here = params.sinks != nullptr && block.key_lo == 0;
-    s.row_max[l] = sink_here ? static_cast<Acc>(params.sinks[head]) : -std::numeric_limits<Acc>::infinity();
-    s.row_sum[l] = sink_here ? Acc(1) : Acc(0);
-    s.query_pos[l] = static_cast<Acc>(query_position(params, row));
-    s.lane_slope[l] = static_cast<Acc>(alibi_slope(params, block.batch, head));
     for (int64_t c = 0; c < s.ldo; ++c) s.o[l * s.ldo + c] = Acc(0);
   }
 

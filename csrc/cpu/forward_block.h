@@ -38,7 +38,6 @@ namespace fusedattn {
 namespace cpu {
 namespace FUSEDATTN_ISA {
 
-
 inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 // Integer lanes of the same width as the compute type, for the column mask.
@@ -256,6 +255,28 @@ struct BlockLanes {
   int64_t row(const ForwardBlock& b, int64_t lane) const { return b.row_begin + lane % rows; }
 };
 
+// Scratch slot i's per-lane state for lane `lane` of the block: its visible keys clipped to the
+// block's key split, the running max / sum (from the sink, in the first split only: a sink is a
+// virtual key with score sinks[head] and no value), its query position and ALiBi slope.
+// Returns the clipped key range.
+template <typename Acc>
+inline KeyRange init_lane_state(const AttentionParams& params, const ForwardBlock& block, const BlockLanes& lanes,
+                                const ForwardScratch<Acc>& s, int64_t i, int64_t lane) {
+  const int64_t head = lanes.head(block, lane), row = lanes.row(block, lane);
+  KeyRange range = visible_keys(params, row);
+  range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
+  range.end = range.end < block.key_hi ? range.end : block.key_hi;
+  if (range.end < range.begin) range.end = range.begin;
+  s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin);
+  s.key_end[i] = static_cast<MaskIndex<Acc>>(range.end);
+  const bool sink_here = params.sinks != nullptr && block.key_lo == 0;
+  s.row_max[i] = sink_here ? static_cast<Acc>(params.sinks[head]) : -std::numeric_limits<Acc>::infinity();
+  s.row_sum[i] = sink_here ? Acc(1) : Acc(0);
+  s.query_pos[i] = static_cast<Acc>(query_position(params, row));
+  s.lane_slope[i] = static_cast<Acc>(alibi_slope(params, block.batch, head));
+  return range;
+}
+
 // out = O / l and LSE = m + log(l) for every lane (rows that saw no key: 0 and -inf, or the
 // sink's logit), into params.out / params.lse or into the block's fp32 partial buffers.
 template <typename T, typename Acc>
@@ -350,10 +371,7 @@ inline const uint32_t* key_pairs(const AttentionParams& p, int64_t batch, int64_
   }
   const int64_t pairs = (p.head_dim + 1) / 2;
   for (int64_t j = 0; j < n; ++j) {
-    int64_t unused;
-    const BFloat16* row = base + kv_row_offset(p, p.k, batch, kv_head, j0 + j);
-    const uint32_t* packed = rows_as_pairs(row, 0, 1, p.head_dim, buffer + j * pairs, &unused);
-    if (packed != buffer + j * pairs) std::memcpy(buffer + j * pairs, packed, pairs * sizeof(uint32_t));
+    copy_row_as_pairs(base + kv_row_offset(p, p.k, batch, kv_head, j0 + j), p.head_dim, buffer + j * pairs);
   }
   *stride = pairs;
   return buffer;
@@ -386,24 +404,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
 
   // Per-lane state (padding lanes copy the last lane's key range), then Qᵀ (zero padding lanes).
   const Acc scale = static_cast<Acc>(params.scale);
-  const bool has_sink = params.sinks != nullptr;
-  for (int64_t i = 0; i < s.ldq; ++i) {
-    const int64_t lane = i < lanes.lanes ? i : lanes.lanes - 1;
-    const int64_t head = lanes.head(block, lane), row = lanes.row(block, lane);
-    KeyRange range = visible_keys(params, row);
-    range.begin = range.begin > block.key_lo ? range.begin : block.key_lo;
-    range.end = range.end < block.key_hi ? range.end : block.key_hi;
-    if (range.end < range.begin) range.end = range.begin;
-    s.key_begin[i] = static_cast<MaskIndex<Acc>>(range.begin);
-    s.key_end[i] = static_cast<MaskIndex<Acc>>(range.end);
-    // A sink is a virtual key with score sinks[head] and no value: the running max and sum start
-    // from it (in the first key split only) instead of from (-inf, 0).
-    const bool sink_here = has_sink && block.key_lo == 0;
-    s.row_max[i] = sink_here ? static_cast<Acc>(params.sinks[head]) : -std::numeric_limits<Acc>::infinity();
-    s.row_sum[i] = sink_here ? Acc(1) : Acc(0);
-    s.query_pos[i] = static_cast<Acc>(query_position(params, row));
-    s.lane_slope[i] = static_cast<Acc>(alibi_slope(params, block.batch, head));
-  }
+  for (int64_t i = 0; i < s.ldq; ++i) init_lane_state(params, block, lanes, s, i, i < lanes.lanes ? i : lanes.lanes - 1);
   auto q_row = [&](int64_t lane) {
     return static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
            lanes.head(block, lane) * params.q.head_stride + lanes.row(block, lane) * params.q.row_stride;
