@@ -192,6 +192,15 @@ void reference(const AttentionParams& p, const Accessor& query, const Accessor& 
 
 int g_failures = 0;
 
+// Prints one case's line (errors, PASS or FAIL: result) and counts a failure; true if it passed.
+bool report_case(const std::string& name, double worst_out, double tol, double worst_lse, const char* result) {
+  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", name.c_str(), worst_out, tol, worst_lse,
+              result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
+  std::fflush(stdout);
+  if (result != nullptr) ++g_failures;
+  return result == nullptr;
+}
+
 bool run(const Case& c) {
   const bool cache = c.page_size != 0;
   AttentionParams p;
@@ -413,11 +422,7 @@ bool run(const Case& c) {
     else if (worst_out > tol) result = "out error above bound";
     else if (worst_lse > 1e-4) result = "LSE error above bound";
   }
-  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", c.name.c_str(), worst_out, tol, worst_lse,
-              result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
-  std::fflush(stdout);
-  if (result != nullptr) ++g_failures;
-  return result == nullptr;
+  return report_case(c.name, worst_out, tol, worst_lse, result);
 }
 
 // Packed variable-length sequences through attention_varlen_forward: q/out (total_q + tail,
@@ -582,11 +587,7 @@ bool run_varlen(const Case& c) {
   else if (lse_inf_mismatch) result = "LSE -inf where the reference is finite (or the reverse)";
   else if (worst_out > tol) result = "out error above bound";
   else if (worst_lse > 1e-4) result = "LSE error above bound";
-  std::printf("%-58s out %.2e (bound %.0e)  lse %.2e  %s%s\n", c.name.c_str(), worst_out, tol, worst_lse,
-              result == nullptr ? "PASS" : "FAIL: ", result == nullptr ? "" : result);
-  std::fflush(stdout);
-  if (result != nullptr) ++g_failures;
-  return result == nullptr;
+  return report_case(c.name, worst_out, tol, worst_lse, result);
 }
 
 bool run_merge(DType dtype) {
