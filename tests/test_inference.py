@@ -170,6 +170,40 @@ def test_paged_cache_equals_contiguous(page_size):
     _close(paged, contiguous, tol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
+@pytest.mark.parametrize("heads", [(3, 3), (5, 5), (6, 3), (10, 5), (8, 2), (3, 1)])
+def test_decode_walk_edges(heads, page_size, dtype):
+    """The decode kernel scores up to four kv heads per reduction and steps four value rows at a
+    time where they share a page: odd kv head counts, lengths that are not a multiple of 4 and
+    pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
+    num_heads, num_heads_kv = heads
+    lengths = [1, 6, 67, 130]
+    batch, capacity, head_dim = len(lengths), 132, 64
+    generator = torch.Generator().manual_seed(num_heads * 10 + num_heads_kv)
+    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, 1, num_heads, head_dim, generator=generator).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if page_size is None:
+        out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
+    else:
+        pages_per_seq = capacity // page_size
+        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
+        k_pages, v_pages = (torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim, dtype=dtype)
+                            for _ in range(2))
+        k_pages[table.long()] = k_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        v_pages[table.long()] = v_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
+        expected, _ = reference.attention_reference(q_b, k_b, v_b)
+        torch_lowp = None
+        if dtype != torch.float32:
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, enable_gqa=True)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+
+
 def test_kvcache_leftpad_and_batch_idx():
     k_cache, v_cache = _cache(4, 40, 2, 16)
     q = torch.randn(2, 1, 2, 16)

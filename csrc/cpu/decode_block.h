@@ -68,6 +68,12 @@ inline VecT<Acc> load_widened(const S* p) {
   } else {
     static_assert(W == kConvertLanes, "widening loads produce one vector of floats");
     VecT<Acc> out;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, BFloat16>) {  // one VPMOVZXWD from memory and one shift
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return (VecT<Acc>)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+    }
+#endif
     if constexpr (std::is_same_v<S, BFloat16>) {
       ConvertU16 bits;
       std::memcpy(&bits, p, sizeof(bits));
@@ -101,76 +107,86 @@ inline void vec_sum4(VecT<Acc> a0, VecT<Acc> a1, VecT<Acc> a2, VecT<Acc> a3, Acc
   }
 }
 
-// s[l * ld_s + t] = <q_l, k[t]> for LANES query lanes (rows of q, ld apart) and four key rows,
-// over ld elements (a multiple of the vector width). Each K vector is loaded (and widened) once
-// for all lanes.
-template <typename Acc, typename S, int LANES>
-inline void dot4(const Acc* q, const S* const* k, int64_t ld, Acc* s, int64_t ld_s) {
+// Scores of one cache row for up to four lanes of HEADS consecutive kv heads with LPK lanes each
+// (HEADS * LPK <= 4): s[λ * ld_s] = <q_λ, k_{λ / LPK}> for lanes λ (q rows ld apart), where kv
+// head h's part of the row starts at key + h * head_stride. Each K vector is loaded (and widened)
+// once for the lanes of its head, and the four lanes share one reduction tree.
+template <typename Acc, typename S, int HEADS, int LPK>
+inline void dot_heads(const Acc* q, int64_t ld, const S* key, int64_t head_stride, Acc* s, int64_t ld_s) {
+  static_assert(HEADS * LPK <= 4, "four lanes per reduction");
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
-  V acc[LANES][4];
-  for (int l = 0; l < LANES; ++l) {
-    for (int t = 0; t < 4; ++t) acc[l][t] = vec_set1<Acc>(Acc(0));
-  }
+  V acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = vec_set1<Acc>(Acc(0));
   for (int64_t d = 0; d < ld; d += W) {
-    const V k0 = load_widened<Acc>(k[0] + d), k1 = load_widened<Acc>(k[1] + d);
-    const V k2 = load_widened<Acc>(k[2] + d), k3 = load_widened<Acc>(k[3] + d);
-    for (int l = 0; l < LANES; ++l) {
-      const V qv = vec_load<Acc>(q + l * ld + d);
-      acc[l][0] = qv * k0 + acc[l][0];
-      acc[l][1] = qv * k1 + acc[l][1];
-      acc[l][2] = qv * k2 + acc[l][2];
-      acc[l][3] = qv * k3 + acc[l][3];
+    for (int h = 0; h < HEADS; ++h) {
+      const V k = load_widened<Acc>(key + h * head_stride + d);
+      for (int l = 0; l < LPK; ++l) acc[h * LPK + l] = vec_load<Acc>(q + (h * LPK + l) * ld + d) * k + acc[h * LPK + l];
     }
   }
-  for (int l = 0; l < LANES; ++l) vec_sum4<Acc>(acc[l][0], acc[l][1], acc[l][2], acc[l][3], s + l * ld_s);
+  Acc sums[4];
+  vec_sum4<Acc>(acc[0], acc[1], acc[2], acc[3], sums);
+  for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
 }
 
 #if defined(__AVX512BF16__)
-// dot4 for bf16 rows read as they are (head_dim a multiple of 32): one VDPBF16PS multiplies 16
-// adjacent pairs of q and k, which is exactly the pair layout, so nothing is packed or widened.
-// q: LANES rows of raw bf16 (ld_q elements apart); the sums are unscaled.
-template <int LANES>
-inline void dot4_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* k, int64_t head_dim, float* s,
-                      int64_t ld_s) {
-  __m512 acc[LANES][4];
-  for (int l = 0; l < LANES; ++l) {
-    for (int t = 0; t < 4; ++t) acc[l][t] = _mm512_setzero_ps();
-  }
+// dot_heads for bf16 rows read as they are (head_dim a multiple of 32): one VDPBF16PS multiplies
+// 16 adjacent pairs of q and k, which is exactly the pair layout, so nothing is packed or
+// widened. q: raw bf16 rows ld_q elements apart; the sums are unscaled.
+template <int HEADS, int LPK>
+inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key, int64_t head_stride,
+                           int64_t head_dim, float* s, int64_t ld_s) {
+  static_assert(HEADS * LPK <= 4, "four lanes per reduction");
+  __m512 acc[4];
+  for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < head_dim; d += 32) {
-    __m512bh kv[4];
-    for (int t = 0; t < 4; ++t) kv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[t] + d));
-    for (int l = 0; l < LANES; ++l) {
-      const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + l * ld_q + d));
-      for (int t = 0; t < 4; ++t) acc[l][t] = _mm512_dpbf16_ps(acc[l][t], qv, kv[t]);
+    for (int h = 0; h < HEADS; ++h) {
+      const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(key + h * head_stride + d));
+      for (int l = 0; l < LPK; ++l) {
+        const int i = h * LPK + l;
+        acc[i] = _mm512_dpbf16_ps(acc[i], reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + i * ld_q + d)), k);
+      }
     }
   }
-  for (int l = 0; l < LANES; ++l) vec_sum4<float>(acc[l][0], acc[l][1], acc[l][2], acc[l][3], s + l * ld_s);
+  float sums[4];
+  vec_sum4<float>(acc[0], acc[1], acc[2], acc[3], sums);
+  for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
 }
 #endif
 
-// o_l[0, ld) += Σ_t p_l[t] · v[t][0, ld) for LANES lanes (o rows ld apart, p rows ld_p apart)
-// and four value rows; each V vector is loaded (and widened) once for all lanes.
-template <typename Acc, typename S, int LANES>
-inline void accumulate4(Acc* o, const Acc* p, int64_t ld_p, const S* const* v, int64_t ld) {
+// o_l[c, c + CHUNK·W) += Σ_t p_l[t] · v_t[c, c + CHUNK·W) for LANES lanes (o rows ld apart, p_l
+// = p + l * ld_p) and ROWS value rows v_t = v + t * row_stride: each V vector is loaded (and
+// widened) once for all lanes, and O is read and written once for all rows.
+template <typename Acc, typename S, int LANES, int ROWS, int CHUNK>
+inline void accumulate_chunk(Acc* o, const Acc* p, int64_t ld_p, const S* v, int64_t row_stride, int64_t ld,
+                             int64_t c) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
-  V prob[LANES][4];
-  for (int l = 0; l < LANES; ++l) {
-    for (int t = 0; t < 4; ++t) prob[l][t] = vec_set1<Acc>(p[l * ld_p + t]);
+  V prob[ROWS][LANES];
+  for (int t = 0; t < ROWS; ++t) {
+    for (int l = 0; l < LANES; ++l) prob[t][l] = vec_set1<Acc>(p[l * ld_p + t]);
   }
-  for (int64_t c = 0; c < ld; c += W) {
-    const V v0 = load_widened<Acc>(v[0] + c), v1 = load_widened<Acc>(v[1] + c);
-    const V v2 = load_widened<Acc>(v[2] + c), v3 = load_widened<Acc>(v[3] + c);
-    for (int l = 0; l < LANES; ++l) {
-      V acc = vec_load<Acc>(o + l * ld + c);
-      acc = prob[l][0] * v0 + acc;
-      acc = prob[l][1] * v1 + acc;
-      acc = prob[l][2] * v2 + acc;
-      acc = prob[l][3] * v3 + acc;
-      vec_store<Acc>(o + l * ld + c, acc);
+  for (int i = 0; i < CHUNK; ++i) {
+    V acc[LANES];
+    for (int l = 0; l < LANES; ++l) acc[l] = vec_load<Acc>(o + l * ld + c + i * W);
+    for (int t = 0; t < ROWS; ++t) {
+      const V value = load_widened<Acc>(v + t * row_stride + c + i * W);
+      for (int l = 0; l < LANES; ++l) acc[l] = prob[t][l] * value + acc[l];
     }
+    for (int l = 0; l < LANES; ++l) vec_store<Acc>(o + l * ld + c + i * W, acc[l]);
   }
+}
+
+// o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes and ROWS value rows, four vectors per step.
+template <typename Acc, typename S, int LANES, int ROWS>
+inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* v, int64_t row_stride, int64_t ld) {
+  constexpr int W = Vec<Acc>::kWidth;
+  constexpr int kChunk = 4;
+  int64_t c = 0;
+  for (; c + kChunk * W <= ld; c += kChunk * W) {
+    accumulate_chunk<Acc, S, LANES, ROWS, kChunk>(o, p, ld_p, v, row_stride, ld, c);
+  }
+  for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, v, row_stride, ld, c);
 }
 
 // Calls f(std::integral_constant<int, lanes>{}) for lanes in [1, kDecodeLanes].
@@ -186,10 +202,15 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 }
 
 // The decode kernel. A block's lanes (query rows x heads) may span several kv heads: decode
-// blocks hold all heads of a token (see plan_blocks), so each cache row, which stores the kv
-// heads side by side, is read front to back once: the hardware prefetchers see one sequential
-// stream instead of one 512-byte piece per row and head (bench_decode.py, fp32 MHA: 26 -> 58 GB/s).
-// Lanes of kv head g are [g * lanes_per_kv, (g + 1) * lanes_per_kv).
+// blocks hold all heads of a token (see plan_blocks). Lanes of kv head g are
+// [g * lanes_per_kv, (g + 1) * lanes_per_kv). Each key block is walked in the cache's own order,
+// which is what lets the hardware prefetchers stream it (there is no software prefetch: on this
+// machine, prefetch instructions cost 30-40% of the in-cache speed and gained nothing from DRAM,
+// benchmarks/profile_decode.cpp):
+//   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
+//   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
+// bench_decode.py-style runs, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
+// 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
 // converted and zero-padded into scratch.
 template <typename T, bool kDirect>
@@ -198,8 +219,6 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   using V = VecT<Acc>;
   using S = std::conditional_t<kDirect, T, Acc>;  // what the dot products read
   constexpr int W = Vec<Acc>::kWidth;
-  constexpr int64_t kRowStep = kDecodeRowStep;
-  static_assert(kRowStep == 4, "dot4 / accumulate4 take four cache rows");
   const int64_t head_dim = params.head_dim;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
@@ -214,39 +233,22 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
   // Row j of the block's first kv head (kv head g is g head strides further: one page lookup
-  // per cache row, not one per row and head), and the rows kPrefetchRows ahead.
+  // per cache row, not one per row and head).
   auto first_head_row = [&](const TensorRef& t, int64_t j) {
     return static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
   };
-  auto row_of = [&](const TensorRef& t, const T* first_head, int64_t g, Acc* buffer) -> const S* {
+  // Kv heads [g, g + count) of a cache row as the products read them: in place (kv head h at
+  // *stride elements from the first), or converted and zero-padded into buffer rows s.ldo apart.
+  auto heads_of = [&](const TensorRef& t, const T* first_head, int64_t g, int64_t count, Acc* buffer,
+                      int64_t* stride = nullptr) -> const S* {
     const T* row = first_head + g * t.head_stride;
     if constexpr (kDirect) {
+      if (stride != nullptr) *stride = t.head_stride;
       return row;
     } else {
-      convert_rows(row, 0, 1, head_dim, buffer, s.ldo);
+      for (int64_t h = 0; h < count; ++h) convert_rows(row + h * t.head_stride, 0, 1, head_dim, buffer + h * s.ldo, s.ldo);
+      if (stride != nullptr) *stride = s.ldo;
       return buffer;
-    }
-  };
-  auto prefetch_ahead = [&](const TensorRef& t, int64_t j) {
-    if (j + kPrefetchRows < n) {
-      const T* ahead = first_head_row(t, j + kPrefetchRows);
-      for (int64_t g = 0; g < kv_count; ++g) prefetch_row(ahead + g * t.head_stride, head_dim);
-    }
-  };
-  // Walks the key block kRowStep cache rows at a time (a tail repeats its last row), and each
-  // kv head of those rows: visit(j, g, rows), rows[r] = row j + r of kv head g.
-  auto for_each_row_group = [&](const TensorRef& t, Acc* buffer, auto&& visit) {
-    for (int64_t j = 0; j < n; j += kRowStep) {
-      const T* first[kRowStep];
-      for (int64_t r = 0; r < kRowStep; ++r) {
-        prefetch_ahead(t, j + r);
-        first[r] = first_head_row(t, j + r < n ? j + r : n - 1);
-      }
-      for (int64_t g = 0; g < kv_count; ++g) {
-        const S* rows[kRowStep];
-        for (int64_t r = 0; r < kRowStep; ++r) rows[r] = row_of(t, first[r], g, buffer + r * s.ldo);
-        visit(j, g, rows);
-      }
     }
   };
 
@@ -280,22 +282,34 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         std::memcpy(s.mask_tile + l * ldn, s.mask_tile + (l % lanes.rows) * ldn, n * sizeof(Acc));
       }
     }
-    // Scores: each cache row once, all its kv heads, every lane of each (the scores of a
-    // repeated tail row fall outside [0, n) and are masked below).
-    for_each_row_group(params.k, s.k_rows, [&](int64_t j, int64_t g, const S* const* k_rows) {
-      const int64_t l = g * lanes_per_kv;
-      with_lane_count(lanes_per_kv, [&](auto count) {
-        if constexpr (kPairDots) {
+    // Scores: one cache row at a time, all kv heads of a row before the next row (see the
+    // header), four lanes per reduction: one kv head with 3-4 lanes, or 2 / 4 kv heads.
+    with_lane_count(lanes_per_kv, [&](auto lanes_per_head) {
+      constexpr int kLanes = decltype(lanes_per_head)::value;
+      constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* first = first_head_row(params.k, j);
+        auto score = [&](int64_t g, auto heads) {
+          constexpr int kCount = decltype(heads)::value;
+          const int64_t l = g * kLanes;
+          if constexpr (kPairDots) {
 #if defined(__AVX512BF16__)
-          if (pair_dots) {
-            dot4_bf16<decltype(count)::value>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_rows,
-                                              head_dim, s.s_t + l * ldn + j, ldn);
-            return;
-          }
+            if (pair_dots) {
+              dot_heads_bf16<kCount, kLanes>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo,
+                                             first + g * params.k.head_stride, params.k.head_stride, head_dim,
+                                             s.s_t + l * ldn + j, ldn);
+              return;
+            }
 #endif
-        }
-        dot4<Acc, S, decltype(count)::value>(s.q_rows + l * s.ldo, k_rows, s.ldo, s.s_t + l * ldn + j, ldn);
-      });
+          }
+          int64_t stride = 0;
+          const S* key = heads_of(params.k, first, g, kCount, s.k_rows, &stride);
+          dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
+        };
+        int64_t g = 0;
+        for (; g + kHeads <= kv_count; g += kHeads) score(g, std::integral_constant<int, kHeads>{});
+        for (; g < kv_count; ++g) score(g, std::integral_constant<int, 1>{});
+      }
     });
     if (pair_dots) {
       for (int64_t l = 0; l < lanes.lanes; ++l) {
@@ -348,12 +362,26 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         for (int64_t j = 0; j < n; ++j) s.s_t[l * ldn + j] *= s.drop_tile[l * ldn + j];
       }
     }
-    // O += P · V, the same walk over the V rows (the probabilities past n are 0).
-    for_each_row_group(params.v, s.v_rows, [&](int64_t j, int64_t g, const S* const* v_rows) {
-      const int64_t l = g * lanes_per_kv;
-      with_lane_count(lanes_per_kv, [&](auto count) {
-        accumulate4<Acc, S, decltype(count)::value>(s.o + l * s.ldo, s.s_t + l * ldn + j, ldn, v_rows, s.ldo);
-      });
+    // O += P · V: the same walk over the V rows, kDecodeValueRows rows per step where they are
+    // evenly strided (read in place, within one page), so O is read and written once per step.
+    with_lane_count(lanes_per_kv, [&](auto lanes_per_head) {
+      constexpr int kLanes = decltype(lanes_per_head)::value;
+      constexpr int kRows = static_cast<int>(kDecodeValueRows);
+      for (int64_t j = 0; j < n;) {
+        const T* first = first_head_row(params.v, j);
+        const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
+        for (int64_t g = 0; g < kv_count; ++g) {
+          Acc* o = s.o + g * kLanes * s.ldo;
+          const Acc* p = s.s_t + g * kLanes * ldn + j;
+          const S* value = heads_of(params.v, first, g, 1, s.v_rows);
+          if (strided) {
+            accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, value, params.v.row_stride, s.ldo);
+          } else {
+            accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, value, 0, s.ldo);
+          }
+        }
+        j += strided ? kRows : 1;
+      }
     });
     any_key = true;
   }

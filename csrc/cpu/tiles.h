@@ -61,14 +61,17 @@ constexpr int64_t kBlockN = 64;
 constexpr int64_t kBwdBlockN = 64;
 constexpr int64_t kBwdBlockM = 64;
 
-// Cache rows fetched ahead by the decode kernel and by gathered K/V blocks. bench_decode.py,
-// fp32 / bf16 MHA GB/s with one block per (batch, kv head), before decode blocks held all heads:
-// no prefetch 20 / 11, 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4, 24 rows 24.2 / 10.4. With
-// all heads per block, dropping the prefetch cost 25% (fp32) and 60% (bf16).
+// Cache rows fetched ahead by gathered K/V blocks (kv_block: rows far apart, or from pages).
+// Measured when the decode kernel still used it, one block per (batch, kv head), bench_decode.py
+// fp32 / bf16 MHA GB/s: no prefetch 20 / 11, 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4,
+// 24 rows 24.2 / 10.4. (The decode kernel now walks the cache in order and prefetches nothing.)
 constexpr int64_t kPrefetchRows = 12;
 
-// Cache rows per decode step (dot4 / accumulate4): four K rows share one reduction tree.
-constexpr int64_t kDecodeRowStep = 4;
+// Value rows per step of the decode kernel's P·V (accumulate_rows), where they are evenly
+// strided: O is read and written once per step. bench_decode.py-style runs (fp32 / bf16 GQA,
+// % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%; 8
+// rows gained for MHA bf16 and GQA fp32 but lost for GQA bf16.
+constexpr int64_t kDecodeValueRows = 4;
 
 }  // namespace FUSEDATTN_ISA
 }  // namespace cpu
