@@ -110,7 +110,8 @@ inline void vec_sum4(VecT<Acc> a0, VecT<Acc> a1, VecT<Acc> a2, VecT<Acc> a3, Acc
 // Scores of one cache row for up to four lanes of HEADS consecutive kv heads with LPK lanes each
 // (HEADS * LPK <= 4): s[λ * ld_s] = <q_λ, k_{λ / LPK}> for lanes λ (q rows ld apart), where kv
 // head h's part of the row starts at key + h * head_stride. Each K vector is loaded (and widened)
-// once for the lanes of its head, and the four lanes share one reduction tree.
+// once for the lanes of its head, one head after the other (interleaving the heads' loads cost
+// MHA bf16 decode 10 points of bandwidth), and the four lanes share one reduction tree.
 template <typename Acc, typename S, int HEADS, int LPK>
 inline void dot_heads(const Acc* q, int64_t ld, const S* key, int64_t head_stride, Acc* s, int64_t ld_s) {
   static_assert(HEADS * LPK <= 4, "four lanes per reduction");
@@ -118,8 +119,8 @@ inline void dot_heads(const Acc* q, int64_t ld, const S* key, int64_t head_strid
   constexpr int W = Vec<Acc>::kWidth;
   V acc[4];
   for (int i = 0; i < 4; ++i) acc[i] = vec_set1<Acc>(Acc(0));
-  for (int64_t d = 0; d < ld; d += W) {
-    for (int h = 0; h < HEADS; ++h) {
+  for (int h = 0; h < HEADS; ++h) {  // heads outer: the row is read in address order
+    for (int64_t d = 0; d < ld; d += W) {
       const V k = load_widened<Acc>(key + h * head_stride + d);
       for (int l = 0; l < LPK; ++l) acc[h * LPK + l] = vec_load<Acc>(q + (h * LPK + l) * ld + d) * k + acc[h * LPK + l];
     }
@@ -139,8 +140,8 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
   static_assert(HEADS * LPK <= 4, "four lanes per reduction");
   __m512 acc[4];
   for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < head_dim; d += 32) {
-    for (int h = 0; h < HEADS; ++h) {
+  for (int h = 0; h < HEADS; ++h) {  // heads outer: the row is read in address order
+    for (int64_t d = 0; d < head_dim; d += 32) {
       const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(key + h * head_stride + d));
       for (int l = 0; l < LPK; ++l) {
         const int i = h * LPK + l;
@@ -204,9 +205,9 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 // The decode kernel. A block's lanes (query rows x heads) may span several kv heads: decode
 // blocks hold all heads of a token (see plan_blocks). Lanes of kv head g are
 // [g * lanes_per_kv, (g + 1) * lanes_per_kv). Each key block is walked in the cache's own order,
-// which is what lets the hardware prefetchers stream it (there is no software prefetch: on this
-// machine, prefetch instructions cost 30-40% of the in-cache speed and gained nothing from DRAM,
-// benchmarks/profile_decode.cpp):
+// which is what lets the hardware prefetchers stream it (software prefetch of every line cost
+// 30-40% of the in-cache speed and gained nothing from DRAM, benchmarks/profile_decode.cpp; only
+// the first line of each page is prefetched, see prefetch_pages):
 //   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
 // bench_decode.py-style runs, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
@@ -252,6 +253,22 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
+  // fp32/fp64 caches: one prefetch per 4 KiB page, for the pages that begin in the row
+  // kPagePrefetchBytes further on (within the key block). The hardware prefetchers stop at page
+  // boundaries; this starts each page's stream early. bench_decode.py-style runs, % of a torch.sum
+  // timed alongside: fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches lost 4 points.
+  constexpr bool kPagePrefetch = sizeof(T) >= 4;
+  const int64_t row_span = ((kv_count - 1) * params.k.head_stride + head_dim) * static_cast<int64_t>(sizeof(T));
+  const int64_t prefetch_rows = (kPagePrefetchBytes + row_span - 1) / row_span;
+  auto prefetch_pages = [&](const TensorRef& t, int64_t j) {
+    if (!kPagePrefetch || j + prefetch_rows >= n) return;
+    const char* row = reinterpret_cast<const char*>(first_head_row(t, j + prefetch_rows));
+    const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
+    for (int64_t offset = into_page == 0 ? 0 : 4096 - into_page; offset < row_span; offset += 4096) {
+      prefetch_line(row + offset);
+    }
+  };
+
   const Acc scale = static_cast<Acc>(params.scale);
   KeyRange keys{params.seqlen_k, 0};
   for (int64_t l = 0; l < lanes.lanes; ++l) {
@@ -289,6 +306,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
       for (int64_t j = 0; j < n; ++j) {
         const T* first = first_head_row(params.k, j);
+        prefetch_pages(params.k, j);
         auto score = [&](int64_t g, auto heads) {
           constexpr int kCount = decltype(heads)::value;
           const int64_t l = g * kLanes;
@@ -370,6 +388,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t j = 0; j < n;) {
         const T* first = first_head_row(params.v, j);
         const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
+        for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_pages(params.v, r);
         for (int64_t g = 0; g < kv_count; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;
           const Acc* p = s.s_t + g * kLanes * ldn + j;

@@ -64,7 +64,8 @@ constexpr int64_t kBwdBlockM = 64;
 // Cache rows fetched ahead by gathered K/V blocks (kv_block: rows far apart, or from pages).
 // Measured when the decode kernel still used it, one block per (batch, kv head), bench_decode.py
 // fp32 / bf16 MHA GB/s: no prefetch 20 / 11, 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4,
-// 24 rows 24.2 / 10.4. (The decode kernel now walks the cache in order and prefetches nothing.)
+// 24 rows 24.2 / 10.4. (The decode kernel now walks the cache in order and prefetches only the
+// first line of each page, kPagePrefetchBytes.)
 constexpr int64_t kPrefetchRows = 12;
 
 // Value rows per step of the decode kernel's P·V (accumulate_rows), where they are evenly
@@ -72,6 +73,9 @@ constexpr int64_t kPrefetchRows = 12;
 // % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%; 8
 // rows gained for MHA bf16 and GQA fp32 but lost for GQA bf16.
 constexpr int64_t kDecodeValueRows = 4;
+// How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
+// 8 and 32 KiB measured alike (profile_decode.py, fp32 MHA from DRAM 27 -> 32 GB/s).
+constexpr int64_t kPagePrefetchBytes = 16384;
 
 }  // namespace FUSEDATTN_ISA
 }  // namespace cpu
