@@ -207,7 +207,8 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 // [g * lanes_per_kv, (g + 1) * lanes_per_kv). Each key block is walked in the cache's own order,
 // which is what lets the hardware prefetchers stream it (software prefetch of every line cost
 // 30-40% of the in-cache speed and gained nothing from DRAM, benchmarks/profile_decode.cpp; only
-// the first line of each page is prefetched, see prefetch_pages):
+// the first line of each page is prefetched, or all of it for small cache pages, see
+// prefetch_ahead):
 //   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
 // bench_decode.py-style runs, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
@@ -233,10 +234,31 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   constexpr bool kPairDots = kBf16Pairs<T> && kDirect;
   const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
-  // Row j of the block's first kv head (kv head g is g head strides further: one page lookup
-  // per cache row, not one per row and head).
-  auto first_head_row = [&](const TensorRef& t, int64_t j) {
-    return static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
+  // Row j of the key block's first kv head, for K and for V (kv head g is g head strides
+  // further): filled once per key block, walking the pages without a division per row.
+  const SequenceLayout& pages = params.sequences;
+  const T* k_row[kBlockN];
+  const T* v_row[kBlockN];
+  auto block_rows = [&](const TensorRef& t, const T** rows) {
+    const T* data = static_cast<const T*>(t.data) + kv_first * t.head_stride;
+    if (pages.block_table == nullptr) {
+      const T* first = data + block.batch * t.batch_stride + j0 * t.row_stride;
+      for (int64_t j = 0; j < n; ++j) rows[j] = first + j * t.row_stride;
+      return;
+    }
+    const int32_t* table = pages.block_table + block.batch * pages.block_table_stride;
+    int64_t page = j0 / pages.page_size, offset = j0 % pages.page_size;
+    for (int64_t j = 0; j < n; ++j, ++offset) {
+      if (offset == pages.page_size) ++page, offset = 0;
+      rows[j] = data + table[page] * t.batch_stride + offset * t.row_stride;
+    }
+  };
+  // True when rows [j, j + count) of a block are evenly strided (always without pages).
+  auto rows_strided = [&](const T* const* rows, int64_t j, int64_t count, int64_t row_stride) {
+    for (int64_t t = 1; t < count; ++t) {
+      if (rows[j + t] != rows[j] + t * row_stride) return false;
+    }
+    return true;
   };
   // Kv heads [g, g + count) of a cache row as the products read them: in place (kv head h at
   // *stride elements from the first), or converted and zero-padded into buffer rows s.ldo apart.
@@ -253,19 +275,31 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
-  // fp32/fp64 caches: one prefetch per 4 KiB page, for the pages that begin in the row
-  // kPagePrefetchBytes further on (within the key block). The hardware prefetchers stop at page
-  // boundaries; this starts each page's stream early. bench_decode.py-style runs, % of a torch.sum
-  // timed alongside: fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches lost 4 points.
-  constexpr bool kPagePrefetch = sizeof(T) >= 4;
+  // Software prefetch, two cases (bench_decode.py-style runs, % of a torch.sum timed alongside):
+  //  - paged caches whose pages hold kSmallPageBytes or less: the cache jumps elsewhere every few
+  //    rows and the hardware prefetchers restart at each jump, so every line of the row
+  //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows).
+  //    GQA, pages of 16 rows: bf16 41-49% -> 52-54%, fp32 57-68% -> 61-63%.
+  //  - else fp32/fp64 caches: the first line of each 4 KiB page that begins in the row
+  //    kPagePrefetchBytes ahead, so each page's stream starts early (the hardware prefetchers
+  //    stop at page boundaries). fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches
+  //    lost 4 points, so they skip it.
   const int64_t row_span = ((kv_count - 1) * params.k.head_stride + head_dim) * static_cast<int64_t>(sizeof(T));
-  const int64_t prefetch_rows = (kPagePrefetchBytes + row_span - 1) / row_span;
-  auto prefetch_pages = [&](const TensorRef& t, int64_t j) {
-    if (!kPagePrefetch || j + prefetch_rows >= n) return;
-    const char* row = reinterpret_cast<const char*>(first_head_row(t, j + prefetch_rows));
-    const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
-    for (int64_t offset = into_page == 0 ? 0 : 4096 - into_page; offset < row_span; offset += 4096) {
-      prefetch_line(row + offset);
+  const bool small_pages = pages.block_table != nullptr && pages.page_size * row_span <= kSmallPageBytes;
+  const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
+  auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
+    const int64_t ahead = j + rows_ahead;
+    if (small_pages) {
+      const T* target = ahead < n ? rows[ahead] : rows == k_row && ahead - n < n ? v_row[ahead - n] : nullptr;
+      if (target == nullptr) return;
+      const char* row = reinterpret_cast<const char*>(target);
+      for (int64_t offset = 0; offset < row_span; offset += 64) prefetch_line(row + offset);
+    } else if (sizeof(T) >= 4 && ahead < n) {
+      const char* row = reinterpret_cast<const char*>(rows[ahead]);
+      const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
+      for (int64_t offset = into_page == 0 ? 0 : 4096 - into_page; offset < row_span; offset += 4096) {
+        prefetch_line(row + offset);
+      }
     }
   };
 
@@ -299,14 +333,16 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         std::memcpy(s.mask_tile + l * ldn, s.mask_tile + (l % lanes.rows) * ldn, n * sizeof(Acc));
       }
     }
+    block_rows(params.k, k_row);
+    block_rows(params.v, v_row);
     // Scores: one cache row at a time, all kv heads of a row before the next row (see the
     // header), four lanes per reduction: one kv head with 3-4 lanes, or 2 / 4 kv heads.
     with_lane_count(lanes_per_kv, [&](auto lanes_per_head) {
       constexpr int kLanes = decltype(lanes_per_head)::value;
       constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
       for (int64_t j = 0; j < n; ++j) {
-        const T* first = first_head_row(params.k, j);
-        prefetch_pages(params.k, j);
+        const T* first = k_row[j];
+        prefetch_ahead(k_row, j);
         auto score = [&](int64_t g, auto heads) {
           constexpr int kCount = decltype(heads)::value;
           const int64_t l = g * kLanes;
@@ -386,9 +422,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       constexpr int kLanes = decltype(lanes_per_head)::value;
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       for (int64_t j = 0; j < n;) {
-        const T* first = first_head_row(params.v, j);
-        const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
-        for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_pages(params.v, r);
+        const T* first = v_row[j];
+        const bool strided = kDirect && j + kRows <= n && rows_strided(v_row, j, kRows, params.v.row_stride);
+        for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
         for (int64_t g = 0; g < kv_count; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;
           const Acc* p = s.s_t + g * kLanes * ldn + j;

@@ -76,6 +76,10 @@ constexpr int64_t kDecodeValueRows = 4;
 // How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
 // 8 and 32 KiB measured alike (profile_decode.py, fp32 MHA from DRAM 27 -> 32 GB/s).
 constexpr int64_t kPagePrefetchBytes = 16384;
+// Paged caches with at most kSmallPageBytes per page get every line prefetched this far ahead
+// (GQA bf16, pages of 16 rows = 32 KiB: 16 KiB ahead 46-50%, 48 KiB 52-54% of the bandwidth).
+constexpr int64_t kSmallPageBytes = 65536;
+constexpr int64_t kSmallPagePrefetchBytes = 49152;
 
 }  // namespace FUSEDATTN_ISA
 }  // namespace cpu
