@@ -211,7 +211,7 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 // prefetch_ahead):
 //   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
-// bench_decode.py-style runs, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
+// benchmarks/ab_decode.py, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
 // converted and zero-padded into scratch.
@@ -275,7 +275,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
-  // Software prefetch, two cases (bench_decode.py-style runs, % of a torch.sum timed alongside):
+  // Software prefetch, two cases (benchmarks/ab_decode.py, % of a torch.sum timed alongside):
   //  - paged caches whose pages hold kSmallPageBytes or less: the cache jumps elsewhere every few
   //    rows and the hardware prefetchers restart at each jump, so every line of the row
   //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows).

@@ -69,7 +69,7 @@ constexpr int64_t kBwdBlockM = 64;
 constexpr int64_t kPrefetchRows = 12;
 
 // Value rows per step of the decode kernel's P·V (accumulate_rows), where they are evenly
-// strided: O is read and written once per step. bench_decode.py-style runs (fp32 / bf16 GQA,
+// strided: O is read and written once per step. benchmarks/ab_decode.py (fp32 / bf16 GQA,
 // % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%; 8
 // rows gained for MHA bf16 and GQA fp32 but lost for GQA bf16.
 constexpr int64_t kDecodeValueRows = 4;

@@ -1,0 +1,105 @@
+"""A/B of CPU decode builds: two or more fusedattn installs timed call by call, interleaved.
+
+This machine's read bandwidth drifts between about 45 and 80 GB/s over minutes, so decode
+timings from separate runs cannot be compared. This script starts one worker process per
+install (a directory holding a `fusedattn` package, e.g. made with
+`pip install . --target DIR -Cbuild-dir=DIR-build`), then, for each case, asks the workers in
+turn for one attention_with_kvcache call and times a torch.sum over as many bytes right after,
+`--reps` rounds. It prints, per case, the median GB/s of K/V read of each build and its share
+of the median torch.sum GB/s. Cases: the inference issue's decode shapes (B = 8, Hq = 32,
+L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of 16 rows,
+shuffled). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not spin.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, HEADS, SEQLEN, HEAD_DIM, PAGE = 8, 32, 4096, 128, 16
+CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
+         "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
+
+
+def case_bytes(case: str) -> int:
+    heads_kv, dtype = case.split("-")[:2]
+    return 2 * BATCH * SEQLEN * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
+
+
+def worker(install: str) -> None:
+    """Reads case names on stdin, answers each with the GB/s of one decode call."""
+    sys.path.insert(0, install)
+    import torch
+
+    import fusedattn
+
+    inputs = {}
+    generator = torch.Generator().manual_seed(0)
+    for case in CASES:
+        heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
+        dtype = getattr(torch, dtype_name)
+        q = torch.randn(BATCH, 1, HEADS, HEAD_DIM, generator=generator).to(dtype)
+        k, v = (torch.randn(BATCH, SEQLEN, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
+        kwargs = {}
+        if case.endswith("-paged"):
+            table = torch.randperm(BATCH * SEQLEN // PAGE, generator=generator).to(torch.int32).reshape(BATCH, -1)
+            pages = [torch.empty(BATCH * SEQLEN // PAGE, PAGE, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
+            for paged, contiguous in zip(pages, (k, v)):
+                paged[table.long()] = contiguous.reshape(BATCH, -1, PAGE, heads_kv, HEAD_DIM)
+            k, v = pages
+            kwargs["block_table"] = table
+        inputs[case] = (q, k, v, kwargs)
+    seqlens = torch.full((BATCH,), SEQLEN, dtype=torch.int32)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        q, k, v, kwargs = inputs[line.strip()]
+        start = time.perf_counter()
+        fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens, **kwargs)
+        print(case_bytes(line.strip()) / (time.perf_counter() - start) / 1e9, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.installs[0])
+        return 0
+    import torch
+
+    workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True) for path in args.installs}
+    for process in workers.values():
+        if process.stdout.readline().strip() != "ready":
+            raise SystemExit("ab_decode: a worker failed to start")
+    for case in args.cases.split(","):
+        same_bytes = torch.ones(case_bytes(case) // 4)
+        rates = {path: [] for path in workers}
+        sums = []
+        for _ in range(args.reps):
+            for path, process in workers.items():
+                process.stdin.write(case + "\n")
+                process.stdin.flush()
+                rates[path].append(float(process.stdout.readline()))
+            start = time.perf_counter()
+            same_bytes.sum()
+            sums.append(same_bytes.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        summed = statistics.median(sums)
+        cells = [f"{path} {statistics.median(r):5.1f} ({statistics.median(r) / summed:4.0%})" for path, r in rates.items()]
+        print(f"{case:18s} sum {summed:5.1f} GB/s | " + " | ".join(cells), flush=True)
+    for process in workers.values():
+        process.stdin.close()
+        process.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
