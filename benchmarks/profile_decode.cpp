@@ -6,8 +6,8 @@
 //           kernel's arithmetic allows (GB/s of K/V it could consume);
 //   dram    L = 4096, cycling over 8 batches (128–1024 MiB, far beyond L3): what it reaches
 //           streaming from memory.
-// Next to them, the single-thread streaming-read bandwidth (a vector sum) of the same two
-// sizes. A kernel whose cached rate is not well above the DRAM stream cannot reach the stream.
+// Next to them, the single-thread streaming-read bandwidth (best of the sums of a buffer) of the
+// same two sizes. A kernel whose cached rate is not well above the DRAM stream cannot reach the stream.
 //
 // profile_decode.py compiles this file with the flags CMakeLists.txt gives the ISA's kernels
 // (-DFUSEDATTN_ISA=avx512 or avx512bf16, -I csrc). Medians of REPS timings (20x as many for the
@@ -27,47 +27,13 @@
 using namespace fusedattn;
 using namespace fusedattn::cpu::FUSEDATTN_ISA;
 
-#define PROFILE_STRINGIFY_(x) #x
-#define PROFILE_STRINGIFY(x) PROFILE_STRINGIFY_(x)
+#include "profile_util.h"
 
 constexpr int64_t kHeads = 32;
 constexpr int64_t kHeadDim = 128;
 constexpr int64_t kDramLen = 4096;
 constexpr int64_t kDramBatches = 8;
 constexpr int64_t kCachedBytes = 512 * 1024;  // K+V of one block in the cached case
-
-volatile float g_sink;
-
-double now_us() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
-}
-
-// Median single-thread read GB/s of sums over `bytes`, the buffer read `passes` times per sample.
-double stream_read_gbs(size_t bytes, int reps) {
-  using V = VecT<float>;
-  constexpr int W = Vec<float>::kWidth;
-  constexpr int kSums = 16;
-  const size_t count = bytes / sizeof(float) / (kSums * W) * (kSums * W);
-  std::vector<float> buffer(count, 1.0f);
-  std::vector<double> samples;
-  for (int rep = 0; rep < reps + 2; ++rep) {
-    V sums[kSums] = {};
-    const double t0 = now_us();
-    for (size_t i = 0; i < count; i += kSums * W) {
-#pragma GCC unroll 16
-      for (int a = 0; a < kSums; ++a) sums[a] += vec_load<float>(buffer.data() + i + a * W);
-    }
-    const double us = now_us() - t0;
-    for (int a = 0; a < kSums; ++a) g_sink = g_sink + sums[a][0];
-    if (rep >= 2) samples.push_back(count * sizeof(float) / us * 1e-3);
-  }
-  return median(samples);
-}
 
 // Median GB/s of K/V read by decode_block_t over `batches` caches of `len` rows, a call per batch.
 template <typename T>

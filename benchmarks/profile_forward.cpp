@@ -48,8 +48,7 @@
 using namespace fusedattn;
 using namespace fusedattn::cpu::FUSEDATTN_ISA;
 
-#define PROFILE_STRINGIFY_(x) #x
-#define PROFILE_STRINGIFY(x) PROFILE_STRINGIFY_(x)
+#include "profile_util.h"
 
 constexpr int64_t kNumHeads = 8;
 constexpr int64_t kSeqLen = 2048;
@@ -57,21 +56,6 @@ constexpr int64_t kHeadDim = 128;
 constexpr int64_t kBlockRows = cpu::kMaxBlockRows;  // the driver's q-block here (forward_block_rows)
 constexpr int64_t kKeyBlocks = kSeqLen / kBlockN;
 constexpr int kWarmup = 3;
-
-volatile float g_sink;  // keeps the results of the peak and stream loops alive
-
-double now_us() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
-}
-
-void* aligned_buffer(size_t bytes) { return ::operator new[](bytes, std::align_val_t(64)); }
-void free_buffer(void* p) { ::operator delete[](p, std::align_val_t(64)); }
 
 // Best GFLOP/s of `chains` independent register-only multiply-add chains (more chains than
 // latency x ports, so the loop runs at the instruction's throughput). Madd(acc) returns the new acc.
@@ -107,30 +91,6 @@ double dpbf16_peak_gflops() {
                                   4.0 * 16);
 }
 #endif
-
-// Best single-thread read bandwidth (GB/s) over `passes` sums of a `bytes` buffer.
-double stream_read_gbs(size_t bytes, int passes) {
-  using V = VecT<float>;
-  constexpr int W = Vec<float>::kWidth;
-  constexpr int kSums = 16;
-  const size_t count = bytes / sizeof(float) / (kSums * W) * (kSums * W);
-  float* buffer = static_cast<float*>(aligned_buffer(count * sizeof(float)));
-  for (size_t i = 0; i < count; ++i) buffer[i] = 1.0f;
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
-    V sums[kSums] = {};
-    const double t0 = now_us();
-    for (size_t i = 0; i < count; i += kSums * W) {
-#pragma GCC unroll 16
-      for (int a = 0; a < kSums; ++a) sums[a] += vec_load<float>(buffer + i + a * W);
-    }
-    const double us = now_us() - t0;
-    for (int a = 0; a < kSums; ++a) g_sink = g_sink + sums[a][0];
-    best = std::max(best, count * sizeof(float) / us * 1e-3);
-  }
-  free_buffer(buffer);
-  return best;
-}
 
 template <typename T>
 void fill_normal(std::vector<T>& x, std::mt19937& rng) {
