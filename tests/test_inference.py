@@ -174,9 +174,9 @@ def test_paged_cache_equals_contiguous(page_size):
 @pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
 @pytest.mark.parametrize("heads", [(3, 3), (5, 5), (6, 3), (10, 5), (8, 2), (3, 1)])
 def test_decode_walk_edges(heads, page_size, dtype):
-    """The decode kernel scores up to four kv heads per reduction and steps four value rows at a
-    time where they share a page: odd kv head counts, lengths that are not a multiple of 4 and
-    pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
+    """The decode kernel scores up to four kv heads per reduction and steps several value rows at
+    a time where they share a page: odd kv head counts, lengths that are not a multiple of the
+    step and pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv = heads
     lengths = [1, 6, 67, 130]
     batch, capacity, head_dim = len(lengths), 132, 64

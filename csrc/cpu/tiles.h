@@ -69,10 +69,10 @@ constexpr int64_t kBwdBlockM = 64;
 constexpr int64_t kPrefetchRows = 12;
 
 // Value rows per step of the decode kernel's P·V (accumulate_rows), where they are evenly
-// strided: O is read and written once per step. benchmarks/ab_decode.py (fp32 / bf16 GQA,
-// % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%; 8
-// rows gained for MHA bf16 and GQA fp32 but lost for GQA bf16.
-constexpr int64_t kDecodeValueRows = 4;
+// strided: O is read and written once per step. benchmarks/ab_decode.py-style runs (fp32 / bf16
+// GQA, % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%;
+// then 8 rows against 4, two interleaved runs: equal or 1-2 points better in 14 of 16 cases.
+constexpr int64_t kDecodeValueRows = 8;
 // How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
 // 8 and 32 KiB measured alike (profile_decode.py, fp32 MHA from DRAM 27 -> 32 GB/s).
 constexpr int64_t kPagePrefetchBytes = 16384;
