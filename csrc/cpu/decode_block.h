@@ -67,23 +67,9 @@ inline VecT<Acc> load_widened(const S* p) {
     return static_cast<Acc>(to_float(p[0]));
   } else {
     static_assert(W == kConvertLanes, "widening loads produce one vector of floats");
+    const ConvertFloats wide = widen_vector(p);
     VecT<Acc> out;
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<S, BFloat16>) {  // one VPMOVZXWD from memory and one shift
-      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      return (VecT<Acc>)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
-    }
-#endif
-    if constexpr (std::is_same_v<S, BFloat16>) {
-      ConvertU16 bits;
-      std::memcpy(&bits, p, sizeof(bits));
-      const ConvertU32 wide = __builtin_convertvector(bits, ConvertU32) << 16;
-      std::memcpy(&out, &wide, sizeof(out));
-    } else {
-      ConvertHalves halves;
-      std::memcpy(&halves, p, sizeof(halves));
-      out = __builtin_convertvector(halves, ConvertFloats);
-    }
+    std::memcpy(&out, &wide, sizeof(out));
     return out;
   }
 }
@@ -235,30 +221,14 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
   // Row j of the key block's first kv head, for K and for V (kv head g is g head strides
-  // further): filled once per key block, walking the pages without a division per row.
+  // further): one page lookup per row, once per key block.
   const SequenceLayout& pages = params.sequences;
   const T* k_row[kBlockN];
   const T* v_row[kBlockN];
   auto block_rows = [&](const TensorRef& t, const T** rows) {
-    const T* data = static_cast<const T*>(t.data) + kv_first * t.head_stride;
-    if (pages.block_table == nullptr) {
-      const T* first = data + block.batch * t.batch_stride + j0 * t.row_stride;
-      for (int64_t j = 0; j < n; ++j) rows[j] = first + j * t.row_stride;
-      return;
+    for (int64_t j = 0; j < n; ++j) {
+      rows[j] = static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
     }
-    const int32_t* table = pages.block_table + block.batch * pages.block_table_stride;
-    int64_t page = j0 / pages.page_size, offset = j0 % pages.page_size;
-    for (int64_t j = 0; j < n; ++j, ++offset) {
-      if (offset == pages.page_size) ++page, offset = 0;
-      rows[j] = data + table[page] * t.batch_stride + offset * t.row_stride;
-    }
-  };
-  // True when rows [j, j + count) of a block are evenly strided (always without pages).
-  auto rows_strided = [&](const T* const* rows, int64_t j, int64_t count, int64_t row_stride) {
-    for (int64_t t = 1; t < count; ++t) {
-      if (rows[j + t] != rows[j] + t * row_stride) return false;
-    }
-    return true;
   };
   // Kv heads [g, g + count) of a cache row as the products read them: in place (kv head h at
   // *stride elements from the first), or converted and zero-padded into buffer rows s.ldo apart.
@@ -289,11 +259,12 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
     const int64_t ahead = j + rows_ahead;
-    if (small_pages) {
-      const T* target = ahead < n ? rows[ahead] : rows == k_row && ahead - n < n ? v_row[ahead - n] : nullptr;
-      if (target == nullptr) return;
-      const char* row = reinterpret_cast<const char*>(target);
-      for (int64_t offset = 0; offset < row_span; offset += 64) prefetch_line(row + offset);
+    if (small_pages) {  // past the block's K rows come its V rows
+      if (ahead < n) {
+        prefetch_row(reinterpret_cast<const char*>(rows[ahead]), row_span);
+      } else if (rows == k_row && ahead - n < n) {
+        prefetch_row(reinterpret_cast<const char*>(v_row[ahead - n]), row_span);
+      }
     } else if (sizeof(T) >= 4 && ahead < n) {
       const char* row = reinterpret_cast<const char*>(rows[ahead]);
       const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
@@ -423,7 +394,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       for (int64_t j = 0; j < n;) {
         const T* first = v_row[j];
-        const bool strided = kDirect && j + kRows <= n && rows_strided(v_row, j, kRows, params.v.row_stride);
+        const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
         for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
         for (int64_t g = 0; g < kv_count; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;

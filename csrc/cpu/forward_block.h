@@ -226,12 +226,13 @@ inline void prefetch_line(const char* line) {
 #endif
 }
 
-// Fetches the cache lines of one K/V row (kPrefetchRows ahead, tiles.h): loads stay in flight
-// for the memory bus where rows are far apart or gathered from pages.
+// Fetches the cache lines of `count` elements from `row` (K/V rows kPrefetchRows ahead, tiles.h;
+// decode rows of small cache pages): loads stay in flight for the memory bus where rows are far
+// apart or gathered from pages.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t count) {
   for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(T)); offset += 64) {
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + offset);
+    prefetch_line(reinterpret_cast<const char*>(row) + offset);
   }
 }
 
