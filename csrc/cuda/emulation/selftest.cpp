@@ -201,14 +201,13 @@ bool report_case(const std::string& name, double worst_out, double tol, double w
   return result == nullptr;
 }
 
-bool run(const Case& c) {
-  const bool cache = c.page_size != 0;
+// The parameters a case sets whatever its layout: dtype, heads, head_dim and scale, and the
+// variant (causal, window, softcap, dropout with a fixed seed and offset).
+AttentionParams variant_params(const Case& c) {
   AttentionParams p;
   p.dtype = c.dtype;
-  p.batch = c.batch;
   p.num_heads = c.heads;
   p.num_heads_kv = c.heads_kv;
-  p.seqlen_q = c.seqlen_q;
   p.head_dim = c.head_dim;
   p.scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   p.causal = c.causal;
@@ -218,6 +217,14 @@ bool run(const Case& c) {
   p.dropout_p = c.dropout;
   p.dropout_seed = 0x123456789abcdefULL;
   p.dropout_offset = 0x42ULL << 32 | 7;
+  return p;
+}
+
+bool run(const Case& c) {
+  const bool cache = c.page_size != 0;
+  AttentionParams p = variant_params(c);
+  p.batch = c.batch;
+  p.seqlen_q = c.seqlen_q;
 
   Tensor q(c.dtype, c.batch, c.heads, c.seqlen_q, c.head_dim, c.pad, c.bshd);
   Tensor out(c.dtype, c.batch, c.heads, c.seqlen_q, c.head_dim, c.pad, c.bshd);
@@ -461,23 +468,12 @@ bool run_varlen(const Case& c) {
   v.randomize(1.0, total_k);
 
   cuda::VarlenParams vp;
+  vp.attn = variant_params(c);
   AttentionParams& p = vp.attn;
-  p.dtype = c.dtype;
   p.batch = batch;
-  p.num_heads = c.heads;
-  p.num_heads_kv = c.heads_kv;
   p.seqlen_q = total_q;
   p.seqlen_k = total_k;
-  p.head_dim = c.head_dim;
-  p.scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-  p.causal = c.causal;
   p.q_offset = 12345;  // ignored: every sequence is bottom-right
-  p.window_left = c.window_left;
-  p.window_right = c.window_right;
-  p.softcap = c.softcap;
-  p.dropout_p = c.dropout;
-  p.dropout_seed = 0x123456789abcdefULL;
-  p.dropout_offset = 0x42ULL << 32 | 7;
   p.q = q.ref();
   p.k = k.ref();
   p.v = v.ref();
