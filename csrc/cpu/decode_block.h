@@ -191,12 +191,13 @@ inline void with_lane_count(int64_t lanes, F&& f) {
 // The decode kernel. A block's lanes (query rows x heads) may span several kv heads: decode
 // blocks hold all heads of a token (see plan_blocks). Lanes of kv head g are
 // [g * lanes_per_kv, (g + 1) * lanes_per_kv). Each key block is walked in the cache's own order,
-// which is what lets the hardware prefetchers stream it (software prefetch of every line cost
-// 30-40% of the in-cache speed and gained nothing from DRAM, benchmarks/profile_decode.cpp; only
-// the first line of each page is prefetched, or all of it for small cache pages, see
-// prefetch_ahead):
+// which is what lets the hardware prefetchers stream it:
 //   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
+// The P·V walk reads kDecodeValueRows rows side by side, which the hardware prefetchers do not
+// follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
+// block's K and V rows fit in L2 together (kDecodeStagingBytes), the score pass fetches V row j
+// along with K row j (every line), and P·V reads V from L2 (see prefetch_ahead for the rest).
 // benchmarks/ab_decode.py, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
@@ -245,16 +246,19 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
-  // Software prefetch, two cases (benchmarks/ab_decode.py, % of a torch.sum timed alongside):
+  // Software prefetch besides the V rows fetched by the score pass (benchmarks/ab_decode.py, % of
+  // a torch.sum timed alongside):
   //  - paged caches whose pages hold kSmallPageBytes or less: the cache jumps elsewhere every few
   //    rows and the hardware prefetchers restart at each jump, so every line of the row
-  //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows).
-  //    GQA, pages of 16 rows: bf16 41-49% -> 52-54%, fp32 57-68% -> 61-63%.
+  //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows,
+  //    unless it fetches them row by row anyway). GQA, pages of 16 rows: bf16 41-49% -> 52-54%,
+  //    fp32 57-68% -> 61-63%.
   //  - else fp32/fp64 caches: the first line of each 4 KiB page that begins in the row
   //    kPagePrefetchBytes ahead, so each page's stream starts early (the hardware prefetchers
   //    stop at page boundaries). fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches
   //    lost 4 points, so they skip it.
   const int64_t row_span = ((kv_count - 1) * params.k.head_stride + head_dim) * static_cast<int64_t>(sizeof(T));
+  const bool stage_values = 2 * kBlockN * row_span <= kDecodeStagingBytes;
   const bool small_pages = pages.block_table != nullptr && pages.page_size * row_span <= kSmallPageBytes;
   const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
@@ -262,7 +266,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     if (small_pages) {  // past the block's K rows come its V rows
       if (ahead < n) {
         prefetch_row(reinterpret_cast<const char*>(rows[ahead]), row_span);
-      } else if (rows == k_row && ahead - n < n) {
+      } else if (rows == k_row && !stage_values && ahead - n < n) {
         prefetch_row(reinterpret_cast<const char*>(v_row[ahead - n]), row_span);
       }
     } else if (sizeof(T) >= 4 && ahead < n) {
@@ -314,6 +318,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t j = 0; j < n; ++j) {
         const T* first = k_row[j];
         prefetch_ahead(k_row, j);
+        if (stage_values) prefetch_row(reinterpret_cast<const char*>(v_row[j]), row_span);
         auto score = [&](int64_t g, auto heads) {
           constexpr int kCount = decltype(heads)::value;
           const int64_t l = g * kLanes;
@@ -395,7 +400,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t j = 0; j < n;) {
         const T* first = v_row[j];
         const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
-        for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
+        if (!stage_values) {
+          for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
+        }
         for (int64_t g = 0; g < kv_count; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;
           const Acc* p = s.s_t + g * kLanes * ldn + j;

@@ -73,6 +73,13 @@ constexpr int64_t kPrefetchRows = 12;
 // GQA, % of a torch.sum timed alongside): 1 row 72% / 68%, 2 rows 65% / 63%, 4 rows 72% / 70%;
 // then 8 rows against 4, two interleaved runs: equal or 1-2 points better in 14 of 16 cases.
 constexpr int64_t kDecodeValueRows = 8;
+// The decode kernel's score pass fetches each V row along with its K row when a key block's K
+// and V rows (2 x kBlockN rows of all the block's kv heads) take at most this many bytes, about
+// this machine's L2 (1 MiB per core), so P·V finds them there. ab_decode.py, % of a torch.sum
+// timed alongside, against no such fetch: MHA bf16 (1 MiB) 78-79% -> 84-87%, GQA fp32 (512 KiB)
+// 71-75% -> 78-84%, GQA bf16 (256 KiB) 63-66% -> 75-81%. MHA fp32 (2 MiB) lost 4-6 points with
+// it (its rows leave L2 before P·V reaches them), and smaller key blocks for it lost 8-10.
+constexpr int64_t kDecodeStagingBytes = 1 << 20;
 // How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
 // 8 and 32 KiB measured alike (profile_decode.py, fp32 MHA from DRAM 27 -> 32 GB/s).
 constexpr int64_t kPagePrefetchBytes = 16384;
