@@ -76,9 +76,9 @@ constexpr int64_t kDecodeValueRows = 8;
 // The decode kernel's score pass fetches each V row along with its K row when a key block's K
 // and V rows (2 x kBlockN rows of all the block's kv heads) take at most this many bytes, about
 // this machine's L2 (1 MiB per core), so P·V finds them there. ab_decode.py, % of a torch.sum
-// timed alongside, against no such fetch: MHA bf16 (1 MiB) 78-79% -> 84-87%, GQA fp32 (512 KiB)
-// 71-75% -> 78-84%, GQA bf16 (256 KiB) 63-66% -> 75-81%. MHA fp32 (2 MiB) lost 4-6 points with
-// it (its rows leave L2 before P·V reaches them), and smaller key blocks for it lost 8-10.
+// timed alongside, against no such fetch: MHA bf16 (1 MiB) 79-80% -> 88-91%, GQA fp32 (512 KiB)
+// 71-75% -> 79-85%, GQA bf16 (256 KiB) 64-66% -> 81-82%. MHA fp32 (2 MiB) lost 3-7 points with
+// it (its rows leave L2 before P·V reaches them), and smaller key blocks for it lost 6-10.
 constexpr int64_t kDecodeStagingBytes = 1 << 20;
 // How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
 // 8 and 32 KiB measured alike (profile_decode.py, fp32 MHA from DRAM 27 -> 32 GB/s).
