@@ -11,6 +11,10 @@ L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of 16 
 shuffled). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
+        [--batch B --seqlen L]
+
+--batch / --seqlen change B and L (B = 1 with L = 32768 reads as many bytes as the default, the
+key axis then split across the threads).
 """
 
 from __future__ import annotations
@@ -21,17 +25,17 @@ import subprocess
 import sys
 import time
 
-BATCH, HEADS, SEQLEN, HEAD_DIM, PAGE = 8, 32, 4096, 128, 16
+HEADS, HEAD_DIM, PAGE = 32, 128, 16
 CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
          "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
 
 
-def case_bytes(case: str) -> int:
+def case_bytes(case: str, batch: int, seqlen: int) -> int:
     heads_kv, dtype = case.split("-")[:2]
-    return 2 * BATCH * SEQLEN * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
+    return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
 
 
-def worker(install: str) -> None:
+def worker(install: str, batch: int, seqlen: int) -> None:
     """Reads case names on stdin, answers each with the GB/s of one decode call."""
     sys.path.insert(0, install)
     import torch
@@ -43,24 +47,24 @@ def worker(install: str) -> None:
     for case in CASES:
         heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
         dtype = getattr(torch, dtype_name)
-        q = torch.randn(BATCH, 1, HEADS, HEAD_DIM, generator=generator).to(dtype)
-        k, v = (torch.randn(BATCH, SEQLEN, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
+        q = torch.randn(batch, 1, HEADS, HEAD_DIM, generator=generator).to(dtype)
+        k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
         if case.endswith("-paged"):
-            table = torch.randperm(BATCH * SEQLEN // PAGE, generator=generator).to(torch.int32).reshape(BATCH, -1)
-            pages = [torch.empty(BATCH * SEQLEN // PAGE, PAGE, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
+            table = torch.randperm(batch * seqlen // PAGE, generator=generator).to(torch.int32).reshape(batch, -1)
+            pages = [torch.empty(batch * seqlen // PAGE, PAGE, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
             for paged, contiguous in zip(pages, (k, v)):
-                paged[table.long()] = contiguous.reshape(BATCH, -1, PAGE, heads_kv, HEAD_DIM)
+                paged[table.long()] = contiguous.reshape(batch, -1, PAGE, heads_kv, HEAD_DIM)
             k, v = pages
             kwargs["block_table"] = table
         inputs[case] = (q, k, v, kwargs)
-    seqlens = torch.full((BATCH,), SEQLEN, dtype=torch.int32)
+    seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
     print("ready", flush=True)
     for line in sys.stdin:
         q, k, v, kwargs = inputs[line.strip()]
         start = time.perf_counter()
         fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens, **kwargs)
-        print(case_bytes(line.strip()) / (time.perf_counter() - start) / 1e9, flush=True)
+        print(case_bytes(line.strip(), batch, seqlen) / (time.perf_counter() - start) / 1e9, flush=True)
 
 
 def main() -> int:
@@ -68,20 +72,25 @@ def main() -> int:
     parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
+    parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
+    parser.add_argument("--seqlen", type=int, default=4096, help=f"cached tokens, a multiple of {PAGE} (default 4096)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE:
+        parser.error(f"--batch must be >= 1 and --seqlen a positive multiple of {PAGE}")
     if args.worker:
-        worker(args.installs[0])
+        worker(args.installs[0], args.batch, args.seqlen)
         return 0
     import torch
 
-    workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path], stdin=subprocess.PIPE,
+    shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen)]
+    workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}
     for process in workers.values():
         if process.stdout.readline().strip() != "ready":
             raise SystemExit("ab_decode: a worker failed to start")
     for case in args.cases.split(","):
-        same_bytes = torch.ones(case_bytes(case) // 4)
+        same_bytes = torch.ones(case_bytes(case, args.batch, args.seqlen) // 4)
         rates = {path: [] for path in workers}
         sums = []
         for _ in range(args.reps):

@@ -10,7 +10,10 @@ bytes as the case's K/V, interleaved with the case's own timings (this machine's
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
-    python benchmarks/bench_decode.py [--reps N]
+    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L]
+
+--batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
+across the threads; B = 1 with L = 32768 reads as many bytes as the default).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 import fusedattn
 from fusedattn import bench
 
-BATCH, HEADS, SEQLEN, HEAD_DIM = 8, 32, 4096, 128
+HEADS, HEAD_DIM = 32, 128
 PAGE = 16
 
 
@@ -41,17 +44,17 @@ def read_bandwidth(reps=7) -> float:
     return data.numel() * 4 / statistics.median(samples) / 1e9
 
 
-def decode_case(num_heads_kv, dtype, reps):
+def decode_case(batch, seqlen, num_heads_kv, dtype, reps):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(BATCH, 1, HEADS, HEAD_DIM, generator=gen).to(dtype)
-    k_cache = torch.randn(BATCH, SEQLEN, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
-    v_cache = torch.randn(BATCH, SEQLEN, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
-    seqlens = torch.full((BATCH,), SEQLEN, dtype=torch.int32)
-    pages = torch.randperm(BATCH * SEQLEN // PAGE, generator=gen).to(torch.int32).reshape(BATCH, -1)
-    k_paged = torch.empty(BATCH * SEQLEN // PAGE, PAGE, num_heads_kv, HEAD_DIM, dtype=dtype)
+    q = torch.randn(batch, 1, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
+    pages = torch.randperm(batch * seqlen // PAGE, generator=gen).to(torch.int32).reshape(batch, -1)
+    k_paged = torch.empty(batch * seqlen // PAGE, PAGE, num_heads_kv, HEAD_DIM, dtype=dtype)
     v_paged = torch.empty_like(k_paged)
-    k_paged[pages.long()] = k_cache.reshape(BATCH, -1, PAGE, num_heads_kv, HEAD_DIM)
-    v_paged[pages.long()] = v_cache.reshape(BATCH, -1, PAGE, num_heads_kv, HEAD_DIM)
+    k_paged[pages.long()] = k_cache.reshape(batch, -1, PAGE, num_heads_kv, HEAD_DIM)
+    v_paged[pages.long()] = v_cache.reshape(batch, -1, PAGE, num_heads_kv, HEAD_DIM)
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     gqa = num_heads_kv != HEADS
@@ -75,16 +78,22 @@ def decode_case(num_heads_kv, dtype, reps):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=bench.positive_int, default=15)
+    parser.add_argument("--batch", type=bench.positive_int, default=8, help="sequences (default 8)")
+    parser.add_argument("--seqlen", type=bench.positive_int, default=4096,
+                        help=f"cached tokens per sequence, a multiple of {PAGE} (default 4096)")
     args = parser.parse_args()
+    if args.seqlen % PAGE:
+        parser.error(f"--seqlen must be a multiple of the page size {PAGE}")
     print(bench.versions_line(torch))
     bandwidth = read_bandwidth()
-    print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s\n")
+    print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s")
+    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}\n")
     header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
     rows = [header]
     for num_heads_kv in (32, 8):
         for dtype in (torch.float32, torch.bfloat16):
-            t, bytes_read, error = decode_case(num_heads_kv, dtype, args.reps)
+            t, bytes_read, error = decode_case(args.batch, args.seqlen, num_heads_kv, dtype, args.reps)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",

@@ -281,6 +281,43 @@ def test_split_kv_decode_matches_reference(threads, heads):
     np.testing.assert_allclose(lse.numpy(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "pages-of-16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_key_splits_of_whole_rows(batch, page_size, threads):
+    """Decode of fewer sequences than twice the threads over long caches: each sequence's heads
+    stay in one block, so cache rows are read whole, and its key axis is split instead (the
+    planner splits heads only for short caches or fp64). GQA with sinks, a window reaching across
+    the splits, lengths that are no multiple of 64; against the fp64 reference, out and LSE."""
+    num_heads, num_heads_kv, head_dim, capacity = 8, 2, 32, 1600
+    lengths = [1537, 1100, 1599][:batch]
+    generator = torch.Generator().manual_seed(batch * 10 + threads)
+    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator) for _ in range(2))
+    q = torch.randn(batch, 1, num_heads, head_dim, generator=generator)
+    sinks = torch.randn(num_heads, generator=generator)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    kwargs = {"cache_seqlens": seqlens, "sinks": sinks, "window": (1050, 0), "return_lse": True}
+    caches = (k_cache, v_cache)
+    if page_size is not None:
+        pages_per_seq = capacity // page_size
+        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
+        caches = tuple(torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim) for _ in range(2))
+        for paged, cache in zip(caches, (k_cache, v_cache)):
+            paged[table.long()] = cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        kwargs["block_table"] = table
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention_with_kvcache(q, *caches, **kwargs)
+    finally:
+        fusedattn.set_num_threads(None)
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
+        expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True, window=(1050, 0),
+                                                               sinks=sinks)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), None, expected)
+        np.testing.assert_allclose(lse[b:b + 1].numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_merge_two_halves_equals_whole(layout, dtype):

@@ -100,9 +100,13 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
     // Decode: whole groups, up to kPackedLanes lanes, so cache rows are read front to back.
     const bool all_heads = packable && seq.seqlen_q * group <= kDecodeLanes;
     int64_t heads_per_block = pack ? group : 1;
-    if (all_heads) {  // ... but at least 2 blocks per thread, if the heads allow it
+    if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where
+      // the cache is long enough, which keep each cache row read whole, else from the heads
       const int64_t blocks_per_sequence = (2 * num_threads + params.batch - 1) / params.batch;
-      const int64_t groups = (params.num_heads / group + blocks_per_sequence - 1) / blocks_per_sequence;
+      const KeyRange keys = visible_keys_of_rows(seq, 0, seq.seqlen_q);
+      const bool key_splits = params.dtype != DType::kFloat64 && keys.end - keys.begin >= blocks_per_sequence * kMinSplitKeys;
+      const int64_t head_blocks = key_splits ? 1 : blocks_per_sequence;
+      const int64_t groups = (params.num_heads / group + head_blocks - 1) / head_blocks;
       heads_per_block = group * std::max<int64_t>(1, std::min(groups, kPackedLanes / (seq.seqlen_q * group)));
     }
     const int64_t rows = pack || all_heads ? seq.seqlen_q : block_rows;
