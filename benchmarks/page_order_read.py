@@ -40,8 +40,9 @@ def main() -> int:
                         str(SOURCE), "-o", exe], check=True)
         command = [exe, str(args.reps)] + (["huge"] if args.huge_pages else [])
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    pages = f"{result['huge_pages_kib'] // 1024} MiB of them on 2 MiB pages" if result["huge_pages_kib"] >= 0 else ""
-    print(f"{result['threads']} threads, 512 MiB each ({pages}), medians of {args.reps} interleaved runs; GB/s of "
+    huge = result["huge_pages_kib"]
+    pages = f" ({huge // 1024} MiB of them on 2 MiB pages)" if huge >= 0 else ""
+    print(f"{result['threads']} threads, 512 MiB each{pages}, medians of {args.reps} interleaved runs; GB/s of "
           "both threads together\n")
     print("| chunk | sum, in order | sum, shuffled | shuffled / in order | 12 FMA/vector, in order "
           "| 12 FMA/vector, shuffled | shuffled / in order |")
