@@ -11,10 +11,11 @@ L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of 16 
 shuffled). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
-        [--batch B --seqlen L]
+        [--batch B --seqlen L] [--queries N]
 
 --batch / --seqlen change B and L (B = 1 with L = 32768 reads as many bytes as the default, the
-key axis then split across the threads).
+key axis then split across the threads); --queries N attends N new tokens per sequence
+(speculative decoding), causal from the bottom right.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
     return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
 
 
-def worker(install: str, batch: int, seqlen: int) -> None:
+def worker(install: str, batch: int, seqlen: int, queries: int) -> None:
     """Reads case names on stdin, answers each with the GB/s of one decode call."""
     sys.path.insert(0, install)
     import torch
@@ -47,7 +48,7 @@ def worker(install: str, batch: int, seqlen: int) -> None:
     for case in CASES:
         heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
         dtype = getattr(torch, dtype_name)
-        q = torch.randn(batch, 1, HEADS, HEAD_DIM, generator=generator).to(dtype)
+        q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=generator).to(dtype)
         k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
         if case.endswith("-paged"):
@@ -74,16 +75,17 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=4096, help=f"cached tokens, a multiple of {PAGE} (default 4096)")
+    parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE:
-        parser.error(f"--batch must be >= 1 and --seqlen a positive multiple of {PAGE}")
+    if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE or not 1 <= args.queries <= args.seqlen:
+        parser.error(f"--batch must be >= 1, --seqlen a positive multiple of {PAGE}, --queries in [1, seqlen]")
     if args.worker:
-        worker(args.installs[0], args.batch, args.seqlen)
+        worker(args.installs[0], args.batch, args.seqlen, args.queries)
         return 0
     import torch
 
-    shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen)]
+    shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries)]
     workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}
     for process in workers.values():

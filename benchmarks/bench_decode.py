@@ -10,10 +10,12 @@ bytes as the case's K/V, interleaved with the case's own timings (this machine's
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
-    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L]
+    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
-across the threads; B = 1 with L = 32768 reads as many bytes as the default).
+across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
+attends N new tokens per sequence (speculative decoding, small chunks of prefill), causal from
+the bottom right; SDPA then gets the same causal mask as a bool attn_mask.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def read_bandwidth(reps=7) -> float:
     return data.numel() * 4 / statistics.median(samples) / 1e9
 
 
-def decode_case(batch, seqlen, num_heads_kv, dtype, reps):
+def decode_case(batch, seqlen, queries, num_heads_kv, dtype, reps):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, 1, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=gen).to(dtype)
     k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
@@ -58,13 +60,18 @@ def decode_case(batch, seqlen, num_heads_kv, dtype, reps):
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     gqa = num_heads_kv != HEADS
+    # query i (of the last `queries` tokens) sees keys up to seqlen - queries + i: bottom-right causal
+    causal_mask = None
+    if queries > 1:
+        causal_mask = torch.arange(seqlen)[None, :] <= torch.arange(seqlen - queries, seqlen)[:, None]
     same_bytes = torch.ones(2 * k_cache.numel() * k_cache.element_size() // 4)  # fp32, beyond the caches
     calls = {
         "read-bw": lambda: same_bytes.sum(),
         "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
         "fusedattn-paged16": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
                                                                       block_table=pages),
-        "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, enable_gqa=gqa),
+        "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=causal_mask,
+                                                             enable_gqa=gqa),
     }
     with torch.no_grad():
         times, results, errors = bench.time_interleaved(calls, reps=reps)
@@ -79,21 +86,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=bench.positive_int, default=15)
     parser.add_argument("--batch", type=bench.positive_int, default=8, help="sequences (default 8)")
+    parser.add_argument("--queries", type=bench.positive_int, default=1,
+                        help="new tokens per sequence, attending causally from the bottom right (default 1)")
     parser.add_argument("--seqlen", type=bench.positive_int, default=4096,
                         help=f"cached tokens per sequence, a multiple of {PAGE} (default 4096)")
     args = parser.parse_args()
+    if args.queries > args.seqlen:
+        parser.error("--queries must not exceed --seqlen")
     if args.seqlen % PAGE:
         parser.error(f"--seqlen must be a multiple of the page size {PAGE}")
     print(bench.versions_line(torch))
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s")
-    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}\n")
+    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s)\n")
     header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
     rows = [header]
     for num_heads_kv in (32, 8):
         for dtype in (torch.float32, torch.bfloat16):
-            t, bytes_read, error = decode_case(args.batch, args.seqlen, num_heads_kv, dtype, args.reps)
+            t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype, args.reps)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",

@@ -204,6 +204,44 @@ def test_decode_walk_edges(heads, page_size, dtype):
         assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (12, 4, 2), (8, 4, 3), (16, 4, 2), (6, 3, 4), (4, 4, 6), (2, 2, 8)],
+                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+def test_decode_lane_groups(shape, page_size, dtype):
+    """Kv heads with 6 or 8 lanes (query tokens x heads of a group: GQA group 8, or a few tokens of
+    speculative decoding) run the decode kernel as two lane groups that share the head's K/V rows.
+    Causal from the bottom right; lengths that are not a multiple of the 8-row value steps, pages
+    of 3 rows. Against the fp64 reference, per sequence."""
+    num_heads, num_heads_kv, queries = shape
+    lengths = [8, 9, 70, 133]
+    batch, capacity, head_dim = len(lengths), 135, 64
+    generator = torch.Generator().manual_seed(num_heads * 100 + num_heads_kv * 10 + queries)
+    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if page_size is None:
+        out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
+    else:
+        pages_per_seq = capacity // page_size
+        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
+        k_pages, v_pages = (torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim, dtype=dtype)
+                            for _ in range(2))
+        k_pages[table.long()] = k_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        v_pages[table.long()] = v_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
+        expected, _ = reference.attention_reference(q_b, k_b, v_b, causal=True)
+        torch_lowp = None
+        if dtype != torch.float32:
+            visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=visible,
+                                                                          enable_gqa=True)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+
+
 def test_kvcache_leftpad_and_batch_idx():
     k_cache, v_cache = _cache(4, 40, 2, 16)
     q = torch.randn(2, 1, 2, 16)

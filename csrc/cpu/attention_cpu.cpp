@@ -98,7 +98,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
     const bool packable = params.dropout_p == 0.0f && !mask_per_head;
     const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && packable;
     // Decode: whole groups, up to kPackedLanes lanes, so cache rows are read front to back.
-    const bool all_heads = packable && seq.seqlen_q * group <= kDecodeLanes;
+    const bool all_heads = packable && runs_decode_kernel(seq.seqlen_q * group);
     int64_t heads_per_block = pack ? group : 1;
     if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where
       // the cache is long enough, which keep each cache row read whole, else from the heads

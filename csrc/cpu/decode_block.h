@@ -176,15 +176,21 @@ inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* v, int6
   for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, v, row_stride, ld, c);
 }
 
-// Calls f(std::integral_constant<int, lanes>{}) for lanes in [1, kDecodeLanes].
+// Calls f(lanes, shift), both std::integral_constant, for a kv head of lanes_per_kv lanes (see
+// runs_decode_kernel): one lane group of 1-4 lanes (shift 0), or two groups of 3 or 4 lanes
+// (shift 1, 1 << shift groups per kv head). Both are compile-time: with the group count known
+// only at run time, MHA bf16 decode lost about 10 points of bandwidth.
 template <typename F>
-inline void with_lane_count(int64_t lanes, F&& f) {
+inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
   static_assert(kDecodeLanes == 4, "one case per lane count");
-  switch (lanes) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+  using std::integral_constant;
+  switch (lanes_per_kv) {
+    case 1: f(integral_constant<int, 1>{}, integral_constant<int, 0>{}); break;
+    case 2: f(integral_constant<int, 2>{}, integral_constant<int, 0>{}); break;
+    case 3: f(integral_constant<int, 3>{}, integral_constant<int, 0>{}); break;
+    case 4: f(integral_constant<int, 4>{}, integral_constant<int, 0>{}); break;
+    case 6: f(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
   }
 }
 
@@ -311,34 +317,38 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     block_rows(params.k, k_row);
     block_rows(params.v, v_row);
     // Scores: one cache row at a time, all kv heads of a row before the next row (see the
-    // header), four lanes per reduction: one kv head with 3-4 lanes, or 2 / 4 kv heads.
-    with_lane_count(lanes_per_kv, [&](auto lanes_per_head) {
-      constexpr int kLanes = decltype(lanes_per_head)::value;
+    // header), four lanes per reduction: one lane group with 3-4 lanes, or 2 / 4 kv heads. Kv
+    // heads with 6 or 8 lanes run as two lane groups, reading the head's part of each row twice
+    // (the second time from L1): lane group g is lanes [g * kLanes, (g + 1) * kLanes) of kv head
+    // g >> kShift.
+    with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
+      constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
+      const int64_t lane_groups = kv_count << kShift;
       constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
       for (int64_t j = 0; j < n; ++j) {
         const T* first = k_row[j];
         prefetch_ahead(k_row, j);
         if (stage_values) prefetch_row(reinterpret_cast<const char*>(v_row[j]), row_span);
-        auto score = [&](int64_t g, auto heads) {
+        auto score = [&](int64_t g, auto heads) {  // lane groups [g, g + heads)
           constexpr int kCount = decltype(heads)::value;
-          const int64_t l = g * kLanes;
+          const int64_t l = g * kLanes, kv = g >> kShift;
           if constexpr (kPairDots) {
 #if defined(__AVX512BF16__)
             if (pair_dots) {
               dot_heads_bf16<kCount, kLanes>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo,
-                                             first + g * params.k.head_stride, params.k.head_stride, head_dim,
+                                             first + kv * params.k.head_stride, params.k.head_stride, head_dim,
                                              s.s_t + l * ldn + j, ldn);
               return;
             }
 #endif
           }
           int64_t stride = 0;
-          const S* key = heads_of(params.k, first, g, kCount, s.k_rows, &stride);
+          const S* key = heads_of(params.k, first, kv, kCount, s.k_rows, &stride);
           dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
         };
         int64_t g = 0;
-        for (; g + kHeads <= kv_count; g += kHeads) score(g, std::integral_constant<int, kHeads>{});
-        for (; g < kv_count; ++g) score(g, std::integral_constant<int, 1>{});
+        for (; g + kHeads <= lane_groups; g += kHeads) score(g, std::integral_constant<int, kHeads>{});
+        for (; g < lane_groups; ++g) score(g, std::integral_constant<int, 1>{});
       }
     });
     if (pair_dots) {
@@ -394,19 +404,20 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
     // O += P · V: the same walk over the V rows, kDecodeValueRows rows per step where they are
     // evenly strided (read in place, within one page), so O is read and written once per step.
-    with_lane_count(lanes_per_kv, [&](auto lanes_per_head) {
-      constexpr int kLanes = decltype(lanes_per_head)::value;
+    with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
+      constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
+      const int64_t lane_groups = kv_count << kShift;
       for (int64_t j = 0; j < n;) {
         const T* first = v_row[j];
         const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
         if (!stage_values) {
           for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
         }
-        for (int64_t g = 0; g < kv_count; ++g) {
+        for (int64_t g = 0; g < lane_groups; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;
           const Acc* p = s.s_t + g * kLanes * ldn + j;
-          const S* value = heads_of(params.v, first, g, 1, s.v_rows);
+          const S* value = heads_of(params.v, first, g >> kShift, 1, s.v_rows);
           if (strided) {
             accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, value, params.v.row_stride, s.ldo);
           } else {

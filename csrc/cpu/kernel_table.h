@@ -37,6 +37,12 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
   return (block.row_end - block.row_begin) * heads;
 }
 
+// Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes,
+// or twice that many split into two equal lane groups (6 or 8 lanes).
+inline bool runs_decode_kernel(int64_t lanes_per_kv) {
+  return lanes_per_kv <= kDecodeLanes || (lanes_per_kv <= 2 * kDecodeLanes && lanes_per_kv % 2 == 0);
+}
+
 struct CpuKernelTable {
   const char* isa_name;
   // Bytes of per-thread scratch that forward_block needs for q-blocks of block_rows rows.
