@@ -36,18 +36,18 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
     return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
 
 
-def worker(install: str, batch: int, seqlen: int, queries: int) -> None:
-    """Reads case names on stdin, answers each with the GB/s of one decode call."""
+def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int) -> None:
+    """Builds the inputs of `cases`, then reads case names on stdin and answers each with the GB/s
+    of one decode call."""
     sys.path.insert(0, install)
     import torch
 
     import fusedattn
 
-    inputs = {}
-    generator = torch.Generator().manual_seed(0)
-    for case in CASES:
+    def make_inputs(case: str, seed: int):
         heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
         dtype = getattr(torch, dtype_name)
+        generator = torch.Generator().manual_seed(seed)
         q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=generator).to(dtype)
         k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
@@ -58,7 +58,9 @@ def worker(install: str, batch: int, seqlen: int, queries: int) -> None:
                 paged[table.long()] = contiguous.reshape(batch, -1, PAGE, heads_kv, HEAD_DIM)
             k, v = pages
             kwargs["block_table"] = table
-        inputs[case] = (q, k, v, kwargs)
+        return q, k, v, kwargs
+
+    inputs = {case: make_inputs(case, seed) for seed, case in enumerate(cases)}
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -72,7 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, HKV-DTYPE[-paged] (default {','.join(CASES)})")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=4096, help=f"cached tokens, a multiple of {PAGE} (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
@@ -81,11 +84,12 @@ def main() -> int:
     if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE or not 1 <= args.queries <= args.seqlen:
         parser.error(f"--batch must be >= 1, --seqlen a positive multiple of {PAGE}, --queries in [1, seqlen]")
     if args.worker:
-        worker(args.installs[0], args.batch, args.seqlen, args.queries)
+        worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries)
         return 0
     import torch
 
-    shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries)]
+    shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries),
+             "--cases", args.cases]
     workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}
     for process in workers.values():

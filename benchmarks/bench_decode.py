@@ -10,7 +10,7 @@ bytes as the case's K/V, interleaved with the case's own timings (this machine's
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
-    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N]
+    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads-kv 32,8]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
 across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
@@ -86,11 +86,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=bench.positive_int, default=15)
     parser.add_argument("--batch", type=bench.positive_int, default=8, help="sequences (default 8)")
+    parser.add_argument("--heads-kv", default="32,8", help="kv head counts to run, dividing 32 (default 32,8)")
     parser.add_argument("--queries", type=bench.positive_int, default=1,
                         help="new tokens per sequence, attending causally from the bottom right (default 1)")
     parser.add_argument("--seqlen", type=bench.positive_int, default=4096,
                         help=f"cached tokens per sequence, a multiple of {PAGE} (default 4096)")
     args = parser.parse_args()
+    heads_kv = [int(h) for h in args.heads_kv.split(",")]
+    if any(h < 1 or HEADS % h for h in heads_kv):
+        parser.error(f"--heads-kv entries must divide {HEADS}")
     if args.queries > args.seqlen:
         parser.error("--queries must not exceed --seqlen")
     if args.seqlen % PAGE:
@@ -102,7 +106,7 @@ def main() -> int:
     header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
     rows = [header]
-    for num_heads_kv in (32, 8):
+    for num_heads_kv in heads_kv:
         for dtype in (torch.float32, torch.bfloat16):
             t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype, args.reps)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"], t["read-bw"]
