@@ -31,9 +31,24 @@ CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
          "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
 
 
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def case_bytes(case: str, batch: int, seqlen: int) -> int:
     heads_kv, dtype = case.split("-")[:2]
-    return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * (4 if dtype == "float32" else 2)
+    return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * ELEMENT_BYTES[dtype]
+
+
+def case_error(case: str) -> str | None:
+    """Why `case` is not HKV-DTYPE[-paged] with HKV dividing HEADS, or None."""
+    parts = case.split("-")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "paged") or not parts[0].isdigit():
+        return f"{case!r} is not HKV-DTYPE[-paged]"
+    if int(parts[0]) < 1 or HEADS % int(parts[0]):
+        return f"{case!r}: HKV must divide {HEADS}"
+    if parts[1] not in ELEMENT_BYTES:
+        return f"{case!r}: DTYPE must be one of {', '.join(ELEMENT_BYTES)}"
+    return None
 
 
 def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int) -> None:
@@ -83,6 +98,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE or not 1 <= args.queries <= args.seqlen:
         parser.error(f"--batch must be >= 1, --seqlen a positive multiple of {PAGE}, --queries in [1, seqlen]")
+    errors = [e for e in map(case_error, args.cases.split(",")) if e]
+    if errors:
+        parser.error("; ".join(errors))
     if args.worker:
         worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries)
         return 0

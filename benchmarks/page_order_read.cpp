@@ -78,11 +78,15 @@ float read_chunks(const float* buffer, const std::vector<size_t>& order, size_t 
 }
 
 int main(int argc, char** argv) {
-  const int reps = argc > 1 ? std::atoi(argv[1]) : 5;
+  const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
   const bool huge = argc > 2 && std::strcmp(argv[2], "huge") == 0;
   std::vector<float*> buffers(kThreads);
   for (float*& b : buffers) {
     b = static_cast<float*>(std::aligned_alloc(size_t{2} << 20, kBufferBytes));
+    if (b == nullptr) {
+      std::fprintf(stderr, "page_order_read: cannot allocate %zu MiB\n", kBufferBytes >> 20);
+      return 1;
+    }
     madvise(b, kBufferBytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     std::fill(b, b + kBufferBytes / sizeof(float), 1.0f);
   }

@@ -25,9 +25,16 @@ from profile_forward import ISAS, ROOT, cpu_flags
 SOURCE = ROOT / "benchmarks" / "page_order_read.cpp"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per case (median reported)")
+    parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per case (median reported)")
     parser.add_argument("--huge-pages", action="store_true",
                         help="read buffers on 2 MiB pages (madvise), to rule out page-table misses")
     args = parser.parse_args()

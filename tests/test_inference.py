@@ -328,13 +328,13 @@ def test_decode_key_splits_of_whole_rows(batch, page_size, threads):
     planner splits heads only for short caches or fp64). GQA with sinks, a window reaching across
     the splits, lengths that are no multiple of 64; against the fp64 reference, out and LSE."""
     num_heads, num_heads_kv, head_dim, capacity = 8, 2, 32, 1600
-    lengths = [1537, 1100, 1599][:batch]
+    lengths = [1599, 1100, 1537][:batch]  # visible spans >= 1536: key splits for every thread count here
     generator = torch.Generator().manual_seed(batch * 10 + threads)
     k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator) for _ in range(2))
     q = torch.randn(batch, 1, num_heads, head_dim, generator=generator)
     sinks = torch.randn(num_heads, generator=generator)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
-    kwargs = {"cache_seqlens": seqlens, "sinks": sinks, "window": (1050, 0), "return_lse": True}
+    kwargs = {"cache_seqlens": seqlens, "sinks": sinks, "window": (1540, 0), "return_lse": True}
     caches = (k_cache, v_cache)
     if page_size is not None:
         pages_per_seq = capacity // page_size
@@ -350,8 +350,31 @@ def test_decode_key_splits_of_whole_rows(batch, page_size, threads):
         fusedattn.set_num_threads(None)
     for b, n in enumerate(lengths):
         q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
-        expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True, window=(1050, 0),
+        expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True, window=(1540, 0),
                                                                sinks=sinks)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), None, expected)
+        np.testing.assert_allclose(lse[b:b + 1].numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_decode_long_sequence_among_short_ones(threads):
+    """One long cache next to short ones: the long sequence's block carries most of the work, so
+    it is split along its keys even though the short ones make enough blocks. Against the fp64
+    reference, out and LSE."""
+    lengths = [2900, 40, 70, 1]
+    batch, capacity, num_heads, num_heads_kv, head_dim = len(lengths), 2900, 8, 2, 32
+    generator = torch.Generator().manual_seed(threads)
+    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator) for _ in range(2))
+    q = torch.randn(batch, 1, num_heads, head_dim, generator=generator)
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, return_lse=True,
+                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
+    finally:
+        fusedattn.set_num_threads(None)
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
+        expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True)
         assert_close_to_reference(out[b:b + 1].transpose(1, 2), None, expected)
         np.testing.assert_allclose(lse[b:b + 1].numpy(), expected_lse, rtol=1e-5, atol=1e-5)
 

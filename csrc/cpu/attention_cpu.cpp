@@ -2,9 +2,11 @@
 //
 // Blocks (ForwardBlock) are q-blocks of one (sequence, head); for short queries (decode,
 // Lq·group <= kPackedLanes) the query heads of a GQA group are packed into one block so K/V
-// are read once per group, and for decode (Lq·group <= kDecodeLanes) a block holds the groups
-// of up to kPackedLanes lanes, so that it reads each cache row (all kv heads) in one sweep. When there are fewer blocks than 2x the threads and the keys are
-// long, each block's key axis is split (split-KV) and the partial results merged by LSE.
+// are read once per group, and for decode (runs_decode_kernel(Lq·group)) a block holds the
+// groups of up to kPackedLanes lanes, so that it reads each cache row (all kv heads) in one
+// sweep. When there are fewer blocks than 2x the threads, or a decode block carries more than
+// its share of the work, and the keys are long, the block's key axis is split (split-KV) and
+// the partial results merged by LSE.
 // Blocks are handed out heaviest first (estimated by rows x keys), which keeps threads busy
 // to the end even when sequence lengths are very uneven.
 #include "cpu/attention_cpu.h"
@@ -129,18 +131,27 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
   return plan;
 }
 
-// Splits the key axis of blocks when there are too few blocks for the threads (decode).
+// Splits the key axis of blocks when there are too few blocks for the threads, and of decode
+// blocks that carry more than a share (half a thread's) of the work: a long sequence decoded
+// next to short ones (its heads stay in one block, see plan_blocks) is still spread over the
+// threads.
 int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads) {
   const int64_t blocks = static_cast<int64_t>(plan.size());
   // fp64 keeps its full precision: no fp32 partials.
-  if (blocks == 0 || blocks >= 2 * num_threads || params.dtype == DType::kFloat64) return 0;
+  if (blocks == 0 || params.dtype == DType::kFloat64) return 0;
+  int64_t total_cost = 0;
+  for (const PlannedBlock& planned : plan) total_cost += planned.cost;
+  const int64_t share = std::max<int64_t>(1, total_cost / (2 * num_threads));
   std::vector<PlannedBlock> split;
   int64_t merged = 0;
   for (const PlannedBlock& planned : plan) {
     const AttentionParams seq = sequence_params(params, planned.block.batch);
     const KeyRange keys = visible_keys_of_rows(seq, planned.block.row_begin, planned.block.row_end);
     const int64_t span = keys.end - keys.begin;
-    const int64_t want = (2 * num_threads + blocks - 1) / blocks;
+    int64_t want = blocks < 2 * num_threads ? (2 * num_threads + blocks - 1) / blocks : 1;
+    if (runs_decode_kernel(lanes_per_kv_head(params, planned.block))) {
+      want = std::max(want, (planned.cost + share - 1) / share);
+    }
     const int64_t splits = std::min<int64_t>(want, span / kMinSplitKeys);
     if (splits < 2) {
       split.push_back(planned);

@@ -4,7 +4,8 @@
 //   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums)
 //   online softmax per lane over the key block (vectors along the keys)
 //   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes
-// Each K/V row is read once per block, so the kernel runs at memory bandwidth. The score
+// Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
+// of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. The score
 // pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
 #pragma once
 #include <cmath>
@@ -176,10 +177,10 @@ inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* v, int6
   for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, v, row_stride, ld, c);
 }
 
-// Calls f(lanes, shift), both std::integral_constant, for a kv head of lanes_per_kv lanes (see
-// runs_decode_kernel): one lane group of 1-4 lanes (shift 0), or two groups of 3 or 4 lanes
-// (shift 1, 1 << shift groups per kv head). Both are compile-time: with the group count known
-// only at run time, MHA bf16 decode lost about 10 points of bandwidth.
+// Calls f(lanes, shift), both std::integral_constant, for a kv head of lanes_per_kv lanes (one
+// that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (shift 0),
+// or two groups of 3 or 4 lanes (shift 1, 1 << shift groups per kv head). Both are compile-time:
+// with the group count known only at run time, MHA bf16 decode lost about 10 points.
 template <typename F>
 inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
   static_assert(kDecodeLanes == 4, "one case per lane count");
@@ -190,7 +191,7 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
     case 3: f(integral_constant<int, 3>{}, integral_constant<int, 0>{}); break;
     case 4: f(integral_constant<int, 4>{}, integral_constant<int, 0>{}); break;
     case 6: f(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
-    default: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;  // 8
   }
 }
 

@@ -28,8 +28,8 @@ struct ForwardBlock {
 };
 
 // A block's heads read one kv head, or (decode blocks only) whole GQA groups of several.
-// Blocks with at most kDecodeLanes (tiles.h) lanes (query rows x heads) per kv head run the
-// decode kernel.
+// Blocks whose lanes (query rows x heads) per kv head pass runs_decode_kernel run the decode
+// kernel.
 
 inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlock& block) {
   const int64_t group = params.num_heads / params.num_heads_kv;
