@@ -206,13 +206,15 @@ def test_decode_walk_edges(heads, page_size, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
-@pytest.mark.parametrize("shape", [(8, 1, 1), (12, 4, 2), (8, 4, 3), (16, 4, 2), (6, 3, 4), (4, 4, 6), (2, 2, 8)],
+@pytest.mark.parametrize("shape", [(8, 1, 1), (12, 4, 2), (8, 4, 3), (16, 4, 2), (6, 3, 4), (4, 4, 6), (2, 2, 8),
+                                   (48, 24, 3), (40, 20, 4)],
                          ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
 def test_decode_lane_groups(shape, page_size, dtype):
     """Kv heads with 6 or 8 lanes (query tokens x heads of a group: GQA group 8, or a few tokens of
     speculative decoding) run the decode kernel as two lane groups that share the head's K/V rows.
-    Causal from the bottom right; lengths that are not a multiple of the 8-row value steps, pages
-    of 3 rows. Against the fp64 reference, per sequence."""
+    The last two shapes have 144 and 160 lanes per token, so decode blocks of up to 128 lanes
+    (kDecodeBlockLanes) split the heads unevenly. Causal from the bottom right; lengths that are
+    not a multiple of the 8-row value steps, pages of 3 rows. Against the fp64 reference."""
     num_heads, num_heads_kv, queries = shape
     lengths = [8, 9, 70, 133]
     batch, capacity, head_dim = len(lengths), 135, 64

@@ -3,7 +3,7 @@
 // Blocks (ForwardBlock) are q-blocks of one (sequence, head); for short queries (decode,
 // Lq·group <= kPackedLanes) the query heads of a GQA group are packed into one block so K/V
 // are read once per group, and for decode (runs_decode_kernel(Lq·group)) a block holds the
-// groups of up to kPackedLanes lanes, so that it reads each cache row (all kv heads) in one
+// groups of up to kDecodeBlockLanes lanes, so that it reads each cache row (all kv heads) in one
 // sweep. When there are fewer blocks than 2x the threads, or a decode block carries more than
 // its share of the work, and the keys are long, the block's key axis is split (split-KV) and
 // the partial results merged by LSE.
@@ -99,7 +99,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
     if (seq.seqlen_q <= 0) continue;
     const bool packable = params.dropout_p == 0.0f && !mask_per_head;
     const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && packable;
-    // Decode: whole groups, up to kPackedLanes lanes, so cache rows are read front to back.
+    // Decode: whole groups, up to kDecodeBlockLanes lanes, so cache rows are read front to back.
     const bool all_heads = packable && runs_decode_kernel(seq.seqlen_q * group);
     int64_t heads_per_block = pack ? group : 1;
     if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where
@@ -109,7 +109,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
       const bool key_splits = params.dtype != DType::kFloat64 && keys.end - keys.begin >= blocks_per_sequence * kMinSplitKeys;
       const int64_t head_blocks = key_splits ? 1 : blocks_per_sequence;
       const int64_t groups = (params.num_heads / group + head_blocks - 1) / head_blocks;
-      heads_per_block = group * std::max<int64_t>(1, std::min(groups, kPackedLanes / (seq.seqlen_q * group)));
+      heads_per_block = group * std::max<int64_t>(1, std::min(groups, kDecodeBlockLanes / (seq.seqlen_q * group)));
     }
     const int64_t rows = pack || all_heads ? seq.seqlen_q : block_rows;
     for (int64_t head = 0; head < params.num_heads; head += heads_per_block) {

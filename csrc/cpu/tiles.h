@@ -16,9 +16,15 @@ namespace cpu {
 // per thread. 256 rows x 64 keys of fp32 scores (64 KiB) stay in L2 between the passes.
 constexpr int64_t kMaxBlockRows = 256;
 constexpr int64_t kMinBlockRows = 32;
-// Lanes (query rows x heads) per block at most when GQA heads are packed, or when decode blocks
-// take several kv heads: 64 lanes keep Qᵀ and the score tile within L1/L2.
+// Lanes (query rows x heads) per block at most when GQA heads are packed for the transposed
+// tile: 64 lanes keep Qᵀ and the score tile within L1/L2. (Decode blocks: kDecodeBlockLanes.)
 constexpr int64_t kPackedLanes = 64;
+// Lanes per decode block at most (all heads of a token where they fit, see plan_blocks): 128
+// lanes of fp32 O and query rows take 128 KiB, in L2. Several query tokens of MHA (4 lanes on
+// each of 32 kv heads, 128 lanes) then read each cache row in one block, not as two halves.
+// ab_decode.py, 64 -> 128, % of a torch.sum timed alongside: --queries 3 fp32 59% -> 72%, bf16
+// 48% -> 67%; --queries 4 fp32 53-54% -> 59-61%, bf16 43-47% -> 55%; 256 measured like 128.
+constexpr int64_t kDecodeBlockLanes = 128;
 // Blocks with at most this many lanes per kv head run the decode kernel (dot products along
 // head_dim): at 4 lanes that costs about what the transposed tile wastes on empty lanes. Kv heads
 // with 6 or 8 lanes (several query tokens of a GQA group: speculative decoding) run there too, as
