@@ -113,6 +113,20 @@ def _cache(batch, capacity, heads_kv, head_dim, dtype=torch.float32):
             torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype))
 
 
+def _paged_copy(k_cache, v_cache, page_size, generator):
+    """The (batch, capacity, Hkv, D) caches cut into pages of page_size rows stored in a random
+    order: (k_pages, v_pages, block_table int32 (batch, capacity / page_size))."""
+    batch, capacity, heads_kv, head_dim = k_cache.shape
+    pages_per_seq = capacity // page_size
+    table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
+    pages = []
+    for cache in (k_cache, v_cache):
+        paged = torch.empty(batch * pages_per_seq, page_size, heads_kv, head_dim, dtype=cache.dtype)
+        paged[table.long()] = cache.reshape(batch, pages_per_seq, page_size, heads_kv, head_dim)
+        pages.append(paged)
+    return pages[0], pages[1], table
+
+
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kvcache_append_then_attend(seqlen_q, dtype):
@@ -170,6 +184,32 @@ def test_paged_cache_equals_contiguous(page_size):
     _close(paged, contiguous, tol=0)
 
 
+def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed):
+    """attention_with_kvcache of `queries` new tokens per sequence over caches holding `lengths`
+    tokens (contiguous, or in shuffled pages of page_size rows), causal from the bottom right,
+    against the fp64 reference per sequence (and torch's low-precision math for bf16)."""
+    batch, head_dim = len(lengths), 64
+    generator = torch.Generator().manual_seed(seed)
+    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if page_size is None:
+        out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
+    else:
+        k_pages, v_pages, table = _paged_copy(k_cache, v_cache, page_size, generator)
+        out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
+        expected, _ = reference.attention_reference(q_b, k_b, v_b, causal=True)
+        torch_lowp = None
+        if dtype != torch.float32:
+            visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=visible,
+                                                                          enable_gqa=True)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
 @pytest.mark.parametrize("heads", [(3, 3), (5, 5), (6, 3), (10, 5), (8, 2), (3, 1)])
@@ -178,30 +218,8 @@ def test_decode_walk_edges(heads, page_size, dtype):
     a time where they share a page: odd kv head counts, lengths that are not a multiple of the
     step and pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv = heads
-    lengths = [1, 6, 67, 130]
-    batch, capacity, head_dim = len(lengths), 132, 64
-    generator = torch.Generator().manual_seed(num_heads * 10 + num_heads_kv)
-    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
-                        for _ in range(2))
-    q = torch.randn(batch, 1, num_heads, head_dim, generator=generator).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    if page_size is None:
-        out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
-    else:
-        pages_per_seq = capacity // page_size
-        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
-        k_pages, v_pages = (torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim, dtype=dtype)
-                            for _ in range(2))
-        k_pages[table.long()] = k_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
-        v_pages[table.long()] = v_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
-        out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
-    for b, n in enumerate(lengths):
-        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
-        expected, _ = reference.attention_reference(q_b, k_b, v_b)
-        torch_lowp = None
-        if dtype != torch.float32:
-            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, enable_gqa=True)
-        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+    _check_decode(num_heads, num_heads_kv, 1, [1, 6, 67, 130], 132, page_size, dtype,
+                  seed=num_heads * 10 + num_heads_kv)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -216,32 +234,8 @@ def test_decode_lane_groups(shape, page_size, dtype):
     (kDecodeBlockLanes) split the heads unevenly. Causal from the bottom right; lengths that are
     not a multiple of the 8-row value steps, pages of 3 rows. Against the fp64 reference."""
     num_heads, num_heads_kv, queries = shape
-    lengths = [8, 9, 70, 133]
-    batch, capacity, head_dim = len(lengths), 135, 64
-    generator = torch.Generator().manual_seed(num_heads * 100 + num_heads_kv * 10 + queries)
-    k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
-                        for _ in range(2))
-    q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    if page_size is None:
-        out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
-    else:
-        pages_per_seq = capacity // page_size
-        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
-        k_pages, v_pages = (torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim, dtype=dtype)
-                            for _ in range(2))
-        k_pages[table.long()] = k_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
-        v_pages[table.long()] = v_cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
-        out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
-    for b, n in enumerate(lengths):
-        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
-        expected, _ = reference.attention_reference(q_b, k_b, v_b, causal=True)
-        torch_lowp = None
-        if dtype != torch.float32:
-            visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
-            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=visible,
-                                                                          enable_gqa=True)
-        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+    _check_decode(num_heads, num_heads_kv, queries, [8, 9, 70, 133], 135, page_size, dtype,
+                  seed=num_heads * 100 + num_heads_kv * 10 + queries)
 
 
 def test_kvcache_leftpad_and_batch_idx():
@@ -339,11 +333,7 @@ def test_decode_key_splits_of_whole_rows(batch, page_size, threads):
     kwargs = {"cache_seqlens": seqlens, "sinks": sinks, "window": (1540, 0), "return_lse": True}
     caches = (k_cache, v_cache)
     if page_size is not None:
-        pages_per_seq = capacity // page_size
-        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
-        caches = tuple(torch.empty(batch * pages_per_seq, page_size, num_heads_kv, head_dim) for _ in range(2))
-        for paged, cache in zip(caches, (k_cache, v_cache)):
-            paged[table.long()] = cache.reshape(batch, pages_per_seq, page_size, num_heads_kv, head_dim)
+        *caches, table = _paged_copy(k_cache, v_cache, page_size, generator)
         kwargs["block_table"] = table
     fusedattn.set_num_threads(threads)
     try:
