@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from profile_forward import ISAS, ROOT, cpu_flags
+from profile_forward import ISAS, ROOT, cpu_flags, row
 
 SOURCE = ROOT / "benchmarks" / "page_order_read.cpp"
 
@@ -51,13 +51,13 @@ def main() -> int:
     pages = f" ({huge // 1024} MiB of them on 2 MiB pages)" if huge >= 0 else ""
     print(f"{result['threads']} threads, 512 MiB each{pages}, medians of {args.reps} interleaved runs; GB/s of "
           "both threads together\n")
-    print("| chunk | sum, in order | sum, shuffled | shuffled / in order | 12 FMA/vector, in order "
-          "| 12 FMA/vector, shuffled | shuffled / in order |")
+    print(row("chunk", "sum, in order", "sum, shuffled", "shuffled / in order", "12 FMA/vector, in order",
+              "12 FMA/vector, shuffled", "shuffled / in order"))
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for row in result["rows"]:
-        print(f"| {row['chunk_kib']} KiB | {row['in_order_sum']:.1f} | {row['shuffled_sum']:.1f} | "
-              f"{row['shuffled_sum'] / row['in_order_sum']:.2f} | {row['in_order_fma']:.1f} | "
-              f"{row['shuffled_fma']:.1f} | {row['shuffled_fma'] / row['in_order_fma']:.2f} |")
+    for r in result["rows"]:
+        print(row(f"{r['chunk_kib']} KiB", f"{r['in_order_sum']:.1f}", f"{r['shuffled_sum']:.1f}",
+                  f"{r['shuffled_sum'] / r['in_order_sum']:.2f}", f"{r['in_order_fma']:.1f}",
+                  f"{r['shuffled_fma']:.1f}", f"{r['shuffled_fma'] / r['in_order_fma']:.2f}"))
     return 0
 
 

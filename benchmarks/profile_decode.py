@@ -18,9 +18,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from profile_forward import ISAS, ROOT, compile_flags, cpu_flags
+from profile_forward import ISAS, ROOT, compile_profile, cpu_flags, row
 
 SOURCE = ROOT / "benchmarks" / "profile_decode.cpp"
 
@@ -37,17 +36,16 @@ def main() -> int:
     isa = runnable[0]
     with tempfile.TemporaryDirectory() as build_dir:
         exe = os.path.join(build_dir, "profile_decode")
-        subprocess.run([os.environ.get("CXX", "g++"), *compile_flags(isa), f"-DFUSEDATTN_ISA={isa}",
-                        f"-I{ROOT / 'csrc'}", str(SOURCE), "-o", exe], check=True)
+        compile_profile(SOURCE, isa, exe)
         result = json.loads(subprocess.run([exe, str(args.reps)], check=True, capture_output=True, text=True).stdout)
     print(f"decode kernel, {result['isa']} build, 1 thread, medians of {args.reps} runs; single-thread "
           f"streaming read: cached {result['stream_cached_gbs']:.0f} GB/s, DRAM {result['stream_dram_gbs']:.1f} GB/s\n")
-    print("| Hkv | dtype | cached GB/s (L) | DRAM GB/s (L = 4096) | DRAM / cached | DRAM / DRAM stream |")
+    print(row("Hkv", "dtype", "cached GB/s (L)", "DRAM GB/s (L = 4096)", "DRAM / cached", "DRAM / DRAM stream"))
     print("|---:|---|---:|---:|---:|---:|")
     for case in result["cases"]:
-        print(f"| {case['heads_kv']} | {case['dtype']} | {case['cached_gbs']:.1f} ({case['cached_len']}) | "
-              f"{case['dram_gbs']:.1f} | {case['dram_gbs'] / case['cached_gbs']:.0%} | "
-              f"{case['dram_gbs'] / result['stream_dram_gbs']:.0%} |")
+        print(row(str(case["heads_kv"]), case["dtype"], f"{case['cached_gbs']:.1f} ({case['cached_len']})",
+                  f"{case['dram_gbs']:.1f}", f"{case['dram_gbs'] / case['cached_gbs']:.0%}",
+                  f"{case['dram_gbs'] / result['stream_dram_gbs']:.0%}"))
     return 0
 
 

@@ -62,16 +62,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def compile_profile(source: Path, isa: str, exe: str) -> None:
+    """Compiles a profile program that includes the kernel headers, with `isa`'s kernel flags."""
+    subprocess.run([os.environ.get("CXX", "g++"), *compile_flags(isa), f"-DFUSEDATTN_ISA={isa}",
+                    f"-I{ROOT / 'csrc'}", str(source), "-o", exe], check=True)
+
+
 def run_isa(isa: str, dtypes: list[str], reps: int, build_dir: str) -> dict:
     exe = os.path.join(build_dir, f"profile_forward_{isa}")
-    command = [os.environ.get("CXX", "g++"), *compile_flags(isa), f"-DFUSEDATTN_ISA={isa}",
-               f"-I{ROOT / 'csrc'}", str(SOURCE), "-o", exe]
-    subprocess.run(command, check=True)
+    compile_profile(SOURCE, isa, exe)
     result = subprocess.run([exe, str(reps), *dtypes], check=True, capture_output=True, text=True)
     return json.loads(result.stdout)
 
 
 def row(*cells: str) -> str:
+    """One Markdown table row."""
     return "| " + " | ".join(cells) + " |"
 
 

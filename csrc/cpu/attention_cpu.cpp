@@ -89,6 +89,12 @@ int64_t forward_block_rows(const AttentionParams& params, int num_threads) {
 
 namespace {
 
+// How many key splits a block with `span` visible keys can take: kMinSplitKeys keys each, and
+// none for fp64, which keeps its full precision (no fp32 partials).
+int64_t max_key_splits(const AttentionParams& params, int64_t span) {
+  return params.dtype == DType::kFloat64 ? 1 : span / kMinSplitKeys;
+}
+
 std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_threads) {
   std::vector<PlannedBlock> plan;
   const int64_t group = params.num_heads / params.num_heads_kv;
@@ -106,7 +112,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
       // the cache is long enough, which keep each cache row read whole, else from the heads
       const int64_t blocks_per_sequence = (2 * num_threads + params.batch - 1) / params.batch;
       const KeyRange keys = visible_keys_of_rows(seq, 0, seq.seqlen_q);
-      const bool key_splits = params.dtype != DType::kFloat64 && keys.end - keys.begin >= blocks_per_sequence * kMinSplitKeys;
+      const bool key_splits = max_key_splits(params, keys.end - keys.begin) >= blocks_per_sequence;
       const int64_t head_blocks = key_splits ? 1 : blocks_per_sequence;
       const int64_t groups = (params.num_heads / group + head_blocks - 1) / head_blocks;
       heads_per_block = group * std::max<int64_t>(1, std::min(groups, kDecodeBlockLanes / (seq.seqlen_q * group)));
@@ -137,8 +143,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
 // threads.
 int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads) {
   const int64_t blocks = static_cast<int64_t>(plan.size());
-  // fp64 keeps its full precision: no fp32 partials.
-  if (blocks == 0 || params.dtype == DType::kFloat64) return 0;
+  if (blocks == 0) return 0;
   int64_t total_cost = 0;
   for (const PlannedBlock& planned : plan) total_cost += planned.cost;
   const int64_t share = std::max<int64_t>(1, total_cost / (2 * num_threads));
@@ -152,7 +157,7 @@ int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& param
     if (runs_decode_kernel(lanes_per_kv_head(params, planned.block))) {
       want = std::max(want, (planned.cost + share - 1) / share);
     }
-    const int64_t splits = std::min<int64_t>(want, span / kMinSplitKeys);
+    const int64_t splits = std::min<int64_t>(want, max_key_splits(params, span));
     if (splits < 2) {
       split.push_back(planned);
       continue;

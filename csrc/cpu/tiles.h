@@ -75,8 +75,8 @@ constexpr int64_t kBwdBlockM = 64;
 // Cache rows fetched ahead by gathered K/V blocks (kv_block: rows far apart, or from pages).
 // Measured when the decode kernel still used it, one block per (batch, kv head), bench_decode.py
 // fp32 / bf16 MHA GB/s: no prefetch 20 / 11, 4 rows ahead 26.7 / 13.1, 12 rows 27.5 / 15.4,
-// 24 rows 24.2 / 10.4. (The decode kernel now walks the cache in order and prefetches only the
-// first line of each page, kPagePrefetchBytes.)
+// 24 rows 24.2 / 10.4. (The decode kernel now walks the cache in order and prefetches by bytes:
+// kDecodeStagingBytes, kPagePrefetchBytes, kSmallPagePrefetchBytes below.)
 constexpr int64_t kPrefetchRows = 12;
 
 // Value rows per step of the decode kernel's P·V (accumulate_rows), where they are evenly
