@@ -184,11 +184,11 @@ def test_paged_cache_equals_contiguous(page_size):
     _close(paged, contiguous, tol=0)
 
 
-def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed):
+def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed, head_dim=64):
     """attention_with_kvcache of `queries` new tokens per sequence over caches holding `lengths`
     tokens (contiguous, or in shuffled pages of page_size rows), causal from the bottom right,
     against the fp64 reference per sequence (and torch's low-precision math for bf16)."""
-    batch, head_dim = len(lengths), 64
+    batch = len(lengths)
     generator = torch.Generator().manual_seed(seed)
     k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator).to(dtype)
                         for _ in range(2))
@@ -236,6 +236,20 @@ def test_decode_lane_groups(shape, page_size, dtype):
     num_heads, num_heads_kv, queries = shape
     _check_decode(num_heads, num_heads_kv, queries, [8, 9, 70, 133], 135, page_size, dtype,
                   seed=num_heads * 100 + num_heads_kv * 10 + queries)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
+@pytest.mark.parametrize("head_dim", [33, 64])
+@pytest.mark.parametrize("shape", [(8, 2, 4), (8, 2, 5), (4, 4, 9)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+def test_transposed_tile_over_a_cache(shape, head_dim, page_size, dtype):
+    """Kv heads with more lanes than the decode kernel takes (4 or 5 tokens of a GQA group of 4,
+    9 tokens of MHA) run the transposed tile. Its bf16 keys are copied row by row as pairs from
+    pages that split a key block, and also from a contiguous cache for blocks one vector of lanes
+    wide (16 lanes or fewer); an odd head_dim zero-pads the last pair. Against the fp64 reference."""
+    num_heads, num_heads_kv, queries = shape
+    _check_decode(num_heads, num_heads_kv, queries, [9, 17, 70, 133], 144, page_size, dtype,
+                  seed=head_dim * 1000 + num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)
 
 
 def test_kvcache_leftpad_and_batch_idx():

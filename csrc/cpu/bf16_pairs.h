@@ -27,9 +27,11 @@ inline uint32_t row_pair(const BFloat16* row, int64_t kp, int64_t depth) {
   return pair_bits(row[2 * kp].bits, 2 * kp + 1 < depth ? row[2 * kp + 1].bits : 0);
 }
 
-// A bf16 row of `depth` elements as its (depth + 1) / 2 pairs, into dst.
+// A bf16 row of `depth` elements as its (depth + 1) / 2 pairs, into dst: the whole pairs are the
+// row's own bytes (x86 is little-endian), and an odd depth's last pair is zero-padded.
 inline void copy_row_as_pairs(const BFloat16* row, int64_t depth, uint32_t* dst) {
-  for (int64_t kp = 0; kp < (depth + 1) / 2; ++kp) dst[kp] = row_pair(row, kp, depth);
+  std::memcpy(dst, row, depth / 2 * sizeof(uint32_t));
+  if (depth % 2) dst[depth / 2] = row_pair(row, depth / 2, depth);
 }
 
 // 16 pairs from 16 bf16 of row k (low halves) and 16 of row k + 1 (high halves).
