@@ -8,7 +8,10 @@ turn for one attention_with_kvcache call and times a torch.sum over as many byte
 `--reps` rounds. It prints, per case, the median GB/s of K/V read of each build and its share
 of the median torch.sum GB/s. Cases: the inference issue's decode shapes (B = 8, Hq = 32,
 L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of 16 rows,
-shuffled). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not spin.
+shuffled; a case ending in -inorder has its pages in address order, which reads the same bytes
+in the same order as the contiguous cache, so it isolates what the paged path itself costs from
+what the page order costs). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
+spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
         [--batch B --seqlen L] [--queries N]
@@ -40,10 +43,10 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
 
 
 def case_error(case: str) -> str | None:
-    """Why `case` is not HKV-DTYPE[-paged] with HKV dividing HEADS, or None."""
+    """Why `case` is not HKV-DTYPE[-paged|-inorder] with HKV dividing HEADS, or None."""
     parts = case.split("-")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "paged") or not parts[0].isdigit():
-        return f"{case!r} is not HKV-DTYPE[-paged]"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder")) or not parts[0].isdigit():
+        return f"{case!r} is not HKV-DTYPE[-paged|-inorder]"
     if int(parts[0]) < 1 or HEADS % int(parts[0]):
         return f"{case!r}: HKV must divide {HEADS}"
     if parts[1] not in ELEMENT_BYTES:
@@ -66,8 +69,9 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=generator).to(dtype)
         k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
-        if case.endswith("-paged"):
-            table = torch.randperm(batch * seqlen // PAGE, generator=generator).to(torch.int32).reshape(batch, -1)
+        if case.endswith(("-paged", "-inorder")):
+            order = torch.randperm if case.endswith("-paged") else lambda n, generator: torch.arange(n)
+            table = order(batch * seqlen // PAGE, generator=generator).to(torch.int32).reshape(batch, -1)
             pages = [torch.empty(batch * seqlen // PAGE, PAGE, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
             for paged, contiguous in zip(pages, (k, v)):
                 paged[table.long()] = contiguous.reshape(batch, -1, PAGE, heads_kv, HEAD_DIM)
@@ -90,7 +94,7 @@ def main() -> int:
     parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, HKV-DTYPE[-paged] (default {','.join(CASES)})")
+                        help=f"comma-separated, HKV-DTYPE[-paged|-inorder] (default {','.join(CASES)})")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=4096, help=f"cached tokens, a multiple of {PAGE} (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
