@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-HEADS, HEAD_DIM, PAGE = 32, 128, 16
+HEADS, HEAD_DIM = 32, 128
 CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
          "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
 
@@ -54,7 +54,7 @@ def case_error(case: str) -> str | None:
     return None
 
 
-def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int) -> None:
+def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int, page: int) -> None:
     """Builds the inputs of `cases`, then reads case names on stdin and answers each with the GB/s
     of one decode call."""
     sys.path.insert(0, install)
@@ -71,10 +71,10 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         kwargs = {}
         if case.endswith(("-paged", "-inorder")):
             order = torch.randperm if case.endswith("-paged") else lambda n, generator: torch.arange(n)
-            table = order(batch * seqlen // PAGE, generator=generator).to(torch.int32).reshape(batch, -1)
-            pages = [torch.empty(batch * seqlen // PAGE, PAGE, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
+            table = order(batch * seqlen // page, generator=generator).to(torch.int32).reshape(batch, -1)
+            pages = [torch.empty(batch * seqlen // page, page, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
             for paged, contiguous in zip(pages, (k, v)):
-                paged[table.long()] = contiguous.reshape(batch, -1, PAGE, heads_kv, HEAD_DIM)
+                paged[table.long()] = contiguous.reshape(batch, -1, page, heads_kv, HEAD_DIM)
             k, v = pages
             kwargs["block_table"] = table
         return q, k, v, kwargs
@@ -96,21 +96,25 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated, HKV-DTYPE[-paged|-inorder] (default {','.join(CASES)})")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
-    parser.add_argument("--seqlen", type=int, default=4096, help=f"cached tokens, a multiple of {PAGE} (default 4096)")
+    parser.add_argument("--seqlen", type=int, default=4096, help="cached tokens, a multiple of --page-size (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
+    parser.add_argument("--page-size", type=int, default=16, help="rows per page of the paged cases (default 16)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.batch < 1 or args.seqlen < PAGE or args.seqlen % PAGE or not 1 <= args.queries <= args.seqlen:
-        parser.error(f"--batch must be >= 1, --seqlen a positive multiple of {PAGE}, --queries in [1, seqlen]")
+    if args.page_size < 1:
+        parser.error("--page-size must be >= 1")
+    if args.batch < 1 or args.seqlen < args.page_size or args.seqlen % args.page_size or not 1 <= args.queries <= args.seqlen:
+        parser.error("--batch must be >= 1, --seqlen a positive multiple of --page-size, --queries in [1, seqlen]")
     errors = [e for e in map(case_error, args.cases.split(",")) if e]
     if errors:
         parser.error("; ".join(errors))
     if args.worker:
-        worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries)
+        worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries, args.page_size)
         return 0
     import torch
 
     shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries),
+             "--page-size", str(args.page_size),
              "--cases", args.cases]
     workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}

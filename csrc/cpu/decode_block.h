@@ -268,6 +268,15 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool stage_values = 2 * kBlockN * row_span <= kDecodeStagingBytes;
   const bool small_pages = pages.block_table != nullptr && pages.page_size * row_span <= kSmallPageBytes;
   const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
+  // The first line of each 4 KiB page that begins within a row (of its kv heads), and with
+  // first_page the row's own first line too: one line in every page the row touches.
+  auto prefetch_page_lines = [&](const T* row_start, bool first_page) {
+    const char* row = reinterpret_cast<const char*>(row_start);
+    const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
+    if (first_page) prefetch_line(row);
+    const int64_t first = into_page == 0 && !first_page ? 0 : 4096 - into_page;  // the next page start
+    for (int64_t offset = first; offset < row_span; offset += 4096) prefetch_line(row + offset);
+  };
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
     const int64_t ahead = j + rows_ahead;
     if (small_pages) {  // past the block's K rows come its V rows
@@ -277,11 +286,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         prefetch_row(reinterpret_cast<const char*>(v_row[ahead - n]), row_span);
       }
     } else if (sizeof(T) >= 4 && ahead < n) {
-      const char* row = reinterpret_cast<const char*>(rows[ahead]);
-      const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
-      for (int64_t offset = into_page == 0 ? 0 : 4096 - into_page; offset < row_span; offset += 4096) {
-        prefetch_line(row + offset);
-      }
+      prefetch_page_lines(rows[ahead], false);
     }
   };
 
@@ -302,6 +307,16 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     keys.end = range.end > keys.end ? range.end : keys.end;
     for (int64_t c = 0; c < s.ldo; ++c) s.o[l * s.ldo + c] = Acc(0);
   }
+
+  // Small pages: one line in each 4 KiB page of K and V row `key` (kTranslationAheadRows ahead of
+  // the score pass), so the page-table walks of the jumps are done before the prefetches above
+  // and the loads reach those rows.
+  auto translate_ahead = [&](int64_t key) {
+    if (key >= keys.end) return;
+    for (const TensorRef* t : {&params.k, &params.v}) {
+      prefetch_page_lines(static_cast<const T*>(t->data) + kv_row_offset(params, *t, block.batch, kv_first, key), true);
+    }
+  };
 
   bool any_key = false;
   for (j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
@@ -328,6 +343,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
       for (int64_t j = 0; j < n; ++j) {
         const T* first = k_row[j];
+        if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
         prefetch_ahead(k_row, j);
         if (stage_values) prefetch_row(reinterpret_cast<const char*>(v_row[j]), row_span);
         auto score = [&](int64_t g, auto heads) {  // lane groups [g, g + heads)
