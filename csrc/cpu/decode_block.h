@@ -143,38 +143,42 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
 #endif
 
 // o_l[c, c + CHUNK·W) += Σ_t p_l[t] · v_t[c, c + CHUNK·W) for LANES lanes (o rows ld apart, p_l
-// = p + l * ld_p) and ROWS value rows v_t = v + t * row_stride: each V vector is loaded (and
-// widened) once for all lanes, and O is read and written once for all rows.
+// = p + l * ld_p) and ROWS value rows v_t = rows[t] + offset (each row from its own pointer, so
+// rows on different cache pages step together): each V vector is loaded (and widened) once for
+// all lanes, and O is read and written once for all rows.
 template <typename Acc, typename S, int LANES, int ROWS, int CHUNK>
-inline void accumulate_chunk(Acc* o, const Acc* p, int64_t ld_p, const S* v, int64_t row_stride, int64_t ld,
+inline void accumulate_chunk(Acc* o, const Acc* p, int64_t ld_p, const S* const* rows, int64_t offset, int64_t ld,
                              int64_t c) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   V prob[ROWS][LANES];
+  const S* value_rows[ROWS];
   for (int t = 0; t < ROWS; ++t) {
+    value_rows[t] = rows[t] + offset + c;
     for (int l = 0; l < LANES; ++l) prob[t][l] = vec_set1<Acc>(p[l * ld_p + t]);
   }
   for (int i = 0; i < CHUNK; ++i) {
     V acc[LANES];
     for (int l = 0; l < LANES; ++l) acc[l] = vec_load<Acc>(o + l * ld + c + i * W);
     for (int t = 0; t < ROWS; ++t) {
-      const V value = load_widened<Acc>(v + t * row_stride + c + i * W);
+      const V value = load_widened<Acc>(value_rows[t] + i * W);
       for (int l = 0; l < LANES; ++l) acc[l] = prob[t][l] * value + acc[l];
     }
     for (int l = 0; l < LANES; ++l) vec_store<Acc>(o + l * ld + c + i * W, acc[l]);
   }
 }
 
-// o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes and ROWS value rows, four vectors per step.
+// o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes and ROWS value rows (rows[t] + offset),
+// four vectors per step.
 template <typename Acc, typename S, int LANES, int ROWS>
-inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* v, int64_t row_stride, int64_t ld) {
+inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* rows, int64_t offset, int64_t ld) {
   constexpr int W = Vec<Acc>::kWidth;
   constexpr int kChunk = 4;
   int64_t c = 0;
   for (; c + kChunk * W <= ld; c += kChunk * W) {
-    accumulate_chunk<Acc, S, LANES, ROWS, kChunk>(o, p, ld_p, v, row_stride, ld, c);
+    accumulate_chunk<Acc, S, LANES, ROWS, kChunk>(o, p, ld_p, rows, offset, ld, c);
   }
-  for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, v, row_stride, ld, c);
+  for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, rows, offset, ld, c);
 }
 
 // Calls f(lanes, shift), both std::integral_constant, for a kv head of lanes_per_kv lanes (one
@@ -420,28 +424,29 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       }
     }
     // O += P · V: the same walk over the V rows, kDecodeValueRows rows per step where they are
-    // evenly strided (read in place, within one page), so O is read and written once per step.
+    // read in place (whichever pages they are on), so O is read and written once per step.
     with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
       constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       const int64_t lane_groups = kv_count << kShift;
       for (int64_t j = 0; j < n;) {
-        const T* first = v_row[j];
-        const bool strided = kDirect && j + kRows <= n && kv_rows_strided(params, j0 + j, kRows);
+        const bool step = kDirect && j + kRows <= n;
         if (!stage_values) {
-          for (int64_t r = j; r < j + (strided ? kRows : 1); ++r) prefetch_ahead(v_row, r);
+          for (int64_t r = j; r < j + (step ? kRows : 1); ++r) prefetch_ahead(v_row, r);
         }
         for (int64_t g = 0; g < lane_groups; ++g) {
           Acc* o = s.o + g * kLanes * s.ldo;
           const Acc* p = s.s_t + g * kLanes * ldn + j;
-          const S* value = heads_of(params.v, first, g >> kShift, 1, s.v_rows);
-          if (strided) {
-            accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, value, params.v.row_stride, s.ldo);
-          } else {
-            accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, value, 0, s.ldo);
+          if constexpr (kDirect) {  // (S is T)
+            if (step) {
+              accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, v_row + j, (g >> kShift) * params.v.head_stride, s.ldo);
+              continue;
+            }
           }
+          const S* value = heads_of(params.v, v_row[j], g >> kShift, 1, s.v_rows);
+          accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, &value, 0, s.ldo);
         }
-        j += strided ? kRows : 1;
+        j += step ? kRows : 1;
       }
     });
     any_key = true;
