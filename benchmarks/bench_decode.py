@@ -3,19 +3,22 @@
 B = 8, Hq = 32, L = 4096, D = 128, with Hkv = 32 (MHA) and 8 (GQA), fp32 and bf16 (the
 inference issue's shapes). fusedattn reads the cache through attention_with_kvcache (the
 (B, L, Hkv, D) layout of a real cache), torch SDPA gets contiguous (B, Hkv, L, D) tensors
-(its best case; enable_gqa for GQA). Also the paged cache (block_size 16, shuffled pages)
-against the contiguous one. The machine's read bandwidth is measured in the same run, twice: a
+(its best case; enable_gqa for GQA). Also the paged cache (pages of 16 rows unless
+--page-size says otherwise, shuffled) against the contiguous one. The machine's read bandwidth is measured in the same run, twice: a
 torch.sum over a 2 GiB fp32 tensor at the start, and, for "% BW", a torch.sum over as many
 bytes as the case's K/V, interleaved with the case's own timings (this machine's bandwidth
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
     python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads-kv 32,8]
+        [--dtypes float32,bfloat16] [--page-size 16]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
 across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
 attends N new tokens per sequence (speculative decoding, small chunks of prefill), causal from
-the bottom right; SDPA then gets the same causal mask as a bool attn_mask.
+the bottom right; SDPA then gets the same causal mask as a bool attn_mask. --dtypes picks the
+cache dtypes (float16 too), --page-size the rows per page of the paged cache (1 for a
+token-granular cache).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import fusedattn
 from fusedattn import bench
 
 HEADS, HEAD_DIM = 32, 128
-PAGE = 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_bandwidth(reps=7) -> float:
@@ -46,17 +49,17 @@ def read_bandwidth(reps=7) -> float:
     return data.numel() * 4 / statistics.median(samples) / 1e9
 
 
-def decode_case(batch, seqlen, queries, num_heads_kv, dtype, reps):
+def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=gen).to(dtype)
     k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
-    pages = torch.randperm(batch * seqlen // PAGE, generator=gen).to(torch.int32).reshape(batch, -1)
-    k_paged = torch.empty(batch * seqlen // PAGE, PAGE, num_heads_kv, HEAD_DIM, dtype=dtype)
+    pages = torch.randperm(batch * seqlen // page, generator=gen).to(torch.int32).reshape(batch, -1)
+    k_paged = torch.empty(batch * seqlen // page, page, num_heads_kv, HEAD_DIM, dtype=dtype)
     v_paged = torch.empty_like(k_paged)
-    k_paged[pages.long()] = k_cache.reshape(batch, -1, PAGE, num_heads_kv, HEAD_DIM)
-    v_paged[pages.long()] = v_cache.reshape(batch, -1, PAGE, num_heads_kv, HEAD_DIM)
+    k_paged[pages.long()] = k_cache.reshape(batch, -1, page, num_heads_kv, HEAD_DIM)
+    v_paged[pages.long()] = v_cache.reshape(batch, -1, page, num_heads_kv, HEAD_DIM)
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     gqa = num_heads_kv != HEADS
@@ -68,7 +71,7 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, reps):
     calls = {
         "read-bw": lambda: same_bytes.sum(),
         "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
-        "fusedattn-paged16": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
+        "fusedattn-paged": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
                                                                       block_table=pages),
         "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=causal_mask,
                                                              enable_gqa=gqa),
@@ -90,26 +93,35 @@ def main() -> int:
     parser.add_argument("--queries", type=bench.positive_int, default=1,
                         help="new tokens per sequence, attending causally from the bottom right (default 1)")
     parser.add_argument("--seqlen", type=bench.positive_int, default=4096,
-                        help=f"cached tokens per sequence, a multiple of {PAGE} (default 4096)")
+                        help="cached tokens per sequence, a multiple of --page-size (default 4096)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help=f"cache dtypes to run, of {','.join(DTYPES)} (default float32,bfloat16)")
+    parser.add_argument("--page-size", type=bench.positive_int, default=16,
+                        help="rows per page of the paged cache (default 16)")
     args = parser.parse_args()
     heads_kv = [int(h) for h in args.heads_kv.split(",")]
     if any(h < 1 or HEADS % h for h in heads_kv):
         parser.error(f"--heads-kv entries must divide {HEADS}")
     if args.queries > args.seqlen:
         parser.error("--queries must not exceed --seqlen")
-    if args.seqlen % PAGE:
-        parser.error(f"--seqlen must be a multiple of the page size {PAGE}")
+    if args.seqlen % args.page_size:
+        parser.error(f"--seqlen must be a multiple of --page-size ({args.page_size})")
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)} (choose from {', '.join(DTYPES)})")
     print(bench.versions_line(torch))
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s")
     print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s)\n")
-    header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", "paged16 ms", "paged/contig", "SDPA ms", "GB/s",
+    header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", f"paged{args.page_size} ms", "paged/contig",
+              "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
     rows = [header]
     for num_heads_kv in heads_kv:
-        for dtype in (torch.float32, torch.bfloat16):
-            t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype, args.reps)
-            ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged16"], t["torch-sdpa"], t["read-bw"]
+        for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
+            t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype,
+                                               args.page_size, args.reps)
+            ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",
                          f"{paged * 1e3:.2f}", f"{paged / ours:.2f}", f"{sdpa * 1e3:.2f}",
