@@ -7,14 +7,14 @@ install (a directory holding a `fusedattn` package, e.g. made with
 turn for one attention_with_kvcache call and times a torch.sum over as many bytes right after,
 `--reps` rounds. It prints, per case, the median GB/s of K/V read of each build and its share
 of the median torch.sum GB/s. Cases: the inference issue's decode shapes (B = 8, Hq = 32,
-L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of 16 rows,
-shuffled; a case ending in -inorder has its pages in address order, which reads the same bytes
+L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of --page-size
+rows, 16 by default, shuffled; a case ending in -inorder has its pages in address order, which reads the same bytes
 in the same order as the contiguous cache, so it isolates what the paged path itself costs from
 what the page order costs). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
 spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
-        [--batch B --seqlen L] [--queries N]
+        [--batch B --seqlen L] [--queries N] [--page-size P]
 
 --batch / --seqlen change B and L (B = 1 with L = 32768 reads as many bytes as the default, the
 key axis then split across the threads); --queries N attends N new tokens per sequence

@@ -215,8 +215,8 @@ def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size
 @pytest.mark.parametrize("heads", [(3, 3), (5, 5), (6, 3), (10, 5), (8, 2), (3, 1)])
 def test_decode_walk_edges(heads, page_size, dtype):
     """The decode kernel scores up to four kv heads per reduction and steps several value rows at
-    a time where they share a page: odd kv head counts, lengths that are not a multiple of the
-    step and pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
+    a time, across pages too: odd kv head counts, lengths that are not a multiple of the step and
+    pages of 3 rows take every tail path. Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv = heads
     _check_decode(num_heads, num_heads_kv, 1, [1, 6, 67, 130], 132, page_size, dtype,
                   seed=num_heads * 10 + num_heads_kv)

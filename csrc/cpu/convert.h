@@ -1,5 +1,5 @@
 // Element types of the CPU kernels and their conversions to the fp32/fp64 compute type.
-// fp16 uses the compiler's _Float16 (hardware F16C conversions where the ISA has them);
+// fp16 is the compiler's _Float16, widened a vector at a time by the F16C / AVX-512 intrinsics;
 // bf16 is converted by hand: widening is a shift, narrowing rounds to nearest even.
 #pragma once
 #include <cstdint>
@@ -49,8 +49,8 @@ inline BFloat16 from_float<BFloat16>(float x) {
 }
 
 // Converts the first (count / kConvertLanes) * kConvertLanes elements of src to float, a vector
-// at a time; returns how many. bf16 widens by a 16-bit shift, fp16 by the compiler's vector
-// conversion (vcvtph2ps with F16C). The scalar build converts nothing here (returns 0).
+// at a time; returns how many. bf16 widens by a 16-bit shift, fp16 by VCVTPH2PS (F16C). The
+// scalar build converts nothing here (returns 0).
 #if defined(__AVX512F__)
 constexpr int kConvertLanes = 16;
 #elif defined(__AVX2__)
@@ -62,7 +62,6 @@ constexpr int kConvertTypeLanes = kConvertLanes ? kConvertLanes : 2;  // the typ
 typedef float ConvertFloats __attribute__((vector_size(kConvertTypeLanes * sizeof(float))));
 typedef uint32_t ConvertU32 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint32_t))));
 typedef uint16_t ConvertU16 __attribute__((vector_size(kConvertTypeLanes * sizeof(uint16_t))));
-typedef _Float16 ConvertHalves __attribute__((vector_size(kConvertTypeLanes * sizeof(_Float16))));
 typedef uint8_t ConvertBytes __attribute__((vector_size(kConvertTypeLanes)));
 typedef int32_t ConvertI32 __attribute__((vector_size(kConvertTypeLanes * sizeof(int32_t))));
 
@@ -86,12 +85,10 @@ inline ConvertFloats widen_vector(const T* src) {
   } else if constexpr (std::is_same_v<T, Half>) {
 #if defined(__AVX512F__)
     return (ConvertFloats)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-#elif defined(__F16C__) && defined(__AVX2__)
+#elif defined(__F16C__)  // (every AVX2 build has -mf16c)
     return (ConvertFloats)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 #else
-    ConvertHalves halves;
-    std::memcpy(&halves, src, sizeof(halves));
-    out = __builtin_convertvector(halves, ConvertFloats);
+    static_assert(sizeof(T) == 0, "the scalar build converts fp16 element by element, never a vector");
 #endif
   } else {
     std::memcpy(&out, src, sizeof(out));

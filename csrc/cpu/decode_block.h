@@ -233,7 +233,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
   // Row j of the key block's first kv head, for K and for V (kv head g is g head strides
-  // further): one page lookup per row, once per key block.
+  // further): one page lookup per row, once per key block (translate_ahead looks up the rows
+  // kTranslationAheadRows ahead once more).
   const SequenceLayout& pages = params.sequences;
   const T* k_row[kBlockN];
   const T* v_row[kBlockN];

@@ -101,10 +101,10 @@ constexpr int64_t kPagePrefetchBytes = 16384;
 constexpr int64_t kSmallPageBytes = 65536;
 constexpr int64_t kSmallPagePrefetchBytes = 49152;
 // ... and one line in each 4 KiB page of the K and V rows this many rows ahead, which has the
-// page-table walk of each jump done before those prefetches need the translation. ab_decode.py,
-// GB/s against none: pages of 1 row GQA bf16 14.2 -> 15.7, MHA bf16 18.4 -> 22.3, GQA fp32
-// 14.7 -> 20.2; pages of 4 rows +8-17%; pages of 16 rows GQA fp32 +10-12%, GQA bf16 0-6%.
-// 64 and 192 rows measured alike.
+// page-table walk of each jump done before those prefetches need the translation. ab_decode.py
+// --page-size 1, GB/s against none: GQA bf16 16.0 -> 17.5, MHA bf16 18.3 -> 24.2, GQA fp32
+// 15.9 -> 22.3, MHA fp32 27.6 -> 35.7 (sum about 70 GB/s); pages of 4 rows +5-10%; of 16 rows
+// +1-6% at about 70 GB/s, nothing at 45. 64 and 192 rows measured alike.
 constexpr int64_t kTranslationAheadRows = 64;
 
 }  // namespace FUSEDATTN_ISA
