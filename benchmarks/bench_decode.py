@@ -18,7 +18,8 @@ across the threads; B = 1 with L = 32768 reads as many bytes as the default). --
 attends N new tokens per sequence (speculative decoding, small chunks of prefill), causal from
 the bottom right; SDPA then gets the same causal mask as a bool attn_mask. --dtypes picks the
 cache dtypes (float16 too), --page-size the rows per page of the paged cache (1 for a
-token-granular cache).
+token-granular cache). Last, the per-call overhead of a decode call on a tiny cache, next to
+fusedattn.attention's and SDPA's.
 """
 
 from __future__ import annotations
@@ -85,6 +86,32 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
     return {name: statistics.median(t) for name, t in times.items()}, bytes_read, error
 
 
+def overhead_us(reps=3000) -> dict[str, float]:
+    """Median µs per call of one token over a 16-token cache at B = 1, one head, D = 8: what a
+    decode step pays per attention layer beyond reading the cache."""
+    q, k, v = torch.randn(1, 1, 1, 8), torch.randn(1, 16, 1, 8), torch.randn(1, 16, 1, 8)
+    seqlens = torch.tensor([16], dtype=torch.int32)
+    q_sdpa, k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    calls = {
+        "fusedattn.attention_with_kvcache": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens),
+        "fusedattn.attention": lambda: fusedattn.attention(q, k, v, layout="bshd"),
+        "torch SDPA": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa),
+    }
+    result = {}
+    with torch.no_grad():
+        for name, call in calls.items():
+            for _ in range(200):
+                call()
+            samples = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for _ in range(reps // 7):
+                    call()
+                samples.append((time.perf_counter() - start) / (reps // 7) * 1e6)
+            result[name] = statistics.median(samples)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=bench.positive_int, default=15)
@@ -128,6 +155,9 @@ def main() -> int:
                          f"{bytes_read / sdpa / 1e9:.1f}", f"{sdpa / ours:.2f}×", f"{error:.1e}"))
             print(f"  done Hkv={num_heads_kv} {dtype}", flush=True)
     print(bench.aligned_table(rows[0], rows[1:]))
+    print("\nper-call overhead (B = 1, Hq = Hkv = 1, L = 16, D = 8, one token), median µs:")
+    for name, value in overhead_us().items():
+        print(f"  {name:34s}{value:6.1f}")
     return 0
 
 

@@ -162,6 +162,63 @@ def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     assert torch.equal(k_cache, before)
 
 
+@pytest.mark.parametrize("append", [False, True], ids=["decode", "append"])
+@pytest.mark.parametrize("case, error, message", [
+    ("beyond capacity", ValueError, "capacity"),
+    ("negative length", ValueError, "capacity"),
+    ("page out of range", ValueError, "block_table"),
+    ("negative page", ValueError, "block_table"),
+    ("lengths shape", ValueError, "cache_seqlens"),
+    ("float lengths", TypeError, "cache_seqlens"),
+    ("batch index out of range", ValueError, "cache_batch_idx"),
+])
+def test_kvcache_bad_lengths_and_pages(case, error, message, append):
+    """Calls that append are checked in Python before anything is written; calls that only read
+    (a decode step) are checked by the extension. Both reject the same inputs, naming them."""
+    k_cache, v_cache = _cache(2, 32, 2, 8)
+    k_pages, v_pages = k_cache.reshape(8, 8, 2, 8), v_cache.reshape(8, 8, 2, 8)
+    q = torch.randn(2, 1, 2, 8)
+    new = {"k": torch.randn(2, 1, 2, 8), "v": torch.randn(2, 1, 2, 8)} if append else {}
+    seqlens = torch.tensor([5, 9], dtype=torch.int32)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    paged = {"k_cache": k_pages, "v_cache": v_pages, "block_table": table}
+    contiguous = {"k_cache": k_cache, "v_cache": v_cache}
+    args = {
+        "beyond capacity": dict(contiguous, cache_seqlens=torch.tensor([5, 33], dtype=torch.int32)),
+        "negative length": dict(contiguous, cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)),
+        "page out of range": dict(paged, cache_seqlens=seqlens, block_table=torch.tensor([[0, 1, 2, 3], [8, 5, 6, 7]],
+                                                                                          dtype=torch.int32)),
+        "negative page": dict(paged, cache_seqlens=seqlens, block_table=torch.tensor([[-3, 1, 2, 3], [4, 5, 6, 7]],
+                                                                                      dtype=torch.int32)),
+        "lengths shape": dict(contiguous, cache_seqlens=torch.tensor([5, 9, 1], dtype=torch.int32)),
+        "float lengths": dict(contiguous, cache_seqlens=torch.tensor([5.0, 9.0])),
+        "batch index out of range": dict(contiguous, cache_seqlens=seqlens,
+                                         cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
+    }[case]
+    before = (k_cache.clone(), v_cache.clone())
+    with pytest.raises(error, match=message):
+        fusedattn.attention_with_kvcache(q, **args, **new)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+@pytest.mark.parametrize("lengths", [7, [7], (7,)], ids=["int", "list", "tuple"])
+def test_kvcache_one_length_for_every_sequence(lengths, kind):
+    """An int (or a single length) for cache_seqlens applies to every sequence, with or without an
+    append, for torch and numpy callers alike."""
+    k_cache, v_cache = _cache(3, 16, 2, 8)
+    q = torch.randn(3, 1, 4, 8)
+    expected = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.full((3,), 7, dtype=torch.int32))
+    convert = (lambda x: x) if kind == "torch" else (lambda x: x.numpy())
+    out = fusedattn.attention_with_kvcache(convert(q), convert(k_cache), convert(v_cache), cache_seqlens=lengths)
+    _close(torch.as_tensor(out), expected, tol=0)
+    k_new, v_new = torch.randn(3, 1, 2, 8), torch.randn(3, 1, 2, 8)
+    appended = fusedattn.attention_with_kvcache(convert(q), convert(k_cache), convert(v_cache), convert(k_new),
+                                                convert(v_new), cache_seqlens=lengths)
+    assert torch.equal(k_cache[:, 7], k_new[:, 0]) and torch.equal(v_cache[:, 7], v_new[:, 0])
+    _close(torch.as_tensor(appended), fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=8), tol=0)
+
+
 @pytest.mark.parametrize("page_size", [1, 16, 256])
 def test_paged_cache_equals_contiguous(page_size):
     """Random, non-monotonic block tables; also appending through the pages."""

@@ -266,10 +266,18 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                              window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
                              rotary=(rotary_cos, rotary_sin, rotary_interleaved), return_lse=return_lse)
     # Everything is validated before the cache is written, so a rejected call changes nothing.
-    call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
+    call = _Call(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
     batch, seqlen_q = q.shape[0], q.shape[1]
+    if k is None and v is None and rotary_cos is None:
+        # Nothing is written, so the extension's own checks of cache_seqlens, the pages in use and
+        # cache_batch_idx (bindings/sequences.cpp) suffice: a decode step pays no numpy work here.
+        total = _int32(cache_seqlens, "cache_seqlens", q)
+        if tuple(total.shape) == (1,) and batch != 1:
+            total = np.full(batch, int(total[0]), dtype=np.int32)
+        return _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad,
+                                return_lse)
     seqlens = np.asarray(_int32(cache_seqlens, "cache_seqlens", q)).astype(np.int64)
     if seqlens.shape == (1,) and batch != 1:
         seqlens = np.full(batch, seqlens[0])
@@ -289,7 +297,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         new_len = k.shape[1]
-    if (seqlens < 0).any() or (seqlens + new_len > capacity).any():
+    if seqlens.size and (seqlens.min() < 0 or seqlens.max() + new_len > capacity):
         raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
                          f"got cache_seqlens {seqlens.tolist()}")
     if table is not None:
@@ -300,7 +308,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if cache_batch_idx is not None and ((rows < 0).any() or (rows >= k_cache.shape[0]).any()):
         raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
 
-    positions_new = seqlens[:, None] + np.arange(new_len)[None, :]
+    positions_new = None if k is None else seqlens[:, None] + np.arange(new_len)[None, :]
     if rotary_cos is not None:
         cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
         local = tuple(int(w) for w in window) != (-1, -1)
@@ -315,10 +323,16 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _append(k_cache, k, index_rows, index_positions, table)
         _append(v_cache, v, index_rows, index_positions, table)
 
+    total = (seqlens + new_len).astype(np.int32)  # (the extension reads index arrays of either kind)
+    return _kvcache_forward(call, q, k_cache, v_cache, total, table, cache_batch_idx, cache_leftpad, return_lse)
+
+
+def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad, return_lse):
+    """Attention of q over the first total[b] rows of each sequence's cache (CPU), into new arrays."""
     out = _arrays.empty_like_kind(q, q.shape)
-    lse = _arrays.empty_like_kind(q, (batch, q.shape[2], seqlen_q), _arrays.lse_dtype_of(q)) if return_lse else None
-    total = _int32(seqlens + new_len, "cache_seqlens", q)
+    lse = _arrays.empty_like_kind(q, call.lse_shape(), _arrays.lse_dtype_of(q)) if return_lse else None
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
+    table = None if block_table is None else _int32(block_table, "block_table", q)
     leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
     _C.attention_kvcache_forward(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, total,
