@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +53,7 @@ def overhead_us(reps=3000):
         "fusedattn (autograd)": lambda: fusedattn.attention(xg, xg, xg),
         "torch-sdpa (autograd)": lambda: F.scaled_dot_product_attention(xg, xg, xg),
     }
-    result = {}
-    for name, call in calls.items():
-        for _ in range(200):
-            call()
-        samples = []
-        for _ in range(7):
-            start = time.perf_counter()
-            for _ in range(reps // 7):
-                call()
-            samples.append((time.perf_counter() - start) / (reps // 7) * 1e6)
-        result[name] = statistics.median(samples)
-    return result
+    return bench.per_call_us(calls, reps)
 
 
 def main() -> int:

@@ -97,19 +97,8 @@ def overhead_us(reps=3000) -> dict[str, float]:
         "fusedattn.attention": lambda: fusedattn.attention(q, k, v, layout="bshd"),
         "torch SDPA": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa),
     }
-    result = {}
     with torch.no_grad():
-        for name, call in calls.items():
-            for _ in range(200):
-                call()
-            samples = []
-            for _ in range(7):
-                start = time.perf_counter()
-                for _ in range(reps // 7):
-                    call()
-                samples.append((time.perf_counter() - start) / (reps // 7) * 1e6)
-            result[name] = statistics.median(samples)
-    return result
+        return bench.per_call_us(calls, reps)
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ from .common import (
     Case,
     Result,
     aligned_table,
+    per_call_us,
     positive_int,
     require_torch,
     time_interleaved,
@@ -53,6 +54,6 @@ __all__ = [
     "TARGET_SECONDS_PER_CASE", "Case", "Peaks", "Result", "Row", "add_arguments", "build_cases",
     "describe_peaks", "forward_flops", "gemm_calls", "implementations", "make_inputs", "max_abs_error",
     "measure", "measure_case", "measure_gemm_peaks", "naive_attention", "parse_dtypes", "parse_impls",
-    "parse_shapes", "positive_int", "reference_first_head", "require_torch", "run", "run_cases",
+    "parse_shapes", "per_call_us", "positive_int", "reference_first_head", "require_torch", "run", "run_cases",
     "time_interleaved", "versions_line",
 ]

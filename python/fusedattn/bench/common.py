@@ -49,6 +49,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def per_call_us(calls: dict[str, Callable], reps=3000) -> dict[str, float]:
+    """Median µs per call of each (cheap) call, one after the other: 200 warm-up calls, then 7
+    batches of reps // 7 calls, each timed as a whole (the per-call overhead of tiny inputs)."""
+    result = {}
+    for name, call in calls.items():
+        for _ in range(200):
+            call()
+        samples = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(reps // 7):
+                call()
+            samples.append((time.perf_counter() - start) / (reps // 7) * 1e6)
+        samples.sort()
+        result[name] = samples[len(samples) // 2]
+    return result
+
+
 def time_interleaved(calls: dict[str, Callable], reps=None, quick=False, *, target_seconds=None,
                      reps_range=REPS_RANGE, sync: Callable | None = None):
     """Warm up each call once, then run them interleaved A B C A B C ... for `reps` rounds.
