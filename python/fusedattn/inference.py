@@ -335,8 +335,9 @@ def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_
     table = None if block_table is None else _int32(block_table, "block_table", q)
     leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
-    _C.attention_kvcache_forward(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, total,
-                                 table, batch_idx, leftpad, variant, _runtime.cpu_isa(), _runtime.get_num_threads())
+    # (the extension takes q, the caches and out in this (b, s, h, d) layout as they are)
+    _C.attention_kvcache_forward(q, k_cache, v_cache, out, lse, total, table, batch_idx, leftpad, variant,
+                                 _runtime.cpu_isa(), _runtime.get_num_threads())
     return (out, lse) if return_lse else out
 
 
