@@ -61,6 +61,7 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
     import torch
 
     import fusedattn
+    from bench_decode import paged_copy  # (beside this script; its fusedattn is the install's)
 
     def make_inputs(case: str, seed: int):
         heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
@@ -72,10 +73,7 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         if case.endswith(("-paged", "-inorder")):
             order = torch.randperm if case.endswith("-paged") else lambda n, generator: torch.arange(n)
             table = order(batch * seqlen // page, generator=generator).to(torch.int32).reshape(batch, -1)
-            pages = [torch.empty(batch * seqlen // page, page, heads_kv, HEAD_DIM, dtype=dtype) for _ in range(2)]
-            for paged, contiguous in zip(pages, (k, v)):
-                paged[table.long()] = contiguous.reshape(batch, -1, page, heads_kv, HEAD_DIM)
-            k, v = pages
+            k, v = paged_copy(k, v, page, table)
             kwargs["block_table"] = table
         return q, k, v, kwargs
 

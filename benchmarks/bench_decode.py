@@ -50,6 +50,16 @@ def read_bandwidth(reps=7) -> float:
     return data.numel() * 4 / statistics.median(samples) / 1e9
 
 
+def paged_copy(k_cache, v_cache, page, table):
+    """The (batch, L, Hkv, D) caches cut into pages of `page` rows, page i of sequence b stored at
+    table[b, i]: (k_pages, v_pages). ab_decode.py builds its paged cases with it too."""
+    batch, _, num_heads_kv, head_dim = k_cache.shape
+    pages = [torch.empty(table.numel(), page, num_heads_kv, head_dim, dtype=k_cache.dtype) for _ in range(2)]
+    for paged, contiguous in zip(pages, (k_cache, v_cache)):
+        paged[table.long()] = contiguous.reshape(batch, -1, page, num_heads_kv, head_dim)
+    return pages[0], pages[1]
+
+
 def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=gen).to(dtype)
@@ -57,10 +67,7 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
     v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
     pages = torch.randperm(batch * seqlen // page, generator=gen).to(torch.int32).reshape(batch, -1)
-    k_paged = torch.empty(batch * seqlen // page, page, num_heads_kv, HEAD_DIM, dtype=dtype)
-    v_paged = torch.empty_like(k_paged)
-    k_paged[pages.long()] = k_cache.reshape(batch, -1, page, num_heads_kv, HEAD_DIM)
-    v_paged[pages.long()] = v_cache.reshape(batch, -1, page, num_heads_kv, HEAD_DIM)
+    k_paged, v_paged = paged_copy(k_cache, v_cache, page, pages)
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     gqa = num_heads_kv != HEADS

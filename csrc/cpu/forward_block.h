@@ -236,23 +236,33 @@ inline void prefetch_row(const T* row, int64_t count) {
   }
 }
 
+// Calls copy(row, j) for rows j0 + j (j < n) of (batch, kv_head) in t, one after the other,
+// prefetching kPrefetchRows ahead: the gather of K/V rows that are far apart or on cache pages.
+template <typename T, typename Copy>
+inline void for_each_gathered_row(const AttentionParams& p, const TensorRef& t, int64_t batch, int64_t kv_head,
+                                  int64_t j0, int64_t n, Copy&& copy) {
+  const T* base = static_cast<const T*>(t.data);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kPrefetchRows < n) prefetch_row(base + kv_row_offset(p, t, batch, kv_head, j0 + j + kPrefetchRows), p.head_dim);
+    copy(base + kv_row_offset(p, t, batch, kv_head, j0 + j), j);
+  }
+}
+
 // Keys [j0, j0 + n) of (batch, kv_head) as a matrix of Acc rows: in place when the element type
 // is Acc and the rows are evenly strided (and, for `padded`, a whole number of vectors wide),
 // else converted (and zero-padded to ld) into `buffer`.
 template <typename T, typename Acc>
 inline const Acc* kv_block(const AttentionParams& p, const TensorRef& t, int64_t batch, int64_t kv_head, int64_t j0,
                            int64_t n, bool padded, Acc* buffer, int64_t ld, int64_t* stride) {
-  const T* base = static_cast<const T*>(t.data);
   if constexpr (std::is_same_v<T, Acc>) {
     if (kv_rows_strided(p, j0, n) && (!padded || p.head_dim % Vec<Acc>::kWidth == 0)) {
       *stride = t.row_stride;
-      return base + kv_row_offset(p, t, batch, kv_head, j0);
+      return static_cast<const T*>(t.data) + kv_row_offset(p, t, batch, kv_head, j0);
     }
   }
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kPrefetchRows < n) prefetch_row(base + kv_row_offset(p, t, batch, kv_head, j0 + j + kPrefetchRows), p.head_dim);
-    convert_rows(base + kv_row_offset(p, t, batch, kv_head, j0 + j), 0, 1, p.head_dim, buffer + j * ld, ld);
-  }
+  for_each_gathered_row<T>(p, t, batch, kv_head, j0, n, [&](const T* row, int64_t j) {
+    convert_rows(row, 0, 1, p.head_dim, buffer + j * ld, ld);
+  });
   *stride = ld;
   return buffer;
 }
@@ -382,10 +392,9 @@ inline const uint32_t* key_pairs(const AttentionParams& p, int64_t batch, int64_
                          stride);
   }
   const int64_t pairs = (p.head_dim + 1) / 2;
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kPrefetchRows < n) prefetch_row(base + kv_row_offset(p, p.k, batch, kv_head, j0 + j + kPrefetchRows), p.head_dim);
-    copy_row_as_pairs(base + kv_row_offset(p, p.k, batch, kv_head, j0 + j), p.head_dim, buffer + j * pairs);
-  }
+  for_each_gathered_row<BFloat16>(p, p.k, batch, kv_head, j0, n, [&](const BFloat16* row, int64_t j) {
+    copy_row_as_pairs(row, p.head_dim, buffer + j * pairs);
+  });
   *stride = pairs;
   return buffer;
 }

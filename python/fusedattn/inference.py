@@ -270,17 +270,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
     batch, seqlen_q = q.shape[0], q.shape[1]
+    lengths = _int32(cache_seqlens, "cache_seqlens", q)
+    if tuple(lengths.shape) == (1,) and batch != 1:  # one length for every sequence
+        lengths = np.full(batch, int(lengths[0]), dtype=np.int32)
     if k is None and v is None and rotary_cos is None:
         # Nothing is written, so the extension's own checks of cache_seqlens, the pages in use and
         # cache_batch_idx (bindings/sequences.cpp) suffice: a decode step pays no numpy work here.
-        total = _int32(cache_seqlens, "cache_seqlens", q)
-        if tuple(total.shape) == (1,) and batch != 1:
-            total = np.full(batch, int(total[0]), dtype=np.int32)
-        return _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad,
+        return _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad,
                                 return_lse)
-    seqlens = np.asarray(_int32(cache_seqlens, "cache_seqlens", q)).astype(np.int64)
-    if seqlens.shape == (1,) and batch != 1:
-        seqlens = np.full(batch, seqlens[0])
+    seqlens = np.asarray(lengths).astype(np.int64)
     if seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must be an int or have shape ({batch},), got {seqlens.shape}")
     table = None if block_table is None else _int32(block_table, "block_table", q)
