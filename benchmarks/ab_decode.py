@@ -14,10 +14,11 @@ what the page order costs). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP 
 spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
-        [--batch B --seqlen L] [--queries N] [--page-size P]
+        [--batch B --seqlen L] [--queries N] [--page-size P] [--heads HQ]
 
 --batch / --seqlen change B and L (B = 1 with L = 32768 reads as many bytes as the default, the
-key axis then split across the threads); --queries N attends N new tokens per sequence
+key axis then split across the threads); --heads HQ sets the query heads (e.g. 64 with case
+8-... for a GQA group of 8); --queries N attends N new tokens per sequence
 (speculative decoding), causal from the bottom right.
 """
 
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 
-HEADS, HEAD_DIM = 32, 128
+HEADS, HEAD_DIM = 32, 128  # query heads by default (--heads), head_dim
 CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
          "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
 
@@ -42,19 +43,19 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
     return 2 * batch * seqlen * int(heads_kv) * HEAD_DIM * ELEMENT_BYTES[dtype]
 
 
-def case_error(case: str) -> str | None:
-    """Why `case` is not HKV-DTYPE[-paged|-inorder] with HKV dividing HEADS, or None."""
+def case_error(case: str, heads: int) -> str | None:
+    """Why `case` is not HKV-DTYPE[-paged|-inorder] with HKV dividing `heads`, or None."""
     parts = case.split("-")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder")) or not parts[0].isdigit():
         return f"{case!r} is not HKV-DTYPE[-paged|-inorder]"
-    if int(parts[0]) < 1 or HEADS % int(parts[0]):
-        return f"{case!r}: HKV must divide {HEADS}"
+    if int(parts[0]) < 1 or heads % int(parts[0]):
+        return f"{case!r}: HKV must divide {heads}"
     if parts[1] not in ELEMENT_BYTES:
         return f"{case!r}: DTYPE must be one of {', '.join(ELEMENT_BYTES)}"
     return None
 
 
-def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int, page: int) -> None:
+def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int, page: int, heads: int) -> None:
     """Builds the inputs of `cases`, then reads case names on stdin and answers each with the GB/s
     of one decode call."""
     sys.path.insert(0, install)
@@ -67,7 +68,7 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         heads_kv, dtype_name = int(case.split("-")[0]), case.split("-")[1]
         dtype = getattr(torch, dtype_name)
         generator = torch.Generator().manual_seed(seed)
-        q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=generator).to(dtype)
+        q = torch.randn(batch, queries, heads, HEAD_DIM, generator=generator).to(dtype)
         k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
         if case.endswith(("-paged", "-inorder")):
@@ -97,23 +98,26 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=4096, help="cached tokens, a multiple of --page-size (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
     parser.add_argument("--page-size", type=int, default=16, help="rows per page of the paged cases (default 16)")
+    parser.add_argument("--heads", type=int, default=HEADS, help=f"query heads (default {HEADS})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.page_size < 1:
         parser.error("--page-size must be >= 1")
     if args.batch < 1 or args.seqlen < args.page_size or args.seqlen % args.page_size or not 1 <= args.queries <= args.seqlen:
         parser.error("--batch must be >= 1, --seqlen a positive multiple of --page-size, --queries in [1, seqlen]")
-    errors = [e for e in map(case_error, args.cases.split(",")) if e]
+    if args.heads < 1:
+        parser.error("--heads must be >= 1")
+    errors = [e for e in (case_error(case, args.heads) for case in args.cases.split(",")) if e]
     if errors:
         parser.error("; ".join(errors))
     if args.worker:
-        worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries, args.page_size)
+        worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries, args.page_size,
+               args.heads)
         return 0
     import torch
 
     shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries),
-             "--page-size", str(args.page_size),
-             "--cases", args.cases]
+             "--page-size", str(args.page_size), "--heads", str(args.heads), "--cases", args.cases]
     workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}
     for process in workers.values():

@@ -5,7 +5,9 @@
 //   online softmax per lane over the key block (vectors along the keys)
 //   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
-// of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. The score
+// of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
+// q rows outgrow L1 (several query tokens) take the score rows in chunks (kDecodeScoreChunkRows,
+// tiles.h), each lane group over the whole chunk, so q is read once per chunk. The score
 // pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
 #pragma once
 #include <cmath>
@@ -271,6 +273,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   //    lost 4 points, so they skip it.
   const int64_t row_span = ((kv_count - 1) * params.k.head_stride + head_dim) * static_cast<int64_t>(sizeof(T));
   const bool stage_values = 2 * kBlockN * row_span <= kDecodeStagingBytes;
+  const int64_t query_row_bytes =
+      pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
+  const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
+  const bool chunk_rows = row_span >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
+  const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   const bool small_pages = pages.block_table != nullptr && pages.page_size * row_span <= kSmallPageBytes;
   const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
   // The first line of each 4 KiB page that begins within a row (of its kv heads), and with
@@ -341,36 +348,57 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // header), four lanes per reduction: one lane group with 3-4 lanes, or 2 / 4 kv heads. Kv
     // heads with 6 or 8 lanes run as two lane groups, reading the head's part of each row twice
     // (the second time from L1): lane group g is lanes [g * kLanes, (g + 1) * kLanes) of kv head
-    // g >> kShift.
+    // g >> kShift. Where the block's q rows outgrow L1 (several query tokens of many heads),
+    // rows go in chunks of score_rows, each lane group over the whole chunk before the next, so
+    // q is read from L2 once per chunk instead of once per row.
     with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
       constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
       const int64_t lane_groups = kv_count << kShift;
       constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
-      for (int64_t j = 0; j < n; ++j) {
-        const T* first = k_row[j];
+      // Lane groups [g, g + heads), row j (always_inline: GCC called it out of line, which cost
+      // MHA bf16 2-token decode 10%).
+      auto score = [&](int64_t g, auto heads, int64_t j) __attribute__((always_inline)) {
+        constexpr int kCount = decltype(heads)::value;
+        const int64_t l = g * kLanes, kv = g >> kShift;
+        if constexpr (kPairDots) {
+#if defined(__AVX512BF16__)
+          if (pair_dots) {
+            dot_heads_bf16<kCount, kLanes>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo,
+                                           k_row[j] + kv * params.k.head_stride, params.k.head_stride, head_dim,
+                                           s.s_t + l * ldn + j, ldn);
+            return;
+          }
+#endif
+        }
+        int64_t stride = 0;
+        const S* key = heads_of(params.k, k_row[j], kv, kCount, s.k_rows, &stride);
+        dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
+      };
+      auto fetch_ahead = [&](int64_t j) __attribute__((always_inline)) {
         if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
         prefetch_ahead(k_row, j);
         if (stage_values) prefetch_row(reinterpret_cast<const char*>(v_row[j]), row_span);
-        auto score = [&](int64_t g, auto heads) {  // lane groups [g, g + heads)
-          constexpr int kCount = decltype(heads)::value;
-          const int64_t l = g * kLanes, kv = g >> kShift;
-          if constexpr (kPairDots) {
-#if defined(__AVX512BF16__)
-            if (pair_dots) {
-              dot_heads_bf16<kCount, kLanes>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo,
-                                             first + kv * params.k.head_stride, params.k.head_stride, head_dim,
-                                             s.s_t + l * ldn + j, ldn);
-              return;
-            }
-#endif
-          }
-          int64_t stride = 0;
-          const S* key = heads_of(params.k, first, kv, kCount, s.k_rows, &stride);
-          dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
-        };
+      };
+      if (score_rows == 1) {  // the rows in address order (a loop of its own: as one with the
+                              // chunks' below, MHA bf16 2-token decode lost 15%)
+        for (int64_t j = 0; j < n; ++j) {
+          fetch_ahead(j);
+          int64_t g = 0;
+          for (; g + kHeads <= lane_groups; g += kHeads) score(g, std::integral_constant<int, kHeads>{}, j);
+          for (; g < lane_groups; ++g) score(g, std::integral_constant<int, 1>{}, j);
+        }
+        return;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += score_rows) {
+        const int64_t c1 = c0 + score_rows < n ? c0 + score_rows : n;
+        for (int64_t j = c0; j < c1; ++j) fetch_ahead(j);
         int64_t g = 0;
-        for (; g + kHeads <= lane_groups; g += kHeads) score(g, std::integral_constant<int, kHeads>{});
-        for (; g < lane_groups; ++g) score(g, std::integral_constant<int, 1>{});
+        for (; g + kHeads <= lane_groups; g += kHeads) {
+          for (int64_t j = c0; j < c1; ++j) score(g, std::integral_constant<int, kHeads>{}, j);
+        }
+        for (; g < lane_groups; ++g) {
+          for (int64_t j = c0; j < c1; ++j) score(g, std::integral_constant<int, 1>{}, j);
+        }
       }
     });
     if (pair_dots) {
