@@ -142,6 +142,18 @@ def test_return_lse_does_not_change_output(dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_output_is_contiguous_in_the_layout(layout):
+    """The output is a new contiguous array in the call's layout, even where q is a transposed view
+    of the other layout (the wrapper allocates it like q in contiguous format, not with q's strides)."""
+    q = torch.randn(2, 4, 9, 32).transpose(1, 2) if layout == "bshd" else torch.randn(2, 9, 4, 32).transpose(1, 2)
+    k, v = (torch.randn(2, 4, 11, 32).transpose(1, 2) if layout == "bshd" else torch.randn(2, 4, 11, 32)
+            for _ in range(2))
+    out = fusedattn.attention(q, k, v, layout=layout)
+    assert out.shape == q.shape and out.is_contiguous() and out.data_ptr() != q.data_ptr()
+    check_attention(out, q, k, v, causal=False, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_agree(layout):
     """The same data given as bhsd and as bshd gives the same numbers (bitwise: same kernel, other strides)."""
     q, k, v = make_qkv(2, 4, 2, 19, 23, 40)
