@@ -297,12 +297,14 @@ def test_decode_lane_groups(shape, page_size, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
-@pytest.mark.parametrize("shape", [(32, 32, 8, 64), (32, 32, 4, 128), (32, 16, 2, 128)],
+@pytest.mark.parametrize("shape", [(32, 32, 8, 128), (32, 32, 8, 72), (32, 32, 4, 128), (64, 16, 2, 128)],
                          ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
 def test_decode_score_chunks(shape, page_size, dtype):
-    """Where a decode block's q rows outgrow L1 (4 or 8 tokens of MHA, 128 or 256 lanes) or its kv
-    heads run as two lane groups (8 lanes), and cache rows are 4 KiB or more apart, the score pass
-    takes rows in chunks of 8, each lane group over the whole chunk. Lengths that are not a
+    """The score pass takes rows in chunks of 8, each lane group over the whole chunk, where a
+    decode block's kv heads run as two lane groups (8 tokens of MHA, 2 tokens of a GQA group of 4:
+    8 lanes per kv head; decode blocks of 128 lanes hold 16 kv heads) or its q rows take more than
+    32 KiB (4 tokens of 32 MHA heads, fp32), and its cache rows span 4 KiB or more (bf16 too at
+    head_dim 128). head_dim 72 converts each K row into scratch (fp32). Lengths that are not a
     multiple of the chunk, pages of 3 rows that split it. Against the fp64 reference."""
     num_heads, num_heads_kv, queries, head_dim = shape
     _check_decode(num_heads, num_heads_kv, queries, [8, 13, 70, 133], 144, page_size, dtype,
