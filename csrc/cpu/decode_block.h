@@ -6,7 +6,8 @@
 //   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
 // of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
-// q rows outgrow L1 (several query tokens) take the score rows in chunks (kDecodeScoreChunkRows,
+// q rows outgrow L1 (several query tokens) or whose kv heads have two lane groups take the score
+// rows in chunks where the block's kv heads span 4 KiB or more of a row (kDecodeScoreChunkRows,
 // tiles.h), each lane group over the whole chunk, so q is read once per chunk. The score
 // pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
 #pragma once
@@ -205,7 +206,9 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 // blocks hold all heads of a token (see plan_blocks). Lanes of kv head g are
 // [g * lanes_per_kv, (g + 1) * lanes_per_kv). Each key block is walked in the cache's own order,
 // which is what lets the hardware prefetchers stream it:
-//   scores  one cache row at a time, all its kv heads before the next row (dot_heads);
+//   scores  one cache row at a time, all its kv heads before the next row (dot_heads), or for
+//           blocks with much q or two lane groups per kv head, chunks of kDecodeScoreChunkRows
+//           rows, each lane group over the chunk (see the score pass);
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
 // The P·V walk reads kDecodeValueRows rows side by side, which the hardware prefetchers do not
 // follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
