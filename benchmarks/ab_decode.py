@@ -14,11 +14,12 @@ what the page order costs). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP 
 spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
-        [--batch B --seqlen L] [--queries N] [--page-size P] [--heads HQ]
+        [--batch B --seqlen L] [--queries N] [--page-size P] [--heads HQ] [--head-major]
 
 --batch / --seqlen change B and L (B = 1 with L = 32768 reads as many bytes as the default, the
 key axis then split across the threads); --heads HQ sets the query heads (e.g. 64 with case
-8-... for a GQA group of 8); --queries N attends N new tokens per sequence
+8-... for a GQA group of 8); --head-major stores the contiguous caches (B, Hkv, L, D), as Hugging
+Face's caches are, and passes (B, L, Hkv, D) views; --queries N attends N new tokens per sequence
 (speculative decoding), causal from the bottom right.
 """
 
@@ -55,7 +56,8 @@ def case_error(case: str, heads: int) -> str | None:
     return None
 
 
-def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int, page: int, heads: int) -> None:
+def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int, page: int, heads: int,
+           head_major: bool) -> None:
     """Builds the inputs of `cases`, then reads case names on stdin and answers each with the GB/s
     of one decode call."""
     sys.path.insert(0, install)
@@ -69,7 +71,11 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         dtype = getattr(torch, dtype_name)
         generator = torch.Generator().manual_seed(seed)
         q = torch.randn(batch, queries, heads, HEAD_DIM, generator=generator).to(dtype)
-        k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
+        if head_major:  # (B, Hkv, L, D) storage seen as (B, L, Hkv, D), as Hugging Face's caches
+            k, v = (torch.randn(batch, heads_kv, seqlen, HEAD_DIM, generator=generator).to(dtype).transpose(1, 2)
+                    for _ in range(2))
+        else:
+            k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
         if case.endswith(("-paged", "-inorder")):
             order = torch.randperm if case.endswith("-paged") else lambda n, generator: torch.arange(n)
@@ -99,6 +105,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
     parser.add_argument("--page-size", type=int, default=16, help="rows per page of the paged cases (default 16)")
     parser.add_argument("--heads", type=int, default=HEADS, help=f"query heads (default {HEADS})")
+    parser.add_argument("--head-major", action="store_true",
+                        help="contiguous caches stored (B, Hkv, L, D) and viewed as (B, L, Hkv, D)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.page_size < 1:
@@ -112,12 +120,13 @@ def main() -> int:
         parser.error("; ".join(errors))
     if args.worker:
         worker(args.installs[0], args.cases.split(","), args.batch, args.seqlen, args.queries, args.page_size,
-               args.heads)
+               args.heads, args.head_major)
         return 0
     import torch
 
     shape = ["--batch", str(args.batch), "--seqlen", str(args.seqlen), "--queries", str(args.queries),
-             "--page-size", str(args.page_size), "--heads", str(args.heads), "--cases", args.cases]
+             "--page-size", str(args.page_size), "--heads", str(args.heads), "--cases", args.cases,
+             *(["--head-major"] if args.head_major else [])]
     workers = {path: subprocess.Popen([sys.executable, __file__, "--worker", path, *shape], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True) for path in args.installs}
     for process in workers.values():
