@@ -11,14 +11,15 @@ drifts between about 45 and 80 GB/s over minutes, so only a measurement taken al
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
     python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads-kv 32,8]
-        [--dtypes float32,bfloat16] [--page-size 16]
+        [--dtypes float32,bfloat16] [--page-size 16] [--head-major]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
 across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
 attends N new tokens per sequence (speculative decoding, small chunks of prefill), causal from
 the bottom right; SDPA then gets the same causal mask as a bool attn_mask. --dtypes picks the
 cache dtypes (float16 too), --page-size the rows per page of the paged cache (1 for a
-token-granular cache). Last, the per-call overhead of a decode call on a tiny cache, next to
+token-granular cache), --head-major gives fusedattn SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D)
+views, the layout Hugging Face's caches reach the integration in. Last, the per-call overhead of a decode call on a tiny cache, next to
 fusedattn.attention's and SDPA's.
 """
 
@@ -60,7 +61,7 @@ def paged_copy(k_cache, v_cache, page, table):
     return pages[0], pages[1]
 
 
-def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
+def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, head_major=False):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=gen).to(dtype)
     k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
@@ -70,6 +71,8 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps):
     k_paged, v_paged = paged_copy(k_cache, v_cache, page, pages)
     q_sdpa = q.transpose(1, 2).contiguous()
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
+    if head_major:  # fusedattn reads SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D) views
+        k_cache, v_cache = k_sdpa.transpose(1, 2), v_sdpa.transpose(1, 2)
     gqa = num_heads_kv != HEADS
     # query i (of the last `queries` tokens) sees keys up to seqlen - queries + i: bottom-right causal
     causal_mask = None
@@ -121,6 +124,9 @@ def main() -> int:
                         help=f"cache dtypes to run, of {','.join(DTYPES)} (default float32,bfloat16)")
     parser.add_argument("--page-size", type=bench.positive_int, default=16,
                         help="rows per page of the paged cache (default 16)")
+    parser.add_argument("--head-major", action="store_true",
+                        help="the contiguous cache is SDPA's (B, Hkv, L, D) tensors seen as (B, L, Hkv, D), "
+                             "as Hugging Face's caches reach the integration")
     args = parser.parse_args()
     heads_kv = [int(h) for h in args.heads_kv.split(",")]
     if any(h < 1 or HEADS % h for h in heads_kv):
@@ -135,7 +141,8 @@ def main() -> int:
     print(bench.versions_line(torch))
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s")
-    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s)\n")
+    layout = ", cache (B, Hkv, L, D) seen as (B, L, Hkv, D)" if args.head_major else ""
+    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s){layout}\n")
     header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", f"paged{args.page_size} ms", "paged/contig",
               "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
@@ -143,7 +150,7 @@ def main() -> int:
     for num_heads_kv in heads_kv:
         for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
             t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype,
-                                               args.page_size, args.reps)
+                                               args.page_size, args.reps, args.head_major)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",

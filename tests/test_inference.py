@@ -325,6 +325,35 @@ def test_transposed_tile_over_a_cache(shape, head_dim, page_size, dtype):
                   seed=head_dim * 1000 + num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 32, 1), (32, 8, 1), (16, 4, 2), (16, 16, 8)],
+                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+def test_decode_head_major_cache(shape, dtype):
+    """Caches stored (B, Hkv, L, D) and passed as (B, L, Hkv, D) views, as Hugging Face keeps them:
+    a row's kv head parts lie a whole head apart, so the decode kernel prefetches and stages V
+    part by part. attention_with_kvcache and attention (the integration's call) against the fp64
+    reference per sequence."""
+    num_heads, num_heads_kv, queries = shape
+    batch, capacity, head_dim = 3, 140, 64
+    lengths = [9, 70, 133]
+    generator = torch.Generator().manual_seed(num_heads * 10 + num_heads_kv + queries)
+    k_cache, v_cache = (torch.randn(batch, num_heads_kv, capacity, head_dim, generator=generator).to(dtype)
+                        .transpose(1, 2) for _ in range(2))
+    q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
+    out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
+    for b, n in enumerate(lengths):
+        q_b, k_b, v_b = (x[b:b + 1, :length] for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
+        direct = fusedattn.attention(q_b, k_b, v_b, layout="bshd", causal=True)
+        expected, _ = reference.attention_reference(*(x.transpose(1, 2) for x in (q_b, k_b, v_b)), causal=True)
+        torch_lowp = None
+        if dtype != torch.float32:
+            visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(
+                *(x.transpose(1, 2) for x in (q_b, k_b, v_b)), attn_mask=visible, enable_gqa=True)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+        assert_close_to_reference(direct.transpose(1, 2), torch_lowp, expected)
+
+
 def test_kvcache_leftpad_and_batch_idx():
     k_cache, v_cache = _cache(4, 40, 2, 16)
     q = torch.randn(2, 1, 2, 16)

@@ -274,33 +274,50 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   //    kPagePrefetchBytes ahead, so each page's stream starts early (the hardware prefetchers
   //    stop at page boundaries). fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches
   //    lost 4 points, so they skip it.
-  const int64_t row_span = ((kv_count - 1) * params.k.head_stride + head_dim) * static_cast<int64_t>(sizeof(T));
-  const bool stage_values = 2 * kBlockN * row_span <= kDecodeStagingBytes;
+  // row_bytes: what the block reads of a cache row, K or V (its kv heads' parts). In a (B, L,
+  // Hkv, D) cache or a page the parts lie side by side; in other layouts, such as (B, Hkv, L, D)
+  // storage passed as (B, L, Hkv, D) views (Hugging Face's caches), each part is on its own, and
+  // prefetches go part by part: by the row's whole span they fetched a line in every 4 KiB page
+  // between the heads, fp32 decode of such caches ran at 1 GB/s (ab_decode.py --head-major).
+  const int64_t row_bytes = kv_count * head_dim * static_cast<int64_t>(sizeof(T));
+  auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || t.head_stride == head_dim; };
+  const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
+  const bool stage_values = (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= kDecodeStagingBytes;
   const int64_t query_row_bytes =
       pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
-  const bool chunk_rows = row_span >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
+  const bool chunk_rows =
+      k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
-  const bool small_pages = pages.block_table != nullptr && pages.page_size * row_span <= kSmallPageBytes;
-  const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_span - 1) / row_span;
-  // The first line of each 4 KiB page that begins within a row (of its kv heads), and with
+  const bool small_pages = pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes;
+  const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_bytes - 1) / row_bytes;
+  // Every line of the block's part of a cache row of t (row: its first kv head's part).
+  auto prefetch_parts = [&](const TensorRef& t, bool together, const T* row) {
+    if (together) {
+      prefetch_row(reinterpret_cast<const char*>(row), row_bytes);
+      return;
+    }
+    for (int64_t h = 0; h < kv_count; ++h) prefetch_row(row + h * t.head_stride, head_dim);
+  };
+  // The first line of each 4 KiB page that begins within a row's side-by-side parts, and with
   // first_page the row's own first line too: one line in every page the row touches.
   auto prefetch_page_lines = [&](const T* row_start, bool first_page) {
     const char* row = reinterpret_cast<const char*>(row_start);
     const int64_t into_page = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) & 4095);
     if (first_page) prefetch_line(row);
     const int64_t first = into_page == 0 && !first_page ? 0 : 4096 - into_page;  // the next page start
-    for (int64_t offset = first; offset < row_span; offset += 4096) prefetch_line(row + offset);
+    for (int64_t offset = first; offset < row_bytes; offset += 4096) prefetch_line(row + offset);
   };
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
     const int64_t ahead = j + rows_ahead;
+    const bool is_k = rows == k_row;
     if (small_pages) {  // past the block's K rows come its V rows
       if (ahead < n) {
-        prefetch_row(reinterpret_cast<const char*>(rows[ahead]), row_span);
-      } else if (rows == k_row && !stage_values && ahead - n < n) {
-        prefetch_row(reinterpret_cast<const char*>(v_row[ahead - n]), row_span);
+        prefetch_parts(is_k ? params.k : params.v, is_k ? k_side_by_side : v_side_by_side, rows[ahead]);
+      } else if (is_k && !stage_values && ahead - n < n) {
+        prefetch_parts(params.v, v_side_by_side, v_row[ahead - n]);
       }
-    } else if (sizeof(T) >= 4 && ahead < n) {
+    } else if (sizeof(T) >= 4 && ahead < n && (is_k ? k_side_by_side : v_side_by_side)) {
       prefetch_page_lines(rows[ahead], false);
     }
   };
@@ -329,7 +346,12 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   auto translate_ahead = [&](int64_t key) {
     if (key >= keys.end) return;
     for (const TensorRef* t : {&params.k, &params.v}) {
-      prefetch_page_lines(static_cast<const T*>(t->data) + kv_row_offset(params, *t, block.batch, kv_first, key), true);
+      const T* row = static_cast<const T*>(t->data) + kv_row_offset(params, *t, block.batch, kv_first, key);
+      if (side_by_side(*t)) {
+        prefetch_page_lines(row, true);
+      } else {
+        for (int64_t h = 0; h < kv_count; ++h) prefetch_line(reinterpret_cast<const char*>(row + h * t->head_stride));
+      }
     }
   };
 
@@ -352,7 +374,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // heads with 6 or 8 lanes run as two lane groups, reading the head's part of each row twice
     // (the second time from L1): lane group g is lanes [g * kLanes, (g + 1) * kLanes) of kv head
     // g >> kShift. Where the block's q rows outgrow L1 (several query tokens of many heads) or
-    // kv heads have two lane groups, and row_span is 4 KiB or more, rows go in chunks of
+    // kv heads have two lane groups, and row_bytes is 4 KiB or more, rows go in chunks of
     // score_rows, each lane group over the whole chunk before the next, so q is read from L2
     // once per chunk instead of once per row (kDecodeScoreChunkRows in tiles.h).
     with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
@@ -381,7 +403,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       auto fetch_ahead = [&](int64_t j) __attribute__((always_inline)) {
         if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
         prefetch_ahead(k_row, j);
-        if (stage_values) prefetch_row(reinterpret_cast<const char*>(v_row[j]), row_span);
+        if (stage_values) prefetch_parts(params.v, v_side_by_side, v_row[j]);
       };
       if (score_rows == 1) {  // the rows in address order (a loop of its own: as one with the
                               // chunks' below, MHA bf16 2-token decode lost 15%)

@@ -93,6 +93,11 @@ constexpr int64_t kDecodeValueRows = 8;
 // 71-75% -> 79-85%, GQA bf16 (256 KiB) 64-66% -> 81-82%. MHA fp32 (2 MiB) lost 3-7 points with
 // it (its rows leave L2 before P·V reaches them), and smaller key blocks for it lost 6-10.
 constexpr int64_t kDecodeStagingBytes = 1 << 20;
+// Caches whose kv heads' parts of a row do not lie side by side ((B, Hkv, L, D) storage seen as
+// (B, L, Hkv, D), as Hugging Face's caches) stage V part by part, and only for blocks of at most
+// this many kv heads: ab_decode.py --head-major, one token, bf16: Hkv 4 17.6 -> 21.0 GB/s, 8
+// 18.8 -> 23.5, 16 24.4 -> 24.7, 32 29.9 -> 24.0 (a prefetch call per part and row).
+constexpr int64_t kDecodeStagedParts = 8;
 // The decode kernel's score pass takes rows in chunks of kDecodeScoreChunkRows, each lane group
 // over the whole chunk, where the block's q rows take more than kDecodeQueryL1Bytes (then each
 // row re-read q from L2: 48 KiB of L1 hold q or the K rows, not both) or its kv heads run as two
