@@ -7,9 +7,9 @@
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
 // of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
 // q rows outgrow L1 (several query tokens) or whose kv heads have two lane groups take the score
-// rows in chunks where the block's kv heads span 4 KiB or more of a row (kDecodeScoreChunkRows,
-// tiles.h), each lane group over the whole chunk, so q is read once per chunk. The score
-// pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
+// rows in chunks where the block's kv heads lie side by side over 4 KiB or more of a row
+// (kDecodeScoreChunkRows, tiles.h), each lane group over the whole chunk, so q is read once per
+// chunk. The score pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -373,10 +373,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // header), four lanes per reduction: one lane group with 3-4 lanes, or 2 / 4 kv heads. Kv
     // heads with 6 or 8 lanes run as two lane groups, reading the head's part of each row twice
     // (the second time from L1): lane group g is lanes [g * kLanes, (g + 1) * kLanes) of kv head
-    // g >> kShift. Where the block's q rows outgrow L1 (several query tokens of many heads) or
-    // kv heads have two lane groups, and row_bytes is 4 KiB or more, rows go in chunks of
-    // score_rows, each lane group over the whole chunk before the next, so q is read from L2
-    // once per chunk instead of once per row (kDecodeScoreChunkRows in tiles.h).
+    // g >> kShift. Where chunk_rows holds (the block's q rows outgrow L1, or kv heads have two
+    // lane groups; see kDecodeScoreChunkRows in tiles.h), rows go in chunks of score_rows, each
+    // lane group over the whole chunk before the next, so q is read from L2 once per chunk
+    // instead of once per row.
     with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
       constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
       const int64_t lane_groups = kv_count << kShift;

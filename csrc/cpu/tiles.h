@@ -101,9 +101,10 @@ constexpr int64_t kDecodeStagedParts = 8;
 // The decode kernel's score pass takes rows in chunks of kDecodeScoreChunkRows, each lane group
 // over the whole chunk, where the block's q rows take more than kDecodeQueryL1Bytes (then each
 // row re-read q from L2: 48 KiB of L1 hold q or the K rows, not both) or its kv heads run as two
-// lane groups, and the block's kv heads span 4 KiB or more of a cache row (each row's slices then
-// stay in pages of their own, which keeps the hardware prefetchers' streams; GQA bf16 2-token
-// decode, 2 KiB per row, lost 42% with chunks). ab_decode.py, B 8, L 4096, GB/s before -> after: --queries 8 MHA fp32
+// lane groups, and the block's kv heads lie side by side over 4 KiB or more of a cache row (each
+// row's slices then stay in pages of their own, which keeps the hardware prefetchers' streams;
+// GQA bf16 2-token decode, 2 KiB per row, lost 42% with chunks; caches stored (B, Hkv, L, D),
+// MHA bf16 8-token decode, ab_decode.py --head-major, 17.8 -> 14.9 GB/s). ab_decode.py, B 8, L 4096, GB/s before -> after: --queries 8 MHA fp32
 // 15.1 -> 22.5, bf16 14.8 -> 20.4; --queries 4 MHA fp32 27.9 -> 30.7; --queries 2 GQA fp32
 // 19.4 -> 24.4; --heads 64 (a GQA group of 8, one token) fp32 18.3 -> 22.6. MHA fp32 2-token
 // (32 KiB of q, one lane group) lost 4-6% with chunks, hence the threshold. (8 rows, the value
