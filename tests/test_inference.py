@@ -326,16 +326,17 @@ def test_transposed_tile_over_a_cache(shape, head_dim, page_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(32, 32, 1), (32, 8, 1), (16, 4, 2), (16, 16, 8)],
-                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+@pytest.mark.parametrize("shape", [(32, 32, 1, (9, 70, 133)), (32, 8, 1, (9, 70, 133)), (16, 4, 2, (9, 70, 133)),
+                                   (16, 16, 8, (9, 70, 133)), (8, 2, 1, (1500,))],
+                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-b{len(s[3])}")
 def test_decode_head_major_cache(shape, dtype):
     """Caches stored (B, Hkv, L, D) and passed as (B, L, Hkv, D) views, as Hugging Face keeps them:
-    a row's kv head parts lie a whole head apart, so the decode kernel prefetches and stages V
-    part by part. attention_with_kvcache and attention (the integration's call) against the fp64
-    reference per sequence."""
-    num_heads, num_heads_kv, queries = shape
-    batch, capacity, head_dim = 3, 140, 64
-    lengths = [9, 70, 133]
+    a row's kv head parts lie a whole head apart, so decode blocks take one kv head group each
+    (one long sequence: split along the keys too) and prefetch and stage V part by part.
+    attention_with_kvcache and attention (the integration's call) against the fp64 reference per
+    sequence."""
+    num_heads, num_heads_kv, queries, lengths = shape
+    batch, capacity, head_dim = len(lengths), max(lengths) + 7, 64
     generator = torch.Generator().manual_seed(num_heads * 10 + num_heads_kv + queries)
     k_cache, v_cache = (torch.randn(batch, num_heads_kv, capacity, head_dim, generator=generator).to(dtype)
                         .transpose(1, 2) for _ in range(2))
