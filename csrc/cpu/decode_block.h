@@ -282,7 +282,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t row_bytes = kv_count * head_dim * static_cast<int64_t>(sizeof(T));
   auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || t.head_stride == head_dim; };
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
-  const bool stage_values = (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= kDecodeStagingBytes;
+  const bool stage_values =
+      (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= kDecodeStagingBytes;
   const int64_t query_row_bytes =
       pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
