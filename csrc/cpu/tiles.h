@@ -104,11 +104,11 @@ constexpr int64_t kDecodeStagedParts = 8;
 // lane groups, and the block's kv heads lie side by side over 4 KiB or more of a cache row (each
 // row's slices then stay in pages of their own, which keeps the hardware prefetchers' streams;
 // GQA bf16 2-token decode, 2 KiB per row, lost 42% with chunks; caches stored (B, Hkv, L, D),
-// MHA bf16 8-token decode, ab_decode.py --head-major, 17.8 -> 14.9 GB/s). ab_decode.py, B 8, L 4096, GB/s before -> after: --queries 8 MHA fp32
-// 15.1 -> 22.5, bf16 14.8 -> 20.4; --queries 4 MHA fp32 27.9 -> 30.7; --queries 2 GQA fp32
-// 19.4 -> 24.4; --heads 64 (a GQA group of 8, one token) fp32 18.3 -> 22.6. MHA fp32 2-token
-// (32 KiB of q, one lane group) lost 4-6% with chunks, hence the threshold. (8 rows, the value
-// step's count, is not tuned further.)
+// MHA bf16 8-token decode, ab_decode.py --head-major, 17.8 -> 14.9 GB/s). ab_decode.py, B 8,
+// L 4096, GB/s before -> after: --queries 8 MHA fp32 15.1 -> 22.5, bf16 14.8 -> 20.4; --queries
+// 4 MHA fp32 27.9 -> 30.7; --queries 2 GQA fp32 19.4 -> 24.4; --heads 64 (a GQA group of 8, one
+// token) fp32 18.3 -> 22.6. MHA fp32 2-token (32 KiB of q, one lane group) lost 4-6% with
+// chunks, hence the threshold. (8 rows, the value step's count, is not tuned further.)
 constexpr int64_t kDecodeScoreChunkRows = 8;
 constexpr int64_t kDecodeQueryL1Bytes = 32768;
 // How far ahead the decode kernel prefetches the first line of each page (fp32/fp64 caches):
