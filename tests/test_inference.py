@@ -256,15 +256,28 @@ def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size
     else:
         k_pages, v_pages, table = _paged_copy(k_cache, v_cache, page_size, generator)
         out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    _check_per_sequence(out, q, k_cache, v_cache, lengths)
+
+
+def _check_per_sequence(out, q, k_cache, v_cache, lengths, also_attention=False):
+    """out (batch, queries, heads, d) of q over the first lengths[b] rows of each (batch, capacity,
+    kv_heads, d) cache, causal from the bottom right, against the fp64 reference per sequence
+    (and torch's low-precision math for bf16); also_attention: fusedattn.attention of the same
+    (b, s, h, d) slices too."""
+    queries = q.shape[1]
     for b, n in enumerate(lengths):
-        q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
-        expected, _ = reference.attention_reference(q_b, k_b, v_b, causal=True)
+        q_b, k_b, v_b = (x[b:b + 1, :length] for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
+        q_t, k_t, v_t = (x.transpose(1, 2) for x in (q_b, k_b, v_b))
+        expected, _ = reference.attention_reference(q_t, k_t, v_t, causal=True)
         torch_lowp = None
-        if dtype != torch.float32:
+        if q.dtype != torch.float32:
             visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
-            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=visible,
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=visible,
                                                                           enable_gqa=True)
         assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+        if also_attention:
+            direct = fusedattn.attention(q_b, k_b, v_b, layout="bshd", causal=True)
+            assert_close_to_reference(direct.transpose(1, 2), torch_lowp, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -342,17 +355,7 @@ def test_decode_head_major_cache(shape, dtype):
                         .transpose(1, 2) for _ in range(2))
     q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
     out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
-    for b, n in enumerate(lengths):
-        q_b, k_b, v_b = (x[b:b + 1, :length] for x, length in ((q, queries), (k_cache, n), (v_cache, n)))
-        direct = fusedattn.attention(q_b, k_b, v_b, layout="bshd", causal=True)
-        expected, _ = reference.attention_reference(*(x.transpose(1, 2) for x in (q_b, k_b, v_b)), causal=True)
-        torch_lowp = None
-        if dtype != torch.float32:
-            visible = torch.arange(n)[None, :] <= torch.arange(n - queries, n)[:, None]
-            torch_lowp = torch.nn.functional.scaled_dot_product_attention(
-                *(x.transpose(1, 2) for x in (q_b, k_b, v_b)), attn_mask=visible, enable_gqa=True)
-        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
-        assert_close_to_reference(direct.transpose(1, 2), torch_lowp, expected)
+    _check_per_sequence(out, q, k_cache, v_cache, lengths, also_attention=True)
 
 
 def test_kvcache_leftpad_and_batch_idx():

@@ -110,8 +110,8 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
     // seen as (B, L, Hkv, D) (Hugging Face's), each kv head's rows run on by themselves, and a
     // block per group reads one stream: ab_decode.py --head-major, GB/s, one token MHA / GQA fp32
     // 36.7 -> 38.5 / 26.2 -> 33.7, bf16 30.4 -> 36.6 / 24.0 -> 31.3; 8 tokens MHA fp32 16.3 -> 31.3.
-    const bool rows_side_by_side = params.num_heads_kv == 1 ||
-                                   (params.k.head_stride == params.head_dim && params.v.head_stride == params.head_dim);
+    const bool rows_side_by_side = params.num_heads_kv == 1 || (kv_heads_side_by_side(params.k, params.head_dim) &&
+                                                                 kv_heads_side_by_side(params.v, params.head_dim));
     const bool all_heads = packable && rows_side_by_side && runs_decode_kernel(seq.seqlen_q * group);
     int64_t heads_per_block = pack ? group : 1;
     if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where

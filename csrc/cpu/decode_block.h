@@ -280,7 +280,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   // prefetches go part by part: by the row's whole span they fetched a line in every 4 KiB page
   // between the heads, fp32 decode of such caches ran at 1 GB/s (ab_decode.py --head-major).
   const int64_t row_bytes = kv_count * head_dim * static_cast<int64_t>(sizeof(T));
-  auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || t.head_stride == head_dim; };
+  auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || kv_heads_side_by_side(t, head_dim); };
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
   const bool stage_values =
       (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= kDecodeStagingBytes;

@@ -37,6 +37,11 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
   return (block.row_end - block.row_begin) * heads;
 }
 
+// Whether t's kv heads lie side by side in a cache row (a (B, L, Hkv, D) cache or a page), not
+// each on its own, as in (B, Hkv, L, D) storage seen as (B, L, Hkv, D) (Hugging Face's caches).
+// The decode planner and kernel choose their walk by it.
+inline bool kv_heads_side_by_side(const TensorRef& t, int64_t head_dim) { return t.head_stride == head_dim; }
+
 // Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes,
 // or twice that many split into two equal lane groups (6 or 8 lanes).
 inline bool runs_decode_kernel(int64_t lanes_per_kv) {
