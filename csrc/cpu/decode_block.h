@@ -270,6 +270,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows,
   //    unless it fetches them row by row anyway). GQA, pages of 16 rows: bf16 41-49% -> 52-54%,
   //    fp32 57-68% -> 61-63%.
+  //  - blocks of one kv head whose K rows follow one another in memory (caches stored (B, Hkv,
+  //    L, D), as Hugging Face's, or of a single kv head), not paged: every line of K
+  //    kRowStreamPrefetchBytes ahead (see tiles.h; such rows are 256-512 bytes, and without it
+  //    the stream ran well below the bandwidth).
   //  - else fp32/fp64 caches: the first line of each 4 KiB page that begins in the row
   //    kPagePrefetchBytes ahead, so each page's stream starts early (the hardware prefetchers
   //    stop at page boundaries). fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches
@@ -292,6 +296,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   const bool small_pages = pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes;
   const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_bytes - 1) / row_bytes;
+  const bool k_rows_follow = kv_count == 1 && params.k.row_stride == head_dim && pages.block_table == nullptr;
+  const int64_t stream_rows_ahead = (kRowStreamPrefetchBytes + row_bytes - 1) / row_bytes;
   // Every line of the block's part of a cache row of t (row: its first kv head's part).
   auto prefetch_parts = [&](const TensorRef& t, bool together, const T* row) {
     if (together) {
@@ -403,7 +409,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       };
       auto fetch_ahead = [&](int64_t j) __attribute__((always_inline)) {
         if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
-        prefetch_ahead(k_row, j);
+        if (k_rows_follow) {  // row j + stream_rows_ahead, in the sequence's rows only
+          if (j0 + j + stream_rows_ahead < keys.end) prefetch_row(k_row[j] + stream_rows_ahead * head_dim, head_dim);
+        } else {
+          prefetch_ahead(k_row, j);
+        }
         if (stage_values) prefetch_parts(params.v, v_side_by_side, v_row[j]);
       };
       if (score_rows == 1) {  // the rows in address order (a loop of its own: as one with the
