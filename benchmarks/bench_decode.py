@@ -10,13 +10,15 @@ bytes as the case's K/V, interleaved with the case's own timings (this machine's
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
 fair yardstick). All timings interleaved, medians (DESIGN.md).
 
-    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads-kv 32,8]
-        [--dtypes float32,bfloat16] [--page-size 16] [--head-major]
+    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads 32]
+        [--heads-kv 32,8] [--dtypes float32,bfloat16] [--page-size 16] [--head-major]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
 across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
 attends N new tokens per sequence (speculative decoding, small chunks of prefill), causal from
-the bottom right; SDPA then gets the same causal mask as a bool attn_mask. --dtypes picks the
+the bottom right; SDPA then gets the same causal mask as a bool attn_mask. --heads sets the
+query heads (e.g. 28 with --heads-kv 4 and 40 with --heads-kv 8: Qwen2.5's GQA groups of 7 and
+5), --heads-kv the kv head counts, each dividing --heads. --dtypes picks the
 cache dtypes (float16 too), --page-size the rows per page of the paged cache (1 for a
 token-granular cache), --head-major gives fusedattn SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D)
 views, the layout Hugging Face's caches reach the integration in. Last, the per-call overhead of a decode call on a tiny cache, next to
@@ -61,9 +63,9 @@ def paged_copy(k_cache, v_cache, page, table):
     return pages[0], pages[1]
 
 
-def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, head_major=False):
+def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, head_major=False, heads=HEADS):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, queries, HEADS, HEAD_DIM, generator=gen).to(dtype)
+    q = torch.randn(batch, queries, heads, HEAD_DIM, generator=gen).to(dtype)
     k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
@@ -73,7 +75,7 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, head_ma
     k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
     if head_major:  # fusedattn reads SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D) views
         k_cache, v_cache = k_sdpa.transpose(1, 2), v_sdpa.transpose(1, 2)
-    gqa = num_heads_kv != HEADS
+    gqa = num_heads_kv != heads
     # query i (of the last `queries` tokens) sees keys up to seqlen - queries + i: bottom-right causal
     causal_mask = None
     if queries > 1:
@@ -115,7 +117,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=bench.positive_int, default=15)
     parser.add_argument("--batch", type=bench.positive_int, default=8, help="sequences (default 8)")
-    parser.add_argument("--heads-kv", default="32,8", help="kv head counts to run, dividing 32 (default 32,8)")
+    parser.add_argument("--heads", type=bench.positive_int, default=HEADS, help=f"query heads (default {HEADS})")
+    parser.add_argument("--heads-kv", default="32,8", help="kv head counts to run, dividing --heads (default 32,8)")
     parser.add_argument("--queries", type=bench.positive_int, default=1,
                         help="new tokens per sequence, attending causally from the bottom right (default 1)")
     parser.add_argument("--seqlen", type=bench.positive_int, default=4096,
@@ -129,8 +132,8 @@ def main() -> int:
                              "as Hugging Face's caches reach the integration")
     args = parser.parse_args()
     heads_kv = [int(h) for h in args.heads_kv.split(",")]
-    if any(h < 1 or HEADS % h for h in heads_kv):
-        parser.error(f"--heads-kv entries must divide {HEADS}")
+    if any(h < 1 or args.heads % h for h in heads_kv):
+        parser.error(f"--heads-kv entries must divide --heads ({args.heads})")
     if args.queries > args.seqlen:
         parser.error("--queries must not exceed --seqlen")
     if args.seqlen % args.page_size:
@@ -142,7 +145,7 @@ def main() -> int:
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 2 GiB fp32): {bandwidth:.1f} GB/s")
     layout = ", cache (B, Hkv, L, D) seen as (B, L, Hkv, D)" if args.head_major else ""
-    print(f"B = {args.batch}, Hq = {HEADS}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s){layout}\n")
+    print(f"B = {args.batch}, Hq = {args.heads}, L = {args.seqlen}, D = {HEAD_DIM}, {args.queries} query token(s){layout}\n")
     header = ("Hkv", "dtype", "fusedattn ms", "GB/s", "sum GB/s", "% BW", f"paged{args.page_size} ms", "paged/contig",
               "SDPA ms", "GB/s",
               "speed-up", "max |diff|")
@@ -150,7 +153,7 @@ def main() -> int:
     for num_heads_kv in heads_kv:
         for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
             t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype,
-                                               args.page_size, args.reps, args.head_major)
+                                               args.page_size, args.reps, args.head_major, args.heads)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",

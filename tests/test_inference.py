@@ -326,6 +326,35 @@ def test_decode_score_chunks(shape, page_size, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
+@pytest.mark.parametrize("shape", [(10, 2, 1, 64), (14, 2, 1, 64), (4, 4, 5, 64), (4, 4, 7, 64), (40, 8, 1, 128),
+                                   (28, 4, 1, 72)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
+def test_decode_uneven_lane_groups(shape, page_size, dtype):
+    """Kv heads with 5 or 7 lanes (one token of a GQA group of 5 or 7, as Qwen2.5's 40 / 8 and
+    28 / 4 heads; 5 or 7 tokens of MHA) run the decode kernel as two lane groups of 3 + 2 and
+    4 + 3 lanes: 40 / 8 heads in fp32 (4 KiB rows) score in chunks, head_dim 72 converts each row.
+    Against the fp64 reference, per sequence."""
+    num_heads, num_heads_kv, queries, head_dim = shape
+    _check_decode(num_heads, num_heads_kv, queries, [1, 9, 70, 133], 144, page_size, dtype,
+                  seed=num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(10, 2, 1), (28, 4, 1), (4, 4, 7)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+def test_decode_uneven_lane_groups_head_major(shape, dtype):
+    """The same lane groups over caches stored (B, Hkv, L, D), one decode block per kv head group,
+    through attention_with_kvcache and attention."""
+    num_heads, num_heads_kv, queries = shape
+    lengths = [5, 70, 133]
+    generator = torch.Generator().manual_seed(num_heads + queries)
+    k_cache, v_cache = (torch.randn(len(lengths), num_heads_kv, 140, 64, generator=generator).to(dtype)
+                        .transpose(1, 2) for _ in range(2))
+    q = torch.randn(len(lengths), queries, num_heads, 64, generator=generator).to(dtype)
+    out = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
+    _check_per_sequence(out, q, k_cache, v_cache, lengths, also_attention=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
 @pytest.mark.parametrize("head_dim", [33, 64])
 @pytest.mark.parametrize("shape", [(8, 2, 4), (8, 2, 5), (4, 4, 9)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
 def test_transposed_tile_over_a_cache(shape, head_dim, page_size, dtype):

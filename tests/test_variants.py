@@ -108,9 +108,10 @@ def test_variant(name, dtype):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_variant_decode(name, dtype, head_dim):
     """Decode-sized queries run the decode kernel, whose blocks hold the heads of several kv heads
-    (one thread: all of them) and split the 600 keys when blocks are few."""
+    (one thread: all of them) and split the 600 keys when blocks are few; 5 and 7 query rows of
+    MHA take two unequal lane groups per kv head (3 + 2, 4 + 3)."""
     _, _, heads_kv, options = CONFIGS[name]
-    for seqlen_q, threads in ((1, 1), (1, 2), (3, 2)):
+    for seqlen_q, threads in ((1, 1), (1, 2), (3, 2), (5, 2), (7, 1)):
         q, k, v = make_qkv(BATCH, HEADS, heads_kv, seqlen_q, 600, head_dim, dtype, k_scale=2.0)
         fusedattn.set_num_threads(threads)
         try:

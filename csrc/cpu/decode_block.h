@@ -184,10 +184,10 @@ inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* 
   for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, rows, offset, ld, c);
 }
 
-// Calls f(lanes, shift), both std::integral_constant, for a kv head of lanes_per_kv lanes (one
-// that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (shift 0),
-// or two groups of 3 or 4 lanes (shift 1, 1 << shift groups per kv head). Both are compile-time:
-// with the group count known only at run time, MHA bf16 decode lost about 10 points.
+// Calls f(first, second), both std::integral_constant, for a kv head of lanes_per_kv lanes (one
+// that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (second
+// 0), or two, `first` lanes then `second` (3 + 2, 3 + 3, 4 + 3, 4 + 4 for 5-8 lanes). Both are
+// compile-time: with the group count known only at run time, MHA bf16 decode lost about 10 points.
 template <typename F>
 inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
   static_assert(kDecodeLanes == 4, "one case per lane count");
@@ -197,8 +197,10 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
     case 2: f(integral_constant<int, 2>{}, integral_constant<int, 0>{}); break;
     case 3: f(integral_constant<int, 3>{}, integral_constant<int, 0>{}); break;
     case 4: f(integral_constant<int, 4>{}, integral_constant<int, 0>{}); break;
-    case 6: f(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
-    default: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;  // 8
+    case 5: f(integral_constant<int, 3>{}, integral_constant<int, 2>{}); break;
+    case 6: f(integral_constant<int, 3>{}, integral_constant<int, 3>{}); break;
+    case 7: f(integral_constant<int, 4>{}, integral_constant<int, 3>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, 4>{}); break;  // 8
   }
 }
 
@@ -378,21 +380,20 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     block_rows(params.v, v_row);
     // Scores: one cache row at a time, all kv heads of a row before the next row (see the
     // header), four lanes per reduction: one lane group with 3-4 lanes, or 2 / 4 kv heads. Kv
-    // heads with 6 or 8 lanes run as two lane groups, reading the head's part of each row twice
-    // (the second time from L1): lane group g is lanes [g * kLanes, (g + 1) * kLanes) of kv head
-    // g >> kShift. Where chunk_rows holds (the block's q rows outgrow L1, or kv heads have two
-    // lane groups; see kDecodeScoreChunkRows in tiles.h), rows go in chunks of score_rows, each
-    // lane group over the whole chunk before the next, so q is read from L2 once per chunk
-    // instead of once per row.
-    with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
-      constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
-      const int64_t lane_groups = kv_count << kShift;
-      constexpr int kHeads = kLanes >= 3 ? 1 : 4 / kLanes;
-      // Lane groups [g, g + heads), row j (always_inline: GCC called it out of line, which cost
-      // MHA bf16 2-token decode 10%).
-      auto score = [&](int64_t g, auto heads, int64_t j) __attribute__((always_inline)) {
-        constexpr int kCount = decltype(heads)::value;
-        const int64_t l = g * kLanes, kv = g >> kShift;
+    // heads with 5-8 lanes run as two lane groups (kFirst lanes, then kSecond), reading the
+    // head's part of each row twice (the second time from L1). Where chunk_rows holds (the
+    // block's q rows outgrow L1, or kv heads have two lane groups; see kDecodeScoreChunkRows in
+    // tiles.h), rows go in chunks of score_rows, each lane group over the whole chunk before the
+    // next, so q is read from L2 once per chunk instead of once per row.
+    with_lane_groups(lanes_per_kv, [&](auto first, auto second) {
+      constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
+      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv
+      constexpr int kHeads = kSecond == 0 && kFirst < 3 ? 4 / kFirst : 1;
+      // The lane groups of `heads` kv heads from kv head kv, `group` lanes each from lane l (one
+      // group of each head), row j (always_inline: GCC called it out of line, which cost MHA
+      // bf16 2-token decode 10%).
+      auto score = [&](int64_t kv, int64_t l, auto heads, auto group, int64_t j) __attribute__((always_inline)) {
+        constexpr int kCount = decltype(heads)::value, kLanes = decltype(group)::value;
         if constexpr (kPairDots) {
 #if defined(__AVX512BF16__)
           if (pair_dots) {
@@ -407,6 +408,23 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         const S* key = heads_of(params.k, k_row[j], kv, kCount, s.k_rows, &stride);
         dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
       };
+      // body(kv, l, heads, group) for each of the block's lane groups in lane order: kHeads kv
+      // heads of one group at a time, or each kv head's two groups in turn.
+      auto each_group = [&](auto&& body) __attribute__((always_inline)) {
+        using std::integral_constant;
+        if constexpr (kSecond == 0) {
+          int64_t kv = 0;
+          for (; kv + kHeads <= kv_count; kv += kHeads) {
+            body(kv, kv * kFirst, integral_constant<int, kHeads>{}, integral_constant<int, kFirst>{});
+          }
+          for (; kv < kv_count; ++kv) body(kv, kv * kFirst, integral_constant<int, 1>{}, integral_constant<int, kFirst>{});
+        } else {
+          for (int64_t kv = 0; kv < kv_count; ++kv) {
+            body(kv, kv * kPerKv, integral_constant<int, 1>{}, integral_constant<int, kFirst>{});
+            body(kv, kv * kPerKv + kFirst, integral_constant<int, 1>{}, integral_constant<int, kSecond>{});
+          }
+        }
+      };
       auto fetch_ahead = [&](int64_t j) __attribute__((always_inline)) {
         if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
         if (k_rows_follow) {  // row j + stream_rows_ahead, in the sequence's rows only
@@ -420,22 +438,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
                               // chunks' below, MHA bf16 2-token decode lost 15%)
         for (int64_t j = 0; j < n; ++j) {
           fetch_ahead(j);
-          int64_t g = 0;
-          for (; g + kHeads <= lane_groups; g += kHeads) score(g, std::integral_constant<int, kHeads>{}, j);
-          for (; g < lane_groups; ++g) score(g, std::integral_constant<int, 1>{}, j);
+          each_group([&](int64_t kv, int64_t l, auto heads, auto group)
+                         __attribute__((always_inline)) { score(kv, l, heads, group, j); });
         }
         return;
       }
       for (int64_t c0 = 0; c0 < n; c0 += score_rows) {
         const int64_t c1 = c0 + score_rows < n ? c0 + score_rows : n;
         for (int64_t j = c0; j < c1; ++j) fetch_ahead(j);
-        int64_t g = 0;
-        for (; g + kHeads <= lane_groups; g += kHeads) {
-          for (int64_t j = c0; j < c1; ++j) score(g, std::integral_constant<int, kHeads>{}, j);
-        }
-        for (; g < lane_groups; ++g) {
-          for (int64_t j = c0; j < c1; ++j) score(g, std::integral_constant<int, 1>{}, j);
-        }
+        each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
+          for (int64_t j = c0; j < c1; ++j) score(kv, l, heads, group, j);
+        });
       }
     });
     if (pair_dots) {
@@ -491,26 +504,33 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
     // O += P · V: the same walk over the V rows, kDecodeValueRows rows per step where they are
     // read in place (whichever pages they are on), so O is read and written once per step.
-    with_lane_groups(lanes_per_kv, [&](auto lanes_per_group, auto shift) {
-      constexpr int kLanes = decltype(lanes_per_group)::value, kShift = decltype(shift)::value;
+    with_lane_groups(lanes_per_kv, [&](auto first, auto second) {
+      constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
+      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
-      const int64_t lane_groups = kv_count << kShift;
+      // The lane group of `group` lanes from lane l, on kv head kv: rows [j, j + kRows) (step)
+      // or row j.
+      auto accumulate = [&](int64_t kv, int64_t l, auto group, int64_t j, bool step) __attribute__((always_inline)) {
+        constexpr int kLanes = decltype(group)::value;
+        Acc* o = s.o + l * s.ldo;
+        const Acc* p = s.s_t + l * ldn + j;
+        if constexpr (kDirect) {  // (S is T)
+          if (step) {
+            accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, v_row + j, kv * params.v.head_stride, s.ldo);
+            return;
+          }
+        }
+        const S* value = heads_of(params.v, v_row[j], kv, 1, s.v_rows);
+        accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, &value, 0, s.ldo);
+      };
       for (int64_t j = 0; j < n;) {
         const bool step = kDirect && j + kRows <= n;
         if (!stage_values) {
           for (int64_t r = j; r < j + (step ? kRows : 1); ++r) prefetch_ahead(v_row, r);
         }
-        for (int64_t g = 0; g < lane_groups; ++g) {
-          Acc* o = s.o + g * kLanes * s.ldo;
-          const Acc* p = s.s_t + g * kLanes * ldn + j;
-          if constexpr (kDirect) {  // (S is T)
-            if (step) {
-              accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, v_row + j, (g >> kShift) * params.v.head_stride, s.ldo);
-              continue;
-            }
-          }
-          const S* value = heads_of(params.v, v_row[j], g >> kShift, 1, s.v_rows);
-          accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, &value, 0, s.ldo);
+        for (int64_t kv = 0; kv < kv_count; ++kv) {
+          accumulate(kv, kv * kPerKv, first, j, step);
+          if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);
         }
         j += step ? kRows : 1;
       }

@@ -42,11 +42,9 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
 // The decode planner and kernel choose their walk by it.
 inline bool kv_heads_side_by_side(const TensorRef& t, int64_t head_dim) { return t.head_stride == head_dim; }
 
-// Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes,
-// or twice that many split into two equal lane groups (6 or 8 lanes).
-inline bool runs_decode_kernel(int64_t lanes_per_kv) {
-  return lanes_per_kv <= kDecodeLanes || (lanes_per_kv <= 2 * kDecodeLanes && lanes_per_kv % 2 == 0);
-}
+// Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes
+// in one lane group, or up to twice that many in two (5-8 lanes).
+inline bool runs_decode_kernel(int64_t lanes_per_kv) { return lanes_per_kv <= 2 * kDecodeLanes; }
 
 struct CpuKernelTable {
   const char* isa_name;

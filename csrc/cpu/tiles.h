@@ -27,11 +27,13 @@ constexpr int64_t kPackedLanes = 64;
 constexpr int64_t kDecodeBlockLanes = 128;
 // Blocks with at most this many lanes per kv head run the decode kernel (dot products along
 // head_dim): at 4 lanes that costs about what the transposed tile wastes on empty lanes. Kv heads
-// with 6 or 8 lanes (several query tokens of a GQA group: speculative decoding) run there too, as
-// two groups of kDecodeLanes or fewer (runs_decode_kernel), because the decode kernel reads each
-// cache row whole and the transposed tile reads one kv head's slice of it. ab_decode.py
-// --queries 2 (GQA: 8 lanes per kv head), % of a torch.sum timed alongside: bf16 26% -> 56-57%,
-// fp32 36-37% -> 40-42%; paged (16) bf16 14% -> 45%, fp32 33-34% -> 48-50%.
+// with 5-8 lanes (GQA groups of 5-8, several query tokens of a smaller group: speculative
+// decoding) run there too, as two groups of kDecodeLanes or fewer (runs_decode_kernel), because
+// the decode kernel reads each cache row whole and the transposed tile reads one kv head's slice
+// of it. ab_decode.py --queries 2 (GQA: 8 lanes per kv head), % of a torch.sum timed alongside:
+// bf16 26% -> 56-57%, fp32 36-37% -> 40-42%; paged (16) bf16 14% -> 45%, fp32 33-34% -> 48-50%.
+// Groups of 5 and 7 (3 + 2 and 4 + 3 lanes), one token, bench_decode.py --heads 28 --heads-kv 4 /
+// --heads 40 --heads-kv 8, GB/s: fp32 18.4 -> 32.0 / 17.8 -> 26.1, bf16 14.0 -> 26.7 / 14.7 -> 32.2.
 constexpr int64_t kDecodeLanes = 4;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
