@@ -274,8 +274,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   //    fp32 57-68% -> 61-63%.
   //  - blocks of one kv head whose K rows follow one another in memory (caches stored (B, Hkv,
   //    L, D), as Hugging Face's, or of a single kv head), not paged: every line of K
-  //    kRowStreamPrefetchBytes ahead (see tiles.h; such rows are 256-512 bytes, and without it
-  //    the stream ran well below the bandwidth).
+  //    kRowStreamPrefetchBytes ahead, across key blocks (see tiles.h; such rows are 256-512
+  //    bytes, and without it the stream ran well below the bandwidth; their V rows, 2 KiB at
+  //    most, are always staged).
   //  - else fp32/fp64 caches: the first line of each 4 KiB page that begins in the row
   //    kPagePrefetchBytes ahead, so each page's stream starts early (the hardware prefetchers
   //    stop at page boundaries). fp32 MHA 76-78% -> 80-84%, GQA 47-49% -> 52-55%; bf16 caches
@@ -297,9 +298,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   const bool small_pages = pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes;
-  const int64_t rows_ahead = ((small_pages ? kSmallPagePrefetchBytes : kPagePrefetchBytes) + row_bytes - 1) / row_bytes;
   const bool k_rows_follow = kv_count == 1 && params.k.row_stride == head_dim && pages.block_table == nullptr;
-  const int64_t stream_rows_ahead = (kRowStreamPrefetchBytes + row_bytes - 1) / row_bytes;
+  const int64_t ahead_bytes =
+      small_pages ? kSmallPagePrefetchBytes : k_rows_follow ? kRowStreamPrefetchBytes : kPagePrefetchBytes;
+  const int64_t rows_ahead = (ahead_bytes + row_bytes - 1) / row_bytes;
   // Every line of the block's part of a cache row of t (row: its first kv head's part).
   auto prefetch_parts = [&](const TensorRef& t, bool together, const T* row) {
     if (together) {
@@ -317,10 +319,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     const int64_t first = into_page == 0 && !first_page ? 0 : 4096 - into_page;  // the next page start
     for (int64_t offset = first; offset < row_bytes; offset += 4096) prefetch_line(row + offset);
   };
+  KeyRange keys{params.seqlen_k, 0};  // the keys any lane sees (set with the lanes below)
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
     const int64_t ahead = j + rows_ahead;
     const bool is_k = rows == k_row;
-    if (small_pages) {  // past the block's K rows come its V rows
+    if (is_k && k_rows_follow) {  // across key blocks too, within the sequence's rows
+      if (j0 + ahead < keys.end) prefetch_row(rows[j] + rows_ahead * head_dim, head_dim);
+    } else if (small_pages) {  // past the block's K rows come its V rows
       if (ahead < n) {
         prefetch_parts(is_k ? params.k : params.v, is_k ? k_side_by_side : v_side_by_side, rows[ahead]);
       } else if (is_k && !stage_values && ahead - n < n) {
@@ -332,7 +337,6 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   };
 
   const Acc scale = static_cast<Acc>(params.scale);
-  KeyRange keys{params.seqlen_k, 0};
   for (int64_t l = 0; l < lanes.lanes; ++l) {
     const int64_t head = lanes.head(block, l), row = lanes.row(block, l);
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
@@ -427,11 +431,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       };
       auto fetch_ahead = [&](int64_t j) __attribute__((always_inline)) {
         if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
-        if (k_rows_follow) {  // row j + stream_rows_ahead, in the sequence's rows only
-          if (j0 + j + stream_rows_ahead < keys.end) prefetch_row(k_row[j] + stream_rows_ahead * head_dim, head_dim);
-        } else {
-          prefetch_ahead(k_row, j);
-        }
+        prefetch_ahead(k_row, j);
         if (stage_values) prefetch_parts(params.v, v_side_by_side, v_row[j]);
       };
       if (score_rows == 1) {  // the rows in address order (a loop of its own: as one with the
