@@ -10,7 +10,8 @@ of the median torch.sum GB/s. Cases: the inference issue's decode shapes (B = 8,
 L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of --page-size
 rows, 16 by default, shuffled; a case ending in -inorder has its pages in address order, which reads the same bytes
 in the same order as the contiguous cache, so it isolates what the paged path itself costs from
-what the page order costs). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
+what the page order costs; one ending in -runs has runs of 8 adjacent pages in shuffled order, as
+an allocator that hands out free pages in order leaves a cache after some churn). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
 spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
@@ -32,6 +33,7 @@ import sys
 import time
 
 HEADS, HEAD_DIM = 32, 128  # query heads by default (--heads), head_dim
+RUN_PAGES = 8  # adjacent pages per run in the -runs cases
 CASES = ["32-float32", "32-bfloat16", "8-float32", "8-bfloat16",
          "32-float32-paged", "32-bfloat16-paged", "8-float32-paged", "8-bfloat16-paged"]
 
@@ -45,10 +47,10 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
 
 
 def case_error(case: str, heads: int) -> str | None:
-    """Why `case` is not HKV-DTYPE[-paged|-inorder] with HKV dividing `heads`, or None."""
+    """Why `case` is not HKV-DTYPE[-paged|-inorder|-runs] with HKV dividing `heads`, or None."""
     parts = case.split("-")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder")) or not parts[0].isdigit():
-        return f"{case!r} is not HKV-DTYPE[-paged|-inorder]"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder", "runs")) or not parts[0].isdigit():
+        return f"{case!r} is not HKV-DTYPE[-paged|-inorder|-runs]"
     if int(parts[0]) < 1 or heads % int(parts[0]):
         return f"{case!r}: HKV must divide {heads}"
     if parts[1] not in ELEMENT_BYTES:
@@ -77,9 +79,16 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         else:
             k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
-        if case.endswith(("-paged", "-inorder")):
-            order = torch.randperm if case.endswith("-paged") else lambda n, generator: torch.arange(n)
-            table = order(batch * seqlen // page, generator=generator).to(torch.int32).reshape(batch, -1)
+        if case.endswith(("-paged", "-inorder", "-runs")):
+            pages = batch * seqlen // page
+            if case.endswith("-paged"):
+                order = torch.randperm(pages, generator=generator)
+            elif case.endswith("-inorder"):
+                order = torch.arange(pages)
+            else:  # runs of RUN_PAGES adjacent pages, the runs shuffled
+                runs = torch.randperm(pages // RUN_PAGES, generator=generator)
+                order = (runs[:, None] * RUN_PAGES + torch.arange(RUN_PAGES)).flatten()
+            table = order.to(torch.int32).reshape(batch, -1)
             k, v = paged_copy(k, v, page, table)
             kwargs["block_table"] = table
         return q, k, v, kwargs
@@ -99,7 +108,7 @@ def main() -> int:
     parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, HKV-DTYPE[-paged|-inorder] (default {','.join(CASES)})")
+                        help=f"comma-separated, HKV-DTYPE[-paged|-inorder|-runs] (default {','.join(CASES)})")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=4096, help="cached tokens, a multiple of --page-size (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")
@@ -116,6 +125,8 @@ def main() -> int:
     if args.heads < 1:
         parser.error("--heads must be >= 1")
     errors = [e for e in (case_error(case, args.heads) for case in args.cases.split(",")) if e]
+    if any(case.endswith("-runs") for case in args.cases.split(",")) and args.batch * args.seqlen // args.page_size % RUN_PAGES:
+        errors.append(f"-runs cases need a page count (batch * seqlen / page size) that is a multiple of {RUN_PAGES}")
     if errors:
         parser.error("; ".join(errors))
     if args.worker:

@@ -241,6 +241,35 @@ def test_paged_cache_equals_contiguous(page_size):
     _close(paged, contiguous, tol=0)
 
 
+@pytest.mark.parametrize("order", ["address", "runs"])
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+@pytest.mark.parametrize("lengths", [[1500, 37, 900], [3000]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_cache_in_address_order(order, page_size, lengths, dtype):
+    """Block tables whose pages follow one another in the pool, throughout or in runs of 5 pages
+    (the decode kernel leaves such rows to the hardware prefetchers), equal the contiguous cache;
+    [3000] alone is split across the threads, so splits start mid-sequence."""
+    batch, heads_kv, head_dim, capacity = len(lengths), 2, 64, 3006
+    pages_per_seq = -(-capacity // page_size)
+    num_pages = batch * pages_per_seq
+    if order == "address":
+        table = torch.arange(num_pages, dtype=torch.int32).reshape(batch, -1)
+    else:
+        run = 5
+        runs = torch.randperm(-(-num_pages // run), generator=torch.Generator().manual_seed(page_size))
+        table = (runs[:, None] * run + torch.arange(run)).flatten()
+        table = table[table < num_pages].to(torch.int32).reshape(batch, -1)
+    k_pages, v_pages = (torch.randn(num_pages, page_size, heads_kv, head_dim).to(dtype) for _ in range(2))
+    k_contig, v_contig = (torch.stack([pages[table[b].long()].reshape(-1, heads_kv, head_dim) for b in range(batch)])
+                          for pages in (k_pages, v_pages))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(batch, 1, 8, head_dim).to(dtype)
+    paged = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+    contiguous = fusedattn.attention_with_kvcache(q, k_contig, v_contig, cache_seqlens=seqlens)
+    _close(paged, contiguous, tol=0)
+    _check_per_sequence(paged, q, k_contig, v_contig, lengths)
+
+
 def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed, head_dim=64):
     """attention_with_kvcache of `queries` new tokens per sequence over caches holding `lengths`
     tokens (contiguous, or in shuffled pages of page_size rows), causal from the bottom right,
