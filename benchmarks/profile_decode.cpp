@@ -13,6 +13,9 @@
 // (-DFUSEDATTN_ISA=avx512 or avx512bf16, -I csrc). Medians of REPS timings (20x as many for the
 // cached cases), after two warm-up runs.
 // Usage: profile_decode REPS; prints one JSON object (GB/s of K/V read).
+//        profile_decode perf HKV fp32|bf16 REPS: only the full block of all 32 query heads over
+//        Hkv kv heads, L small enough that its K+V (512 KiB) stay in L2, REPS calls; prints its
+//        GB/s. For a sampling profiler (profile_decode.py --perf runs it under perf record).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -93,6 +96,21 @@ std::string profile_case(const char* dtype, int64_t heads_kv, int reps) {
 }
 
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "perf") {
+    const int64_t heads_kv = std::atoi(argv[2]);
+    const bool bf16 = std::string(argv[3]) == "bf16";
+    const int reps = std::max(1, std::atoi(argv[4]));
+    if (heads_kv < 1 || kHeads % heads_kv != 0) {
+      std::fprintf(stderr, "profile_decode perf: HKV must divide %lld\n", static_cast<long long>(kHeads));
+      return 1;
+    }
+    const int64_t len = kCachedBytes / (2 * heads_kv * kHeadDim * (bf16 ? 2 : 4));
+    const double gbs = bf16 ? decode_gbs<BFloat16>(kHeads, heads_kv, len, 1, reps)
+                            : decode_gbs<float>(kHeads, heads_kv, len, 1, reps);
+    std::printf("{\"heads_kv\": %lld, \"len\": %lld, \"gbs\": %.2f}\n", static_cast<long long>(heads_kv),
+                static_cast<long long>(len), gbs);
+    return 0;
+  }
   const int reps = argc > 1 ? std::atoi(argv[1]) : 9;
   std::string cases;
   for (int64_t heads_kv : {int64_t{32}, int64_t{8}}) {
