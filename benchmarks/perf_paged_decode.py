@@ -6,8 +6,8 @@ D = 128) over a contiguous cache and over the same cache in shuffled pages of --
 VM's hardware counters do not work; the clock does), then prints one Markdown table: the
 samples per kernel function in each run, and the difference. Samples land on the instruction
 after the one that stalls, so `--annotate` also prints the hottest instructions (as `perf
-annotate` gives them) of the function whose samples grew most in the paged run. Needs perf and
-torch; about 20 s.
+annotate` gives them) of the function whose samples grew most in the paged run. Needs perf, torch, and the extension's
+symbols (install with -Ccmake.define.CMAKE_STRIP=/bin/true); about 20 s.
 
     python benchmarks/perf_paged_decode.py [--dtype bfloat16] [--page-size 16] [--calls 400] [--annotate]
 """
@@ -92,7 +92,7 @@ def main() -> int:
             counts[run] = samples_by_function(data)
         if not counts["contiguous"] or not counts["paged"]:
             print("perf_paged_decode: no samples in fusedattn's functions (is the installed extension stripped? "
-                  "pip install -Cinstall.strip=false keeps its symbols)")
+                  "pip install . -Ccmake.define.CMAKE_STRIP=/bin/true keeps its symbols)")
             return 1
         print(f"GQA decode, B {BATCH}, Hq {HEADS}, Hkv {HEADS_KV}, L {SEQLEN}, D {HEAD_DIM}, {args.dtype}, "
               f"{args.calls} calls per run; perf samples on the CPU clock (2000/s per thread), pages of "
