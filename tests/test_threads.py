@@ -4,6 +4,8 @@ several Python threads (the GIL is released in the kernel) all give correct resu
 """
 
 import concurrent.futures
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +104,39 @@ def test_concurrent_calls_are_deterministic():
         results = list(pool.map(lambda _: fusedattn.attention(q, k, v, causal=True), range(16)))
     for out in results:
         assert torch.equal(out, expected)
+
+
+def test_set_num_threads_keeps_torch_openmp():
+    """With torch loaded, a set thread count still runs on torch's OpenMP threads."""
+    script = ("import torch, fusedattn; fusedattn.set_num_threads(2); "
+              "fusedattn.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)); "
+              "print(fusedattn._runtime._attached[0])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_own_pool_without_torch():
+    """numpy arrays with no torch in the process run on fusedattn's own pool, which small calls
+    skip (serial_work_macs): on 1 and 2 threads, small calls or not, decode matches a float64
+    reference."""
+    script = """
+import sys
+import numpy as np
+import fusedattn
+assert "torch" not in sys.modules
+rng = np.random.default_rng(0)
+for length in (16, 64, 3000):
+    q = rng.standard_normal((2, 1, 8, 64), dtype=np.float32)
+    k, v = (rng.standard_normal((2, length, 2, 64), dtype=np.float32) for _ in range(2))
+    k64, v64 = (np.repeat(x.astype(np.float64), 4, axis=2) for x in (k, v))  # (2, L, 8, 64)
+    scores = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k64) / 8.0
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    expected = np.einsum("bhqk,bkhd->bqhd", p / p.sum(axis=-1, keepdims=True), v64)
+    for threads in (1, 2):
+        fusedattn.set_num_threads(threads)
+        out = np.asarray(fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=length))
+        assert np.abs(out - expected).max() < 1e-5, (length, threads, np.abs(out - expected).max())
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -218,14 +218,21 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
     }
   }
 
+  // A call whose whole work is a few microseconds runs on the calling thread where waking the
+  // other threads would cost more than they save (serial_work_macs). The plan stays the one for
+  // num_threads, so the results do not depend on it.
+  int64_t work_macs = 0;
+  for (const PlannedBlock& p : plan) work_macs += 2 * p.cost * params.head_dim;
+  const int run_threads = work_macs < serial_work_macs() ? 1 : num_threads;
+
   const size_t scratch_bytes = kernels.forward_scratch_bytes(params, max_lanes);
-  std::vector<ScratchBuffer> scratch(std::max(num_threads, 1));
-  parallel_for(static_cast<int64_t>(plan.size()), num_threads, [&](int64_t task, int worker) {
+  std::vector<ScratchBuffer> scratch(std::max(run_threads, 1));
+  parallel_for(static_cast<int64_t>(plan.size()), run_threads, [&](int64_t task, int worker) {
     const ForwardBlock& block = plan[task].block;
     if (!scratch[worker]) scratch[worker] = allocate_scratch(scratch_bytes);
     kernels.forward_block(sequence_params(params, block.batch), block, scratch[worker].get());
   });
-  parallel_for(merged, num_threads, [&](int64_t m, int) {
+  parallel_for(merged, run_threads, [&](int64_t m, int) {
     std::vector<const float*> outs, lses;
     for (const int64_t i : parts_of[m]) {
       outs.push_back(plan[i].block.partial_out);

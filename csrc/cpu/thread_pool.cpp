@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/tiles.h"
+
 namespace fusedattn {
 namespace cpu {
 namespace {
@@ -136,6 +138,8 @@ bool use_openmp_runtime(const std::string& library_path) {
   g_openmp.store(new OpenMpRuntime{parallel, thread_num});  // process lifetime, like the runtime
   return true;
 }
+
+int64_t serial_work_macs() { return g_openmp.load() != nullptr ? 0 : kPoolSerialWorkMacs; }
 
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn) {
   if (num_tasks <= 0) return;

@@ -15,6 +15,11 @@ namespace cpu {
 // its tasks on the calling thread, so concurrent calls are always safe.
 void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t, int)>& fn);
 
+// Multiply-adds below which a call is better run on the calling thread alone: what waking the
+// helpers costs. kPoolSerialWorkMacs (tiles.h) on fusedattn's own pool, whose helpers sleep
+// between calls; 0 on PyTorch's OpenMP runtime, whose threads spin after torch's ops.
+int64_t serial_work_macs();
+
 // From now on, run parallel_for on the OpenMP runtime at `library_path` if the process has
 // already loaded it (PyTorch's bundled libgomp): fusedattn's work then runs on torch's own
 // OpenMP threads instead of a second pool that would compete with them while they spin after

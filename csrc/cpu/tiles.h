@@ -35,6 +35,15 @@ constexpr int64_t kDecodeBlockLanes = 128;
 // Groups of 5 and 7 (3 + 2 and 4 + 3 lanes), one token, bench_decode.py --heads 28 --heads-kv 4 /
 // --heads 40 --heads-kv 8, GB/s: fp32 18.4 -> 32.0 / 17.8 -> 26.1, bf16 14.0 -> 26.7 / 14.7 -> 32.2.
 constexpr int64_t kDecodeLanes = 4;
+// Forward and decode calls of fewer multiply-adds than this (Q·Kᵀ and P·V, about 2 x lanes x
+// keys x head_dim) run on the calling thread when the kernels use fusedattn's own thread pool
+// (no PyTorch in the process): waking its sleeping helpers took about 40-50 µs on this VM.
+// benchmarks/small_calls.py (numpy arrays, 2 threads), one decode token, 32 query / 8 kv
+// heads, D 128, µs per call: L 16 62 -> 20, L 64 56 -> 29, L 256 75 either way (2.6M
+// multiply-adds); a causal prefill of 32 tokens, 8 heads, D 64, 45 -> 36. On PyTorch's OpenMP
+// threads, which spin after torch's own ops, a threshold of 4M cost 20-50% from L 64 up, so
+// there it is 0 (serial_work_macs, thread_pool.h).
+constexpr int64_t kPoolSerialWorkMacs = int64_t{1} << 21;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
 

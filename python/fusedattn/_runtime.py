@@ -22,14 +22,19 @@ _AVAILABLE_ISAS = tuple(_C.available_isas())  # fixed for the process: read once
 
 
 def get_num_threads() -> int:
-    """Threads the CPU kernels use: set_num_threads' value, else torch's, else the CPU count."""
+    """Threads the CPU kernels use: set_num_threads' value, else torch's, else the CPU count.
+
+    Once torch is loaded the kernels run on its OpenMP threads, whichever count is set (on
+    fusedattn's own pool, whose threads sleep between calls, each call paid about 40 µs here to
+    wake them, next to torch's spinning threads).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and not _attached[0]:
+        _attached[0] = True
+        attach_torch_openmp()
     if _num_threads is not None:
         return _num_threads
-    torch = sys.modules.get("torch")
     if torch is not None:
-        if not _attached[0]:
-            _attached[0] = True
-            attach_torch_openmp()
         return max(1, torch.get_num_threads())
     try:
         return max(1, len(os.sched_getaffinity(0)))
