@@ -106,6 +106,7 @@ def overhead_us(reps=3000) -> dict[str, float]:
     q_sdpa, k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     calls = {
         "fusedattn.attention_with_kvcache": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens),
+        "  ... cache_seqlens as an int": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=16),
         "fusedattn.attention": lambda: fusedattn.attention(q, k, v, layout="bshd"),
         "torch SDPA": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa),
     }

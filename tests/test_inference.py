@@ -170,6 +170,7 @@ def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     ("negative page", ValueError, "block_table"),
     ("lengths shape", ValueError, "cache_seqlens"),
     ("float lengths", TypeError, "cache_seqlens"),
+    ("int beyond int32", ValueError, "cache_seqlens"),
     ("batch index out of range", ValueError, "cache_batch_idx"),
 ])
 def test_kvcache_bad_lengths_and_pages(case, error, message, append):
@@ -192,6 +193,7 @@ def test_kvcache_bad_lengths_and_pages(case, error, message, append):
                                                                                       dtype=torch.int32)),
         "lengths shape": dict(contiguous, cache_seqlens=torch.tensor([5, 9, 1], dtype=torch.int32)),
         "float lengths": dict(contiguous, cache_seqlens=torch.tensor([5.0, 9.0])),
+        "int beyond int32": dict(contiguous, cache_seqlens=2**32 + 5),
         "batch index out of range": dict(contiguous, cache_seqlens=seqlens,
                                          cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
     }[case]
