@@ -171,6 +171,8 @@ def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     ("lengths shape", ValueError, "cache_seqlens"),
     ("float lengths", TypeError, "cache_seqlens"),
     ("int beyond int32", ValueError, "cache_seqlens"),
+    ("int64 lengths beyond int32", ValueError, "cache_seqlens"),
+    ("int64 page beyond int32", ValueError, "block_table"),
     ("batch index out of range", ValueError, "cache_batch_idx"),
 ])
 def test_kvcache_bad_lengths_and_pages(case, error, message, append):
@@ -194,6 +196,9 @@ def test_kvcache_bad_lengths_and_pages(case, error, message, append):
         "lengths shape": dict(contiguous, cache_seqlens=torch.tensor([5, 9, 1], dtype=torch.int32)),
         "float lengths": dict(contiguous, cache_seqlens=torch.tensor([5.0, 9.0])),
         "int beyond int32": dict(contiguous, cache_seqlens=2**32 + 5),
+        "int64 lengths beyond int32": dict(contiguous, cache_seqlens=torch.tensor([5, 2**32 + 9])),
+        "int64 page beyond int32": dict(paged, cache_seqlens=seqlens,
+                                        block_table=torch.tensor([[0, 1, 2, 3], [2**32 + 4, 5, 6, 7]])),
         "batch index out of range": dict(contiguous, cache_seqlens=seqlens,
                                          cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
     }[case]

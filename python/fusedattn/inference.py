@@ -42,12 +42,16 @@ def _int32(x, name, reference):
     if _arrays.is_torch(reference):
         torch = _arrays.torch_module()
         x = torch.as_tensor(x)
-        if x.is_floating_point():
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+        if x.dtype != torch.int32 and x.numel() and not -2**31 <= int(x.min()) <= int(x.max()) < 2**31:
+            raise ValueError(f"{name} must fit in int32 (its entries would wrap around)")
         return x.to(device="cpu", dtype=torch.int32).contiguous()
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got {x.dtype}")
+    if x.dtype != np.int32 and x.size and not -2**31 <= int(x.min()) <= int(x.max()) < 2**31:
+        raise ValueError(f"{name} must fit in int32 (its entries would wrap around)")
     return np.ascontiguousarray(x, dtype=np.int32)
 
 
