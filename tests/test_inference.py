@@ -208,6 +208,25 @@ def test_kvcache_bad_lengths_and_pages(case, error, message, append):
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
+def test_cuda_index_arguments_from_the_host():
+    """The CUDA path's index arguments (_index_on_device, run here with q on the CPU): host values
+    are range-checked like the CPU path's, an int spreads over the batch, the result is int32."""
+    from fusedattn.inference import _index_on_device
+
+    q = torch.randn(3, 1, 2, 8)
+    assert torch.equal(_index_on_device(7, "cache_seqlens", q), torch.full((3,), 7, dtype=torch.int32))
+    assert torch.equal(_index_on_device(torch.tensor(7), "cache_seqlens", q), torch.full((3,), 7, dtype=torch.int32))
+    table = _index_on_device(np.array([[0, 1], [2, 3], [4, 5]]), "block_table", q)
+    assert table.dtype == torch.int32 and table.is_contiguous() and table.tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert _index_on_device(None, "cache_leftpad", q) is None
+    with pytest.raises(ValueError, match="cache_seqlens must fit in int32"):
+        _index_on_device(2**32 + 5, "cache_seqlens", q)
+    with pytest.raises(ValueError, match="block_table must fit in int32"):
+        _index_on_device(torch.tensor([[0, 2**32 + 1]]), "block_table", q)
+    with pytest.raises(TypeError, match="cache_batch_idx"):
+        _index_on_device(torch.tensor([0.0, 1.0, 2.0]), "cache_batch_idx", q)
+
+
 @pytest.mark.parametrize("kind", ["torch", "numpy"])
 @pytest.mark.parametrize("lengths", [7, [7], (7,)], ids=["int", "list", "tuple"])
 def test_kvcache_one_length_for_every_sequence(lengths, kind):

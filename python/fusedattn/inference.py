@@ -358,13 +358,10 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
 
-    def on_device(x):
-        if x is None:
-            return None
-        x = torch.as_tensor(x, device=q.device)
-        return (x.expand(q.shape[0]) if x.ndim == 0 else x).to(torch.int32).contiguous()
+    def on_device(x, name):
+        return _index_on_device(x, name, q)
 
-    seqlens = on_device(cache_seqlens)
+    seqlens = on_device(cache_seqlens, "cache_seqlens")
     if rotary[0] is not None or rotary[1] is not None:
         capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
         q, k = _rotary_cuda(q, k, seqlens, rotary, rotate_q_per_token=causal or tuple(call.window) != (-1, -1),
@@ -375,9 +372,27 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     _cuda_backend.decode(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, seqlens, variant,
                          k=None if k is None else call.bhsd(k), v=None if v is None else call.bhsd(v),
-                         block_table=on_device(block_table), cache_batch_idx=on_device(cache_batch_idx),
-                         cache_leftpad=on_device(cache_leftpad))
+                         block_table=on_device(block_table, "block_table"),
+                         cache_batch_idx=on_device(cache_batch_idx, "cache_batch_idx"),
+                         cache_leftpad=on_device(cache_leftpad, "cache_leftpad"))
     return (out, lse) if return_lse else out
+
+
+def _index_on_device(x, name, q):
+    """An index argument of a CUDA call as a contiguous int32 tensor on q's device, a single
+    value spread over the batch. Values given on the host (ints, lists, numpy arrays, CPU
+    tensors) are checked as the CPU path checks them (_int32: integers within int32); a CUDA
+    tensor is converted as it is, since checking it would need a host sync."""
+    if x is None:
+        return None
+    torch = _arrays.torch_module()
+    scalar = isinstance(x, int) and not isinstance(x, bool)
+    if not _arrays.is_cuda(x):
+        x = _int32(x, name, q)
+    x = torch.as_tensor(x, device=q.device)
+    if scalar or x.ndim == 0:
+        x = x.reshape(()).expand(q.shape[0])
+    return x.to(torch.int32).contiguous()
 
 
 def _rotary_cuda(q, k, seqlens, rotary, *, rotate_q_per_token, capacity):
