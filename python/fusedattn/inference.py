@@ -31,27 +31,32 @@ __all__ = [
 ]
 
 
+def _check_int32(low, high, name):
+    """ValueError unless index values in [low, high] fit in int32 (else they would wrap around)."""
+    if not -2**31 <= low <= high < 2**31:
+        raise ValueError(f"{name} must fit in int32 (its entries would wrap around)")
+
+
 def _int32(x, name, reference):
     """An index array as contiguous int32 of reference's kind (torch or numpy); a Python int as a
     one-element numpy array whatever the reference (the extension reads either kind, and a torch
     tensor made from an int cost a decode call about 3 µs)."""
     if isinstance(x, int) and not isinstance(x, bool):
-        if not -2**31 <= x < 2**31:
-            raise ValueError(f"{name} must fit in int32, got {x}")
+        _check_int32(x, x, name)
         return np.full(1, x, dtype=np.int32)
     if _arrays.is_torch(reference):
         torch = _arrays.torch_module()
         x = torch.as_tensor(x)
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer array, got {x.dtype}")
-        if x.dtype != torch.int32 and x.numel() and not -2**31 <= int(x.min()) <= int(x.max()) < 2**31:
-            raise ValueError(f"{name} must fit in int32 (its entries would wrap around)")
+        if x.dtype != torch.int32 and x.numel():
+            _check_int32(int(x.min()), int(x.max()), name)
         return x.to(device="cpu", dtype=torch.int32).contiguous()
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got {x.dtype}")
-    if x.dtype != np.int32 and x.size and not -2**31 <= int(x.min()) <= int(x.max()) < 2**31:
-        raise ValueError(f"{name} must fit in int32 (its entries would wrap around)")
+    if x.dtype != np.int32 and x.size:
+        _check_int32(int(x.min()), int(x.max()), name)
     return np.ascontiguousarray(x, dtype=np.int32)
 
 
@@ -358,10 +363,7 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
                  scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
 
-    def on_device(x, name):
-        return _index_on_device(x, name, q)
-
-    seqlens = on_device(cache_seqlens, "cache_seqlens")
+    seqlens = _index_on_device(cache_seqlens, "cache_seqlens", q)
     if rotary[0] is not None or rotary[1] is not None:
         capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
         q, k = _rotary_cuda(q, k, seqlens, rotary, rotate_q_per_token=causal or tuple(call.window) != (-1, -1),
@@ -372,9 +374,9 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     _cuda_backend.decode(call.bhsd(q), call.bhsd(k_cache), call.bhsd(v_cache), call.bhsd(out), lse, seqlens, variant,
                          k=None if k is None else call.bhsd(k), v=None if v is None else call.bhsd(v),
-                         block_table=on_device(block_table, "block_table"),
-                         cache_batch_idx=on_device(cache_batch_idx, "cache_batch_idx"),
-                         cache_leftpad=on_device(cache_leftpad, "cache_leftpad"))
+                         block_table=_index_on_device(block_table, "block_table", q),
+                         cache_batch_idx=_index_on_device(cache_batch_idx, "cache_batch_idx", q),
+                         cache_leftpad=_index_on_device(cache_leftpad, "cache_leftpad", q))
     return (out, lse) if return_lse else out
 
 
