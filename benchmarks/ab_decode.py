@@ -11,7 +11,9 @@ L = 4096, D = 128, Hkv 32 or 8, fp32 / bf16), contiguous and paged (pages of --p
 rows, 16 by default, shuffled; a case ending in -inorder has its pages in address order, which reads the same bytes
 in the same order as the contiguous cache, so it isolates what the paged path itself costs from
 what the page order costs; one ending in -runs has runs of 8 adjacent pages in shuffled order, as
-an allocator that hands out free pages in order leaves a cache after some churn). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
+an allocator that hands out free pages in order leaves a cache after some churn; one ending in
+-interleaved has page p of sequence b at p * B + b, as sequences that grew side by side leave a
+pool). Set OMP_WAIT_POLICY=PASSIVE so idle workers' OpenMP threads do not
 spin.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_decode.py DIR_A DIR_B [...] [--reps N] [--cases ...]
@@ -47,10 +49,10 @@ def case_bytes(case: str, batch: int, seqlen: int) -> int:
 
 
 def case_error(case: str, heads: int) -> str | None:
-    """Why `case` is not HKV-DTYPE[-paged|-inorder|-runs] with HKV dividing `heads`, or None."""
+    """Why `case` is not HKV-DTYPE[-paged|-inorder|-runs|-interleaved] with HKV dividing `heads`, or None."""
     parts = case.split("-")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder", "runs")) or not parts[0].isdigit():
-        return f"{case!r} is not HKV-DTYPE[-paged|-inorder|-runs]"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("paged", "inorder", "runs", "interleaved")) or not parts[0].isdigit():
+        return f"{case!r} is not HKV-DTYPE[-paged|-inorder|-runs|-interleaved]"
     if int(parts[0]) < 1 or heads % int(parts[0]):
         return f"{case!r}: HKV must divide {heads}"
     if parts[1] not in ELEMENT_BYTES:
@@ -79,12 +81,14 @@ def worker(install: str, cases: list[str], batch: int, seqlen: int, queries: int
         else:
             k, v = (torch.randn(batch, seqlen, heads_kv, HEAD_DIM, generator=generator).to(dtype) for _ in range(2))
         kwargs = {}
-        if case.endswith(("-paged", "-inorder", "-runs")):
+        if case.endswith(("-paged", "-inorder", "-runs", "-interleaved")):
             pages = batch * seqlen // page
             if case.endswith("-paged"):
                 order = torch.randperm(pages, generator=generator)
             elif case.endswith("-inorder"):
                 order = torch.arange(pages)
+            elif case.endswith("-interleaved"):  # page p of sequence b at p * batch + b
+                order = torch.arange(pages).reshape(-1, batch).T.flatten()
             else:  # runs of RUN_PAGES adjacent pages, the runs shuffled
                 runs = torch.randperm(pages // RUN_PAGES, generator=generator)
                 order = (runs[:, None] * RUN_PAGES + torch.arange(RUN_PAGES)).flatten()
@@ -108,7 +112,7 @@ def main() -> int:
     parser.add_argument("installs", nargs="+", help="directories that each hold a fusedattn package")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated, HKV-DTYPE[-paged|-inorder|-runs] (default {','.join(CASES)})")
+                        help=f"comma-separated, HKV-DTYPE[-paged|-inorder|-runs|-interleaved] (default {','.join(CASES)})")
     parser.add_argument("--batch", type=int, default=8, help="sequences (default 8)")
     parser.add_argument("--seqlen", type=int, default=4096, help="cached tokens, a multiple of --page-size (default 4096)")
     parser.add_argument("--queries", type=int, default=1, help="new tokens per sequence (default 1)")

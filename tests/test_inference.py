@@ -296,6 +296,83 @@ def test_paged_cache_in_address_order(order, page_size, lengths, dtype):
     _check_per_sequence(paged, q, k_contig, v_contig, lengths)
 
 
+def _pool_walk_case(pool, lengths, queries=1, dtype=torch.float32, page_size=16, heads=(16, 8), seed=0):
+    """A decode call over a paged cache of about 16 MiB of K+V (fp32; the CPU reads such caches
+    in pool order where their tables are shuffled, pool_walk.cpp), in the block-table order `pool`
+    names: "shuffled" (a random permutation of the pool), "interleaved" (page p of sequence b
+    at p * batch + b, as sequences that grew side by side leave a pool), or "shared" (shuffled,
+    and sequence 1 reads sequence 0's first 20 pages, a shared prefix). Returns q and the
+    contiguous caches and table."""
+    num_heads, num_heads_kv = heads
+    batch, head_dim = len(lengths), 64
+    generator = torch.Generator().manual_seed(seed)
+    pages_per_seq = -(-max(max(lengths) + queries, 1) // page_size)
+    num_pages = batch * pages_per_seq
+    if pool == "interleaved":
+        table = (torch.arange(pages_per_seq)[None, :] * batch + torch.arange(batch)[:, None]).to(torch.int32)
+    else:
+        table = torch.randperm(num_pages, generator=generator).to(torch.int32).reshape(batch, -1)
+        if pool == "shared":
+            table[1, :20] = table[0, :20]
+    k_pages, v_pages = (torch.randn(num_pages, page_size, num_heads_kv, head_dim, generator=generator).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, queries, num_heads, head_dim, generator=generator).to(dtype)
+    return q, k_pages, v_pages, table
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pool", ["shuffled", "interleaved", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_in_pool_order(threads, pool, dtype):
+    """Shuffled block tables over a large pool: the CPU reads the pages sorted by their place in
+    the pool, interleaving the sequences (pool_walk.cpp), and splits the pool between the
+    threads, merging each sequence's parts by LSE. Equals the fp64 reference per sequence,
+    with lengths that end mid-page, an empty sequence, a sink per head and the LSE."""
+    lengths = [2000, 1234, 0, 3001]
+    q, k_pages, v_pages, table = _pool_walk_case(pool, lengths, dtype=dtype)
+    sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(1))
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                                    block_table=table, sinks=sinks, return_lse=True)
+    finally:
+        fusedattn.set_num_threads(None)
+    for b, n in enumerate(lengths):
+        k_b, v_b = (pages[table[b].long()].flatten(0, 1)[None, :n].transpose(1, 2) for pages in (k_pages, v_pages))
+        expected, expected_lse = reference.attention_reference(q[b:b + 1].transpose(1, 2), k_b, v_b, sinks=sinks)
+        torch_lowp = None
+        if dtype != torch.float32:
+            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k_b, v_b,
+                                                                          enable_gqa=True) if n else None
+        if n == 0:  # no key: zero output, LSE the sink's logit
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            np.testing.assert_allclose(lse[b, :, 0].numpy(), sinks.numpy(), rtol=1e-6)
+            continue
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+        np.testing.assert_allclose(lse[b:b + 1].double().numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["window", "alibi", "softcap", "queries"])
+def test_paged_decode_in_pool_order_variants(variant):
+    """The pool-order walk with the score variants that decode over a cache meets: a sliding
+    window (the walk skips pages outside it), ALiBi (key positions from the table), softcap, and
+    three query tokens, causal from the bottom right."""
+    lengths = [3000, 2047, 2500, 1800]
+    queries = 3 if variant == "queries" else 1
+    q, k_pages, v_pages, table = _pool_walk_case("shuffled", lengths, queries=queries, seed=2)
+    kwargs = {"window": (700, 0)} if variant == "window" else {}
+    if variant == "alibi":
+        kwargs["alibi_slopes"] = torch.rand(q.shape[2], generator=torch.Generator().manual_seed(3)) * 0.01
+    if variant == "softcap":
+        kwargs["softcap"] = 5.0
+    out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                           block_table=table, **kwargs)
+    for b, n in enumerate(lengths):
+        k_b, v_b = (pages[table[b].long()].flatten(0, 1)[None, :n].transpose(1, 2) for pages in (k_pages, v_pages))
+        expected, _ = reference.attention_reference(q[b:b + 1].transpose(1, 2), k_b, v_b, causal=True, **kwargs)
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), None, expected)
+
+
 def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed, head_dim=64):
     """attention_with_kvcache of `queries` new tokens per sequence over caches holding `lengths`
     tokens (contiguous, or in shuffled pages of page_size rows), causal from the bottom right,

@@ -12,26 +12,16 @@
 #include "cpu/attention_cpu.h"
 
 #include <algorithm>
-#include <memory>
-#include <new>
 #include <vector>
 
 #include "common/variant.h"
 #include "cpu/isa.h"
+#include "cpu/pool_walk.h"
 #include "cpu/thread_pool.h"
 
 namespace fusedattn {
 namespace cpu {
 namespace {
-
-struct AlignedDelete {
-  void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
-using ScratchBuffer = std::unique_ptr<char[], AlignedDelete>;
-
-ScratchBuffer allocate_scratch(size_t bytes) {
-  return ScratchBuffer(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
-}
 
 struct PlannedBlock {
   ForwardBlock block;
@@ -188,6 +178,7 @@ int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& param
 void attention_forward(const AttentionParams& params, const std::string& isa, int num_threads) {
   const CpuKernelTable& kernels = kernels_for_isa(isa);
   if (params.batch == 0 || params.num_heads == 0) return;
+  if (decode_in_pool_order(params, kernels, num_threads)) return;
   std::vector<PlannedBlock> plan = plan_blocks(params, num_threads);
   const int64_t merged = split_keys(plan, params, num_threads);
   std::stable_sort(plan.begin(), plan.end(),

@@ -1,12 +1,24 @@
 // The CPU attention entry points: split the work into tasks, give each thread its scratch,
 // and run the chosen ISA's kernels on the thread pool.
 #pragma once
+#include <cstddef>
+#include <memory>
+#include <new>
 #include <string>
 
 #include "common/params.h"
 
 namespace fusedattn {
 namespace cpu {
+
+// Per-thread scratch, 64-byte aligned.
+struct AlignedDelete {
+  void operator()(char* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using ScratchBuffer = std::unique_ptr<char[], AlignedDelete>;
+inline ScratchBuffer allocate_scratch(size_t bytes) {
+  return ScratchBuffer(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
+}
 
 // Forward over all (batch, head, q-block) tasks. `isa` names a kernel set (see isa.h).
 void attention_forward(const AttentionParams& params, const std::string& isa, int num_threads);

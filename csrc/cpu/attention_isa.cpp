@@ -43,6 +43,14 @@ void forward_block(const AttentionParams& params, const ForwardBlock& block, voi
   });
 }
 
+size_t decode_state_bytes(const AttentionParams& params, int64_t lanes) {
+  return dispatch_dtype(params.dtype, [&](auto tag) { return decode_state_bytes_t<decltype(tag)>(params, lanes); });
+}
+
+void decode_visit(const AttentionParams& params, const ForwardBlock& block, const DecodeVisit& visit, void* scratch) {
+  dispatch_dtype(params.dtype, [&](auto tag) { decode_block_t<decltype(tag)>(params, block, scratch, &visit); });
+}
+
 void merge_block_partials(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
                           const float* const* lses, int64_t count) {
   dispatch_dtype(params.dtype, [&](auto tag) { merge_block_partials_t<decltype(tag)>(params, block, outs, lses, count); });
@@ -92,6 +100,8 @@ const CpuKernelTable& kernel_table() {
   static const CpuKernelTable table{FUSEDATTN_STRINGIFY(FUSEDATTN_ISA),
                                     &forward_scratch_bytes,
                                     &forward_block,
+                                    &decode_state_bytes,
+                                    &decode_visit,
                                     &merge_block_partials,
                                     &backward_scratch_bytes,
                                     &row_pitch,

@@ -10,7 +10,10 @@
 // rows in chunks where the block's kv heads lie side by side over 4 KiB or more of a row
 // (kDecodeScoreChunkRows, tiles.h), each lane group over the whole chunk, so q is read once per
 // chunk. The score pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
+// A block runs whole (forward_block), or in visits (DecodeVisit: a pool walk over a paged cache,
+// pool_walk.cpp), its running state then kept in a DecodeState between them.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -184,6 +187,29 @@ inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* 
   for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, rows, offset, ld, c);
 }
 
+// What a decode block keeps between the visits of a pool walk (DecodeVisit::state): the
+// ForwardScratch parts that outlive a key block, in elements of Acc (the key indices too).
+template <typename Acc>
+struct DecodeState {
+  static int64_t elements(int64_t head_dim, int64_t lanes) {
+    const int64_t ldq = round_up(lanes, Vec<Acc>::kWidth), ldo = round_up(head_dim, Vec<Acc>::kWidth);
+    return 2 * ldq * ldo + 6 * ldq;
+  }
+  // Points s's lasting parts (o, q_rows, row_max, row_sum, query_pos, lane_slope, key_begin,
+  // key_end) into `state`; s's key-block parts stay in the thread's scratch.
+  static void place(void* state, ForwardScratch<Acc>& s) {
+    Acc* p = static_cast<Acc*>(state);
+    s.o = p;          p += s.ldq * s.ldo;
+    s.q_rows = p;     p += s.ldq * s.ldo;
+    s.row_max = p;    p += s.ldq;
+    s.row_sum = p;    p += s.ldq;
+    s.query_pos = p;  p += s.ldq;
+    s.lane_slope = p; p += s.ldq;
+    s.key_begin = reinterpret_cast<MaskIndex<Acc>*>(p); p += s.ldq;
+    s.key_end = reinterpret_cast<MaskIndex<Acc>*>(p);
+  }
+};
+
 // Calls f(first, second), both std::integral_constant, for a kv head of lanes_per_kv lanes (one
 // that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (second
 // 0), or two, `first` lanes then `second` (3 + 2, 3 + 3, 4 + 3, 4 + 4 for 5-8 lanes). Both are
@@ -220,15 +246,18 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
 // converted and zero-padded into scratch.
+// visit: null for the whole block, else one visit of a pool walk (its keys, its state).
 template <typename T, bool kDirect>
-void decode_block_impl(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
+void decode_block_impl(const AttentionParams& params, const ForwardBlock& block, void* scratch,
+                       const DecodeVisit* visit) {
   using Acc = typename ComputeType<T>::type;
   using V = VecT<Acc>;
   using S = std::conditional_t<kDirect, T, Acc>;  // what the dot products read
   constexpr int W = Vec<Acc>::kWidth;
   const int64_t head_dim = params.head_dim;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
-  const ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
+  ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
+  if (visit != nullptr) DecodeState<Acc>::place(visit->state, s);
   const int64_t kv_first = kv_head_of(params, block.head_begin);
   const int64_t lanes_per_kv = lanes_per_kv_head(params, block);
   const int64_t kv_count = lanes.lanes / lanes_per_kv;
@@ -297,7 +326,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool chunk_rows =
       k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
-  const bool small_pages = pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes;
+  // (A pool walk reads the pages in address order, which the hardware prefetchers follow.)
+  const bool small_pages =
+      pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes && visit == nullptr;
   const bool pool_pages_follow = params.k.batch_stride == pages.page_size * params.k.row_stride &&
                                  params.v.batch_stride == pages.page_size * params.v.row_stride;
   const int32_t* page_table = small_pages ? pages.block_table + block.batch * pages.block_table_stride : nullptr;
@@ -356,7 +387,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   };
 
   const Acc scale = static_cast<Acc>(params.scale);
-  for (int64_t l = 0; l < lanes.lanes; ++l) {
+  for (int64_t l = 0; l < lanes.lanes && visit != nullptr && !visit->first; ++l) {  // a later visit
+    keys.begin = s.key_begin[l] < keys.begin ? s.key_begin[l] : keys.begin;
+    keys.end = s.key_end[l] > keys.end ? s.key_end[l] : keys.end;
+  }
+  for (int64_t l = 0; l < lanes.lanes && (visit == nullptr || visit->first); ++l) {
     const int64_t head = lanes.head(block, l), row = lanes.row(block, l);
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
                  head * params.q.head_stride + row * params.q.row_stride;
@@ -387,9 +422,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
+  // Key blocks: kBlockN-aligned from the first visible key, or a visit's keys cut at the same
+  // multiples of kBlockN.
   bool any_key = false;
-  for (j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
-    n = (keys.end - j0 < kBlockN) ? keys.end - j0 : kBlockN;
+  const int64_t walk_begin = visit == nullptr ? keys.begin / kBlockN * kBlockN : std::max(keys.begin, visit->key_lo);
+  const int64_t walk_end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);
+  for (j0 = walk_begin; j0 < walk_end; j0 += n) {
+    n = std::min(walk_end - j0, kBlockN - j0 % kBlockN);
     if (params.mask.type != MaskType::kNone) {
       if (!load_mask_tile(params.mask, block.batch, block.head_begin, block.row_begin, lanes.rows, j0, n,
                           s.mask_tile, row_major)) {
@@ -470,10 +509,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         });
       }
     });
+    const int64_t n_vectors = round_up(n, W);  // the block's scores as whole vectors (-inf padded)
     if (pair_dots) {
       for (int64_t l = 0; l < lanes.lanes; ++l) {
         Acc* row = s.s_t + l * ldn;
-        for (int64_t j = 0; j < ldn; j += W) vec_store<Acc>(row + j, vec_load<Acc>(row + j) * scale);
+        for (int64_t j = 0; j < n_vectors; j += W) vec_store<Acc>(row + j, vec_load<Acc>(row + j) * scale);
       }
     }
     for (int64_t l = 0; l < lanes.lanes; ++l) {
@@ -493,16 +533,16 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       // Keys outside this lane's visible range (and the tile's padding) get -inf.
       const int64_t lo = s.key_begin[l] > j0 ? s.key_begin[l] - j0 : 0;
       const int64_t hi = s.key_end[l] - j0 < n ? s.key_end[l] - j0 : n;
-      for (int64_t j = 0; j < lo && j < ldn; ++j) row[j] = minus_inf;
-      for (int64_t j = hi > 0 ? hi : 0; j < ldn; ++j) row[j] = minus_inf;
+      for (int64_t j = 0; j < lo && j < n_vectors; ++j) row[j] = minus_inf;
+      for (int64_t j = hi > 0 ? hi : 0; j < n_vectors; ++j) row[j] = minus_inf;
       // Online softmax of this lane over the block, a vector of keys at a time.
       V max_vec = vec_set1<Acc>(s.row_max[l]);
-      for (int64_t j = 0; j < ldn; j += W) max_vec = vec_max<Acc>(max_vec, vec_load<Acc>(row + j));
+      for (int64_t j = 0; j < n_vectors; j += W) max_vec = vec_max<Acc>(max_vec, vec_load<Acc>(row + j));
       const Acc new_max = vec_max_lane<Acc>(max_vec);
       const Acc shift = new_max == minus_inf ? Acc(0) : new_max;
       const Acc rescale = exp_scalar(s.row_max[l] - shift);
       V sum_vec = vec_set1<Acc>(Acc(0));
-      for (int64_t j = 0; j < ldn; j += W) {
+      for (int64_t j = 0; j < n_vectors; j += W) {
         const V prob = exp_vec<Acc>(vec_load<Acc>(row + j) - vec_set1<Acc>(shift));
         vec_store<Acc>(row + j, prob);
         sum_vec += prob;
@@ -556,19 +596,32 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     });
     any_key = true;
   }
-  write_block_output<T>(params, block, lanes, s, !any_key);
+  // (A visited block's O stays 0 where no key was seen, which writes the same as !any_key.)
+  if (visit == nullptr) {
+    write_block_output<T>(params, block, lanes, s, !any_key);
+  } else if (visit->last) {
+    write_block_output<T>(params, block, lanes, s, false);
+  }
 }
 
 template <typename T>
-void decode_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
+size_t decode_state_bytes_t(const AttentionParams& params, int64_t lanes) {
+  using Acc = typename ComputeType<T>::type;
+  return static_cast<size_t>(round_up(DecodeState<Acc>::elements(params.head_dim, lanes) * static_cast<int64_t>(sizeof(Acc)), 64));
+}
+
+// visit: null for the whole block, else one visit of a pool walk (DecodeVisit).
+template <typename T>
+void decode_block_t(const AttentionParams& params, const ForwardBlock& block, void* scratch,
+                    const DecodeVisit* visit = nullptr) {
   using Acc = typename ComputeType<T>::type;
   constexpr int W = Vec<Acc>::kWidth;
   // Reading bf16/fp16 in place needs widening loads (kConvertLanes floats per vector).
   constexpr bool kWidens = std::is_same_v<T, Acc> || W == 1 || (std::is_same_v<Acc, float> && W == kConvertLanes);
   if (kWidens && params.head_dim % W == 0) {
-    decode_block_impl<T, kWidens>(params, block, scratch);
+    decode_block_impl<T, kWidens>(params, block, scratch, visit);
   } else {
-    decode_block_impl<T, false>(params, block, scratch);
+    decode_block_impl<T, false>(params, block, scratch, visit);
   }
 }
 

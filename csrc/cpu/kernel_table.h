@@ -27,6 +27,19 @@ struct ForwardBlock {
   float* partial_lse = nullptr;
 };
 
+// One visit of a pool walk (pool_walk.h) to a decode block: keys [key_lo, key_hi) of the
+// block, whose running state (scaled q rows, O, max, sum, key ranges) stays in `state`
+// (decode_state_bytes) between visits, so that several blocks' visits can interleave. The
+// first visit sets the state up (with the sink where block.key_lo is 0), the last writes the
+// block's output (or its partial, see ForwardBlock).
+struct DecodeVisit {
+  void* state = nullptr;
+  int64_t key_lo = 0;
+  int64_t key_hi = 0;
+  bool first = false;
+  bool last = false;
+};
+
 // A block's heads read one kv head, or (decode blocks only) whole GQA groups of several.
 // Blocks whose lanes (query rows x heads) per kv head pass runs_decode_kernel run the decode
 // kernel.
@@ -51,6 +64,11 @@ struct CpuKernelTable {
   // Bytes of per-thread scratch that forward_block needs for q-blocks of block_rows rows.
   size_t (*forward_scratch_bytes)(const AttentionParams& params, int64_t block_rows);
   void (*forward_block)(const AttentionParams& params, const ForwardBlock& block, void* scratch);
+  // Bytes of one decode block's state between pool-walk visits (DecodeVisit), for `lanes` lanes.
+  size_t (*decode_state_bytes)(const AttentionParams& params, int64_t lanes);
+  // One visit to a decode block (one that passes runs_decode_kernel), scratch as forward_block's.
+  void (*decode_visit)(const AttentionParams& params, const ForwardBlock& block, const DecodeVisit& visit,
+                       void* scratch);
   // Merges the partial results of `count` key splits of `block` (see ForwardBlock) into out / lse.
   void (*merge_block_partials)(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
                                const float* const* lses, int64_t count);

@@ -47,6 +47,19 @@ constexpr int64_t kPoolSerialWorkMacs = int64_t{1} << 21;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
 
+// A paged decode call reads its pages in pool order (pool_walk.cpp) only where the table order
+// jumps elsewhere in memory at least every kPoolWalkTableRunPages pages on average (runs of 8
+// adjacent pages, which the hardware prefetchers stream through, lost 5-6 points walked in pool
+// order), the pool order jumps at most half as often, the visits it makes average at least
+// kPoolWalkMinVisitRows key rows of whole pages (each visit has a key block's fixed costs), and
+// the call reads at least kPoolWalkMinBytes of K and V (a cache that fits in L2 gains nothing
+// from its order), on pages of at most kPoolWalkMaxPageBytes of K (MHA fp32 at pages of 16
+// rows, 256 KiB, lost 4% in pool order: a jump costs little next to so long a page).
+constexpr int64_t kPoolWalkMaxPageBytes = 128 << 10;
+constexpr int64_t kPoolWalkTableRunPages = 4;
+constexpr int64_t kPoolWalkMinVisitRows = 16;
+constexpr int64_t kPoolWalkMinBytes = 4 << 20;
+
 }  // namespace cpu
 }  // namespace fusedattn
 
