@@ -37,14 +37,17 @@ struct KeyRun {
 
 // Whether each sequence decodes as one block of all its heads that reads whole cache rows (the
 // blocks plan_blocks makes for decode), so that a walk can visit it page by page: a paged cache,
-// no cache_leftpad, no dropout or per-head mask, and fp32 partials are fine (not fp64).
+// no cache_leftpad, no dropout or per-head mask, and fp32 partials are fine (not fp64). Kv heads
+// of one lane group only: with two (a GQA group of 8, or 2 tokens of a group of 4) the walk
+// measured 2-3 points below the table order (ab_decode.py --cases 4-float32-paged,... and
+// --queries 2).
 bool walkable(const AttentionParams& params) {
   const SequenceLayout& layout = params.sequences;
   if (layout.block_table == nullptr || layout.k_begin != nullptr || layout.cu_seqlens_q != nullptr) return false;
   if (params.dtype == DType::kFloat64 || params.dropout_p > 0.0) return false;
   if (params.mask.type != MaskType::kNone && params.mask.head_stride != 0) return false;
   const int64_t group = params.num_heads / params.num_heads_kv;
-  return runs_decode_kernel(params.seqlen_q * group) && params.seqlen_q * params.num_heads <= kDecodeBlockLanes &&
+  return params.seqlen_q * group <= kDecodeLanes && params.seqlen_q * params.num_heads <= kDecodeBlockLanes &&
          kv_heads_side_by_side(params.k, params.head_dim) && kv_heads_side_by_side(params.v, params.head_dim);
 }
 
