@@ -333,7 +333,8 @@ def test_paged_decode_in_pool_order(threads, pool, dtype):
     sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(1))
     fusedattn.set_num_threads(threads)
     try:
-        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
+                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
                                                     block_table=table, sinks=sinks, return_lse=True)
     finally:
         fusedattn.set_num_threads(None)

@@ -387,11 +387,12 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   };
 
   const Acc scale = static_cast<Acc>(params.scale);
-  for (int64_t l = 0; l < lanes.lanes && visit != nullptr && !visit->first; ++l) {  // a later visit
+  const bool resumed = visit != nullptr && !visit->first;  // the lanes' state is already in visit->state
+  for (int64_t l = 0; l < lanes.lanes && resumed; ++l) {
     keys.begin = s.key_begin[l] < keys.begin ? s.key_begin[l] : keys.begin;
     keys.end = s.key_end[l] > keys.end ? s.key_end[l] : keys.end;
   }
-  for (int64_t l = 0; l < lanes.lanes && (visit == nullptr || visit->first); ++l) {
+  for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
     const int64_t head = lanes.head(block, l), row = lanes.row(block, l);
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
                  head * params.q.head_stride + row * params.q.row_stride;
@@ -607,7 +608,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 template <typename T>
 size_t decode_state_bytes_t(const AttentionParams& params, int64_t lanes) {
   using Acc = typename ComputeType<T>::type;
-  return static_cast<size_t>(round_up(DecodeState<Acc>::elements(params.head_dim, lanes) * static_cast<int64_t>(sizeof(Acc)), 64));
+  const int64_t bytes = DecodeState<Acc>::elements(params.head_dim, lanes) * static_cast<int64_t>(sizeof(Acc));
+  return static_cast<size_t>(round_up(bytes, 64));
 }
 
 // visit: null for the whole block, else one visit of a pool walk (DecodeVisit).

@@ -107,9 +107,11 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
   }
   const int64_t row_bytes = 2 * params.num_heads_kv * params.head_dim * dtype_size(params.dtype);  // K and V
   const int64_t page_count = static_cast<int64_t>(pages.size());
-  if (page_size * row_bytes / 2 > kPoolWalkMaxPageBytes || kPoolWalkTableRunPages * table_jumps <= page_count || 2 * pool_jumps >= table_jumps ||
-      page_count * page_size < kPoolWalkMinVisitRows * static_cast<int64_t>(visits.size()) ||
-      rows * row_bytes < kPoolWalkMinBytes) {
+  const bool pays = page_size * row_bytes / 2 <= kPoolWalkMaxPageBytes &&  // (see tiles.h)
+                   kPoolWalkTableRunPages * table_jumps > page_count && 2 * pool_jumps < table_jumps &&
+                   page_count * page_size >= kPoolWalkMinVisitRows * static_cast<int64_t>(visits.size()) &&
+                   rows * row_bytes >= kPoolWalkMinBytes;
+  if (!pays) {
     return false;
   }
 
