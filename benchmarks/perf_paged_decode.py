@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+from profile_decode import short_name  # (beside this script)
+
 BATCH, SEQLEN, HEADS, HEADS_KV, HEAD_DIM = 8, 4096, 32, 8, 128
 
 
@@ -56,13 +58,6 @@ def samples_by_function(data: str) -> dict[str, int]:
         if match and "fusedattn::" in match.group(2):
             counts[match.group(2)] = int(match.group(1))
     return counts
-
-
-def short_name(symbol: str) -> str:
-    """A kernel symbol without namespaces, its parameter lists cut down."""
-    symbol = re.sub(r"fusedattn::(cpu::)?(avx512bf16::|avx512::|avx2::|scalar::)?", "", symbol)
-    symbol = symbol.replace("(AttentionParams const&, ForwardBlock const&, void*)", "(...)")
-    return symbol if len(symbol) <= 110 else symbol[:107] + "..."
 
 
 def main() -> int:

@@ -92,11 +92,13 @@ def perf_profile(isa: str, heads_kv: int, dtype: str) -> int:
 
 
 def short_name(symbol: str) -> str:
-    """A C++ symbol without its namespaces and with long template/lambda parameter lists cut."""
+    """A kernel symbol without its namespaces, the kernels' own parameter lists as (...), and cut
+    to 110 characters (perf_paged_decode.py uses it too)."""
     symbol = re.sub(r"(\s+-)+\s*$", "", symbol).replace("fusedattn::cpu::", "").replace("fusedattn::", "")
     for isa in ISAS:
         symbol = symbol.replace(f"{isa}::", "")
-    return symbol if len(symbol) <= 100 else symbol[:97] + "..."
+    symbol = re.sub(r"\(AttentionParams const&[^()]*\)", "(...)", symbol)
+    return symbol if len(symbol) <= 110 else symbol[:107] + "..."
 
 
 if __name__ == "__main__":

@@ -79,6 +79,27 @@ int64_t forward_block_rows(const AttentionParams& params, int num_threads) {
 
 namespace {
 
+// Whether a block may hold several heads: no dropout (its keep mask is per head) and no
+// per-head attn_mask.
+bool heads_packable(const AttentionParams& params) {
+  return params.dropout_p == 0.0f && !(params.mask.type != MaskType::kNone && params.mask.head_stride != 0);
+}
+
+}  // namespace
+
+bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q) {
+  // Where the kv heads lie side by side in a cache row. In caches stored (B, Hkv, L, D) and seen
+  // as (B, L, Hkv, D) (Hugging Face's), each kv head's rows run on by themselves, and a block per
+  // group reads one stream: ab_decode.py --head-major, GB/s, one token MHA / GQA fp32 36.7 ->
+  // 38.5 / 26.2 -> 33.7, bf16 30.4 -> 36.6 / 24.0 -> 31.3; 8 tokens MHA fp32 16.3 -> 31.3.
+  const bool rows_side_by_side = params.num_heads_kv == 1 || (kv_heads_side_by_side(params.k, params.head_dim) &&
+                                                               kv_heads_side_by_side(params.v, params.head_dim));
+  const int64_t group = params.num_heads / params.num_heads_kv;
+  return heads_packable(params) && rows_side_by_side && runs_decode_kernel(seqlen_q * group);
+}
+
+namespace {
+
 // How many key splits a block with `span` visible keys can take: kMinSplitKeys keys each, and
 // none for fp64, which keeps its full precision (no fp32 partials).
 int64_t max_key_splits(const AttentionParams& params, int64_t span) {
@@ -89,20 +110,14 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
   std::vector<PlannedBlock> plan;
   const int64_t group = params.num_heads / params.num_heads_kv;
   const int64_t block_rows = std::max<int64_t>(1, forward_block_rows(params, num_threads));
-  const bool mask_per_head = params.mask.type != MaskType::kNone && params.mask.head_stride != 0;
+  const bool packable = heads_packable(params);
   for (int64_t b = 0; b < params.batch; ++b) {
     const AttentionParams seq = sequence_params(params, b);
     if (seq.seqlen_q <= 0) continue;
-    const bool packable = params.dropout_p == 0.0f && !mask_per_head;
     const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && packable;
-    // Decode: whole groups, up to kDecodeBlockLanes lanes, so cache rows are read front to back,
-    // where the kv heads lie side by side in a cache row. In caches stored (B, Hkv, L, D) and
-    // seen as (B, L, Hkv, D) (Hugging Face's), each kv head's rows run on by themselves, and a
-    // block per group reads one stream: ab_decode.py --head-major, GB/s, one token MHA / GQA fp32
-    // 36.7 -> 38.5 / 26.2 -> 33.7, bf16 30.4 -> 36.6 / 24.0 -> 31.3; 8 tokens MHA fp32 16.3 -> 31.3.
-    const bool rows_side_by_side = params.num_heads_kv == 1 || (kv_heads_side_by_side(params.k, params.head_dim) &&
-                                                                 kv_heads_side_by_side(params.v, params.head_dim));
-    const bool all_heads = packable && rows_side_by_side && runs_decode_kernel(seq.seqlen_q * group);
+    // Decode: whole groups, up to kDecodeBlockLanes lanes, so cache rows are read front to back
+    // (decodes_whole_rows).
+    const bool all_heads = decodes_whole_rows(params, seq.seqlen_q);
     int64_t heads_per_block = pack ? group : 1;
     if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where
       // the cache is long enough, which keep each cache row read whole, else from the heads

@@ -2,6 +2,7 @@
 // and run the chosen ISA's kernels on the thread pool.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <new>
 #include <string>
@@ -30,6 +31,12 @@ void attention_backward(const BackwardParams& params, const std::string& isa, in
 // lengths, bottom-right q_offset and base pointers of sequence b, batch strides 0 (so kernels
 // keep using b for dropout and ALiBi). Returns params unchanged for plain batches.
 AttentionParams sequence_params(const AttentionParams& params, int64_t b);
+
+// Whether a sequence of seqlen_q query rows decodes in blocks of whole GQA groups that read each
+// cache row (all its kv heads) in one sweep, as plan_blocks makes them: no dropout or per-head
+// mask, kv heads side by side in a cache row, and few enough lanes per kv head for the decode
+// kernel.
+bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q);
 
 // Query rows per task: the largest of 256, 128, 64, 32 (capped by seqlen_q) that still gives
 // every thread about four tasks, so dynamic scheduling can balance causal work.

@@ -425,7 +425,6 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 
   // Key blocks: kBlockN-aligned from the first visible key, or a visit's keys cut at the same
   // multiples of kBlockN.
-  bool any_key = false;
   const int64_t walk_begin = visit == nullptr ? keys.begin / kBlockN * kBlockN : std::max(keys.begin, visit->key_lo);
   const int64_t walk_end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);
   for (j0 = walk_begin; j0 < walk_end; j0 += n) {
@@ -595,14 +594,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         j += step ? kRows : 1;
       }
     });
-    any_key = true;
   }
-  // (A visited block's O stays 0 where no key was seen, which writes the same as !any_key.)
-  if (visit == nullptr) {
-    write_block_output<T>(params, block, lanes, s, !any_key);
-  } else if (visit->last) {
-    write_block_output<T>(params, block, lanes, s, false);
-  }
+  if (visit == nullptr || visit->last) write_block_output<T>(params, block, lanes, s);
 }
 
 template <typename T>

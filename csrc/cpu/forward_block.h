@@ -304,24 +304,23 @@ inline KeyRange init_lane_state(const AttentionParams& params, const ForwardBloc
 // sink's logit), into params.out / params.lse or into the block's fp32 partial buffers.
 template <typename T, typename Acc>
 void write_block_output(const AttentionParams& params, const ForwardBlock& block, const BlockLanes& lanes,
-                        const ForwardScratch<Acc>& s, bool no_key_visited) {
+                        const ForwardScratch<Acc>& s) {
   for (int64_t i = 0; i < lanes.lanes; ++i) {
     const Acc sum = s.row_sum[i];
     const bool no_weight = sum == Acc(0);  // no visible key and no sink (a NaN sum stays NaN)
-    const bool empty = no_key_visited || no_weight;
-    const Acc inv = empty ? Acc(0) : Acc(1) / sum;
+    const Acc inv = no_weight ? Acc(0) : Acc(1) / sum;
     const Acc lse = no_weight ? -std::numeric_limits<Acc>::infinity() : s.row_max[i] + std::log(sum);
     const Acc* o_row = s.o + i * s.ldo;
     if (block.partial_out != nullptr) {
       float* out_row = block.partial_out + i * params.head_dim;
-      for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = static_cast<float>(empty ? Acc(0) : o_row[c] * inv);
+      for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = static_cast<float>(no_weight ? Acc(0) : o_row[c] * inv);
       block.partial_lse[i] = static_cast<float>(lse);
       continue;
     }
     const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
     T* out_row = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
                  head * params.out.head_stride + row * params.out.row_stride;
-    for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(empty ? Acc(0) : o_row[c] * inv);
+    for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(no_weight ? Acc(0) : o_row[c] * inv);
     store_lse(params, block.batch * params.lse_batch_stride + head * params.lse_head_stride + row, lse);
   }
 }
@@ -463,7 +462,6 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   const bool gather_keys = kBf16Pairs<T> && s.ldq <= W;
 
   for (int64_t e = 0; e < lanes.lanes * s.ldo; e += W) vec_store<Acc>(s.o + e, vec_set1<Acc>(Acc(0)));
-  bool any_key = false;
   // Key blocks start at multiples of kBlockN, so a row's summation order (and result) does not
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
@@ -551,9 +549,8 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
                                           &v_stride);
       gemm<Acc>(rows, s.ldo, n, StridedA<Acc>{s_active, 1, s.ldq}, v_blk, v_stride, o_active, s.ldo, true);
     }
-    any_key = true;
   }
-  write_block_output<T>(params, block, lanes, s, !any_key);
+  write_block_output<T>(params, block, lanes, s);
 }
 
 }  // namespace FUSEDATTN_ISA
