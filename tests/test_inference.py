@@ -14,7 +14,7 @@ import torch
 import fusedattn
 from fusedattn import reference
 
-from conftest import assert_close_to_reference  # noqa: F401  (shared tolerance helpers)
+from conftest import assert_close_to_reference, torch_attention  # noqa: F401  (shared tolerance helpers)
 
 
 def _packed(lengths, heads, head_dim, dtype=torch.float32, grad=False):
@@ -320,6 +320,23 @@ def _pool_walk_case(pool, lengths, queries=1, dtype=torch.float32, page_size=16,
     return q, k_pages, v_pages, table
 
 
+def _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=None, **variant):
+    """out (and lse) of a decode of q over a paged cache against the fp64 reference per sequence,
+    causal from the bottom right, each sequence's keys gathered from its pages in table order
+    (and, for bf16, torch's math in bf16 with the same variant: conftest.torch_attention).
+    Sequences of no key are left to the caller."""
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        q_b = q[b:b + 1].transpose(1, 2)
+        k_b, v_b = (pages[table[b].long()].flatten(0, 1)[None, :n].transpose(1, 2) for pages in (k_pages, v_pages))
+        expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True, **variant)
+        torch_lowp = None if q.dtype == torch.float32 else torch_attention(q_b, k_b, v_b, causal=True, **variant)[0]
+        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
+        if lse is not None:
+            np.testing.assert_allclose(lse[b:b + 1].double().numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("pool", ["shuffled", "interleaved", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -338,19 +355,10 @@ def test_paged_decode_in_pool_order(threads, pool, dtype):
                                                     block_table=table, sinks=sinks, return_lse=True)
     finally:
         fusedattn.set_num_threads(None)
-    for b, n in enumerate(lengths):
-        k_b, v_b = (pages[table[b].long()].flatten(0, 1)[None, :n].transpose(1, 2) for pages in (k_pages, v_pages))
-        expected, expected_lse = reference.attention_reference(q[b:b + 1].transpose(1, 2), k_b, v_b, sinks=sinks)
-        torch_lowp = None
-        if dtype != torch.float32:
-            torch_lowp = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k_b, v_b,
-                                                                          enable_gqa=True) if n else None
-        if n == 0:  # no key: zero output, LSE the sink's logit
-            assert torch.equal(out[b], torch.zeros_like(out[b]))
-            np.testing.assert_allclose(lse[b, :, 0].numpy(), sinks.numpy(), rtol=1e-6)
-            continue
-        assert_close_to_reference(out[b:b + 1].transpose(1, 2), torch_lowp, expected)
-        np.testing.assert_allclose(lse[b:b + 1].double().numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+    _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse, sinks=sinks)
+    # the sequence of no key: zero output, LSE the sink's logit
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    np.testing.assert_allclose(lse[2, :, 0].numpy(), sinks.numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["window", "alibi", "softcap", "queries"])
@@ -368,10 +376,7 @@ def test_paged_decode_in_pool_order_variants(variant):
         kwargs["softcap"] = 5.0
     out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
                                            block_table=table, **kwargs)
-    for b, n in enumerate(lengths):
-        k_b, v_b = (pages[table[b].long()].flatten(0, 1)[None, :n].transpose(1, 2) for pages in (k_pages, v_pages))
-        expected, _ = reference.attention_reference(q[b:b + 1].transpose(1, 2), k_b, v_b, causal=True, **kwargs)
-        assert_close_to_reference(out[b:b + 1].transpose(1, 2), None, expected)
+    _check_pool_walk(out, q, k_pages, v_pages, table, lengths, **kwargs)
 
 
 def _check_decode(num_heads, num_heads_kv, queries, lengths, capacity, page_size, dtype, seed, head_dim=64):
