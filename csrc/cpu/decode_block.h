@@ -59,9 +59,93 @@ inline T vec_sum(VecT<T> v) {
   return vec_reduce<T>(v, [](VecT<T> a, VecT<T> b) { return a + b; });
 }
 
-template <typename T>
-inline T vec_max_lane(VecT<T> v) {
-  return vec_reduce<T>(v, [](VecT<T> a, VecT<T> b) { return vec_max<T>(a, b); });
+// Lane i of the result: combine() of all lanes of v[i], for the W vectors v[0, W), by one
+// transposing shuffle tree for all of them (W - 1 combines of two shuffles each, independent of
+// one another within a level) instead of a tree per vector, whose steps each wait for the last.
+// Overwrites v.
+template <typename T, typename Combine>
+inline VecT<T> reduce_each(VecT<T>* v, Combine combine) {
+  constexpr int W = Vec<T>::kWidth;
+  if constexpr (W == 16 && sizeof(T) == 4) {
+    for (int i = 0; i < 8; ++i) {  // lanes [8k, 8k + 8): 8 partials of vector 2i + k
+      v[i] = combine(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                     __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    }
+    for (int i = 0; i < 4; ++i) {  // lanes [4k, 4k + 4): 4 partials of vector 4i + k
+      v[i] = combine(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                     __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+    }
+    for (int i = 0; i < 2; ++i) {  // lanes [2k, 2k + 2): 2 partials of vector 8i + k
+      v[i] = combine(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                     __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+    }
+    return combine(__builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                   __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+  } else if constexpr (W == 8 && sizeof(T) == 4) {
+    for (int i = 0; i < 4; ++i) {  // lanes [4k, 4k + 4): 4 partials of vector 2i + k
+      v[i] = combine(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11),
+                     __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+    for (int i = 0; i < 2; ++i) {  // lanes [2k, 2k + 2): 2 partials of vector 4i + k
+      v[i] = combine(__builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13),
+                     __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15));
+    }
+    return combine(__builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14),
+                   __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15));
+  } else {
+    T each[W];
+    for (int i = 0; i < W; ++i) each[i] = vec_reduce<T>(v[i], combine);
+    return vec_load<T>(each);
+  }
+}
+
+// The online-softmax step of a key block for `lanes` lanes, W at a time: scores [lanes x ld],
+// lane-major, n_vectors vectors per lane (-inf where a key is hidden or padding) become
+// probabilities in place; row_max / row_sum (round_up(lanes, W) entries, the padding lanes
+// initialised too) move on; O rows (ld_o apart) are rescaled where their max grew. The maxima
+// and sums of W lanes come from one reduce_each, the rescale factors from one vector exp (a
+// tree and an exp per lane kept a 16-row visit of a pool walk waiting on their latencies).
+template <typename Acc>
+inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t lanes, Acc* row_max, Acc* row_sum,
+                          Acc* o, int64_t ld_o) {
+  using V = VecT<Acc>;
+  constexpr int W = Vec<Acc>::kWidth;
+  const V minus_inf = vec_set1<Acc>(-std::numeric_limits<Acc>::infinity());
+  const V zero = vec_set1<Acc>(Acc(0));
+  for (int64_t l0 = 0; l0 < lanes; l0 += W) {
+    const int64_t count = lanes - l0 < W ? lanes - l0 : W;
+    V part[W];
+    for (int i = 0; i < W; ++i) {
+      part[i] = minus_inf;
+      for (int64_t j = 0; i < count && j < n_vectors; j += W) {
+        part[i] = vec_max<Acc>(part[i], vec_load<Acc>(scores + (l0 + i) * ld + j));
+      }
+    }
+    const V old_max = vec_load<Acc>(row_max + l0);
+    const V new_max = vec_max<Acc>(old_max, reduce_each<Acc>(part, [](V a, V b) { return vec_max<Acc>(a, b); }));
+    const V shift = new_max == minus_inf ? zero : new_max;
+    const V rescale = exp_vec<Acc>(old_max - shift);
+    Acc shifts[W], factors[W];
+    vec_store<Acc>(shifts, shift);
+    vec_store<Acc>(factors, rescale);
+    for (int i = 0; i < W; ++i) {
+      part[i] = zero;
+      for (int64_t j = 0; i < count && j < n_vectors; j += W) {
+        Acc* p = scores + (l0 + i) * ld + j;
+        const V prob = exp_vec<Acc>(vec_load<Acc>(p) - vec_set1<Acc>(shifts[i]));
+        vec_store<Acc>(p, prob);
+        part[i] += prob;
+      }
+    }
+    const V sum = reduce_each<Acc>(part, [](V a, V b) { return a + b; });
+    vec_store<Acc>(row_max + l0, new_max);
+    vec_store<Acc>(row_sum + l0, vec_load<Acc>(row_sum + l0) * rescale + sum);
+    for (int64_t i = 0; i < count; ++i) {
+      if (factors[i] == Acc(1)) continue;
+      Acc* o_row = o + (l0 + i) * ld_o;
+      for (int64_t c = 0; c < ld_o; c += W) vec_store<Acc>(o_row + c, vec_load<Acc>(o_row + c) * vec_set1<Acc>(factors[i]));
+    }
+  }
 }
 
 // A vector of Acc from W elements of S: a plain load, or bf16/fp16 widened in registers.
@@ -407,6 +491,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     keys.end = range.end > keys.end ? range.end : keys.end;
     for (int64_t c = 0; c < s.ldo; ++c) s.o[l * s.ldo + c] = Acc(0);
   }
+  for (int64_t l = lanes.lanes; l < s.ldq && !resumed; ++l) {  // padding lanes, which softmax_lanes reads
+    s.row_max[l] = -std::numeric_limits<Acc>::infinity();
+    s.row_sum[l] = Acc(0);
+  }
 
   // Small pages: one line in each 4 KiB page of K and V row `key` (kTranslationAheadRows ahead of
   // the score pass), so the page-table walks of the jumps are done before the prefetches above
@@ -535,26 +623,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       const int64_t hi = s.key_end[l] - j0 < n ? s.key_end[l] - j0 : n;
       for (int64_t j = 0; j < lo && j < n_vectors; ++j) row[j] = minus_inf;
       for (int64_t j = hi > 0 ? hi : 0; j < n_vectors; ++j) row[j] = minus_inf;
-      // Online softmax of this lane over the block, a vector of keys at a time.
-      V max_vec = vec_set1<Acc>(s.row_max[l]);
-      for (int64_t j = 0; j < n_vectors; j += W) max_vec = vec_max<Acc>(max_vec, vec_load<Acc>(row + j));
-      const Acc new_max = vec_max_lane<Acc>(max_vec);
-      const Acc shift = new_max == minus_inf ? Acc(0) : new_max;
-      const Acc rescale = exp_scalar(s.row_max[l] - shift);
-      V sum_vec = vec_set1<Acc>(Acc(0));
-      for (int64_t j = 0; j < n_vectors; j += W) {
-        const V prob = exp_vec<Acc>(vec_load<Acc>(row + j) - vec_set1<Acc>(shift));
-        vec_store<Acc>(row + j, prob);
-        sum_vec += prob;
-      }
-      const Acc sum = vec_sum<Acc>(sum_vec);
-      s.row_max[l] = new_max;
-      s.row_sum[l] = s.row_sum[l] * rescale + sum;
-      if (rescale != Acc(1)) {
-        Acc* o_row = s.o + l * s.ldo;
-        for (int64_t c = 0; c < s.ldo; c += W) vec_store<Acc>(o_row + c, vec_load<Acc>(o_row + c) * vec_set1<Acc>(rescale));
-      }
     }
+    softmax_lanes<Acc>(s.s_t, ldn, n_vectors, lanes.lanes, s.row_max, s.row_sum, s.o, s.ldo);
     if (params.dropout_p > 0.0f) {  // (blocks with dropout hold one head: see plan_blocks)
       dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile, row_major);
       for (int64_t l = 0; l < lanes.lanes; ++l) {
