@@ -232,43 +232,30 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
 }
 #endif
 
-// o_l[c, c + CHUNK·W) += Σ_t p_l[t] · v_t[c, c + CHUNK·W) for LANES lanes (o rows ld apart, p_l
-// = p + l * ld_p) and ROWS value rows v_t = rows[t] + offset (each row from its own pointer, so
-// rows on different cache pages step together): each V vector is loaded (and widened) once for
-// all lanes, and O is read and written once for all rows.
-template <typename Acc, typename S, int LANES, int ROWS, int CHUNK>
-inline void accumulate_chunk(Acc* o, const Acc* p, int64_t ld_p, const S* const* rows, int64_t offset, int64_t ld,
-                             int64_t c) {
+// o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes (o rows ld apart, p_l = p + l * ld_p)
+// and ROWS value rows v_t = rows[t] + offset (each row from its own pointer, so rows on different
+// cache pages step together), ld a multiple of W: each V vector is loaded (and widened) once for
+// all lanes, O is read and written once for all rows, and each probability is broadcast once for
+// the whole row.
+template <typename Acc, typename S, int LANES, int ROWS>
+inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* rows, int64_t offset, int64_t ld) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   V prob[ROWS][LANES];
   const S* value_rows[ROWS];
   for (int t = 0; t < ROWS; ++t) {
-    value_rows[t] = rows[t] + offset + c;
+    value_rows[t] = rows[t] + offset;
     for (int l = 0; l < LANES; ++l) prob[t][l] = vec_set1<Acc>(p[l * ld_p + t]);
   }
-  for (int i = 0; i < CHUNK; ++i) {
+  for (int64_t c = 0; c < ld; c += W) {
     V acc[LANES];
-    for (int l = 0; l < LANES; ++l) acc[l] = vec_load<Acc>(o + l * ld + c + i * W);
+    for (int l = 0; l < LANES; ++l) acc[l] = vec_load<Acc>(o + l * ld + c);
     for (int t = 0; t < ROWS; ++t) {
-      const V value = load_widened<Acc>(value_rows[t] + i * W);
+      const V value = load_widened<Acc>(value_rows[t] + c);
       for (int l = 0; l < LANES; ++l) acc[l] = prob[t][l] * value + acc[l];
     }
-    for (int l = 0; l < LANES; ++l) vec_store<Acc>(o + l * ld + c + i * W, acc[l]);
+    for (int l = 0; l < LANES; ++l) vec_store<Acc>(o + l * ld + c, acc[l]);
   }
-}
-
-// o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes and ROWS value rows (rows[t] + offset),
-// four vectors per step.
-template <typename Acc, typename S, int LANES, int ROWS>
-inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* rows, int64_t offset, int64_t ld) {
-  constexpr int W = Vec<Acc>::kWidth;
-  constexpr int kChunk = 4;
-  int64_t c = 0;
-  for (; c + kChunk * W <= ld; c += kChunk * W) {
-    accumulate_chunk<Acc, S, LANES, ROWS, kChunk>(o, p, ld_p, rows, offset, ld, c);
-  }
-  for (; c < ld; c += W) accumulate_chunk<Acc, S, LANES, ROWS, 1>(o, p, ld_p, rows, offset, ld, c);
 }
 
 // What a decode block keeps between the visits of a pool walk (DecodeVisit::state): the

@@ -55,12 +55,14 @@ inline void vec_store(T* p, VecT<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Every lane x, as one broadcast: x - 0 is exactly x, so the compiler drops the subtraction
+// (`VecT<T>{} + x` kept an addition of 0 before each broadcast, since 0 + -0.0 is +0.0).
 template <typename T>
 inline VecT<T> vec_set1(T x) {
   if constexpr (Vec<T>::kWidth == 1) {
     return x;
   } else {
-    return VecT<T>{} + x;
+    return x - VecT<T>{};
   }
 }
 
