@@ -2,7 +2,8 @@
 // group's heads packed together), where the transposed Sᵀ = K·Qᵀ tile of forward_block.h would
 // fill one vector lane in W. Here the vectors run along head_dim instead:
 //   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums)
-//   online softmax per lane over the key block (vectors along the keys)
+//   online softmax of each lane over the key block (vectors along the keys), W lanes at a
+//                               time sharing one reduction tree (softmax_lanes)
 //   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
 // of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
@@ -114,7 +115,7 @@ inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t la
   const V zero = vec_set1<Acc>(Acc(0));
   for (int64_t l0 = 0; l0 < lanes; l0 += W) {
     const int64_t count = lanes - l0 < W ? lanes - l0 : W;
-    V part[W];
+    V part[W];  // per lane: its partial max, then its partial sum (lanes past `count`: -inf, then 0)
     for (int i = 0; i < W; ++i) {
       part[i] = minus_inf;
       for (int64_t j = 0; i < count && j < n_vectors; j += W) {
