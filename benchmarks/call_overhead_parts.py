@@ -1,0 +1,67 @@
+"""Where a decode call's per-call overhead goes: the Python layer's pieces timed one by one.
+
+A one-token decode over a 16-token cache (B = 1, one head, D = 8, torch tensors), the case
+bench_decode.py's "per-call overhead" line times, is mostly fixed cost. This script times the
+whole `fusedattn.attention_with_kvcache` call, the extension call alone with arguments prepared
+once, and the Python steps in between (validation in `_Call`, the index conversion, the output
+allocation), each alone in a loop, medians of 5 loops, µs per call. The pieces overlap a little
+(each is timed with its own call overhead), so they do not add up exactly.
+
+    python benchmarks/call_overhead_parts.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import fusedattn
+from fusedattn import _arrays, _C, _runtime, functional, inference
+
+
+def per_call_us(fn, calls: int = 20000) -> float:
+    for _ in range(1000):
+        fn()
+    loops = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        loops.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(loops)
+
+
+def main() -> int:
+    q, k, v = torch.randn(1, 1, 1, 8), torch.randn(1, 16, 1, 8), torch.randn(1, 16, 1, 8)
+    seqlens = torch.tensor([16], dtype=torch.int32)
+    out = torch.empty_like(q)
+    variant = (8**-0.5, True, 0, -1, -1, 0.0, None, None, None, 0.0, 0, 0)
+    isa, threads = _runtime.cpu_isa(), _runtime.get_num_threads()
+    names = ("q", "k_cache", "v_cache")
+    bhsd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+
+    def new_call():
+        return functional._Call(q, k, v, layout="bshd", names=names, causal=True, scale=None, q_offset=0,
+                                window=(-1, -1), alibi_slopes=None, softcap=0.0, sinks=None)
+
+    pieces = {
+        "attention_with_kvcache (whole call)": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens),
+        "  extension call alone (_C.attention_kvcache_forward)":
+            lambda: _C.attention_kvcache_forward(q, k, v, out, None, seqlens, None, None, None, variant, isa, threads),
+        "  _Call (validation, variant)": new_call,
+        "  _int32(cache_seqlens)": lambda: inference._int32(seqlens, "cache_seqlens", q),
+        "  _check_cache_geometry": lambda: inference._check_cache_geometry(q, k, v, None, None, None),
+        "  empty_like_kind (out)": lambda: _arrays.empty_like_kind(q, q.shape),
+        "  cpu_isa() + get_num_threads()": lambda: (_runtime.cpu_isa(), _runtime.get_num_threads()),
+        "torch SDPA, (b, h, s, d) tensors (for scale)": lambda: torch.nn.functional.scaled_dot_product_attention(*bhsd),
+    }
+    print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call, median of 5 loops")
+    for name, fn in pieces.items():
+        print(f"  {name:55s}{per_call_us(fn):7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
