@@ -4,7 +4,7 @@ A one-token decode over a 16-token cache (B = 1, one head, D = 8, torch tensors)
 bench_decode.py's "per-call overhead" line times, is mostly fixed cost. This script times the
 whole `fusedattn.attention_with_kvcache` call, the extension call alone with arguments prepared
 once, and the Python steps in between (validation in `_Call`, the index conversion, the output
-allocation), each alone in a loop, medians of 5 loops, µs per call. The pieces overlap a little
+allocation), each alone in a loop (bench.per_call_us: medians of 7 batches), µs per call. The pieces overlap a little
 (each is timed with its own call overhead), so they do not add up exactly.
 
     python benchmarks/call_overhead_parts.py
@@ -12,25 +12,10 @@ allocation), each alone in a loop, medians of 5 loops, µs per call. The pieces 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 import fusedattn
-from fusedattn import _arrays, _C, _runtime, functional, inference
-
-
-def per_call_us(fn, calls: int = 20000) -> float:
-    for _ in range(1000):
-        fn()
-    loops = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        loops.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(loops)
+from fusedattn import _arrays, _C, _runtime, bench, functional, inference
 
 
 def main() -> int:
@@ -57,9 +42,9 @@ def main() -> int:
         "  cpu_isa() + get_num_threads()": lambda: (_runtime.cpu_isa(), _runtime.get_num_threads()),
         "torch SDPA, (b, h, s, d) tensors (for scale)": lambda: torch.nn.functional.scaled_dot_product_attention(*bhsd),
     }
-    print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call, median of 5 loops")
-    for name, fn in pieces.items():
-        print(f"  {name:55s}{per_call_us(fn):7.2f}")
+    print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call, median of 7 batches")
+    for name, us in bench.per_call_us(pieces, reps=20000).items():
+        print(f"  {name:55s}{us:7.2f}")
     return 0
 
 
