@@ -100,26 +100,68 @@ inline VecT<T> reduce_each(VecT<T>* v, Combine combine) {
   }
 }
 
-// The online-softmax step of a key block for `lanes` lanes, W at a time: scores [lanes x ld],
-// lane-major, n_vectors vectors per lane (-inf where a key is hidden or padding) become
-// probabilities in place; row_max / row_sum (round_up(lanes, W) entries, the padding lanes
-// initialised too) move on; O rows (ld_o apart) are rescaled where their max grew. The maxima
-// and sums of W lanes come from one reduce_each, the rescale factors from one vector exp (a
-// tree and an exp per lane kept a 16-row visit of a pool walk waiting on their latencies).
+// How far (natural log) a lane's scores may rise above its running max before softmax_lanes
+// moves the max: below it the probabilities stay against the old max (at most e^8, about
+// 3000, far from fp32's range), so neither the max nor O change (lazy rescaling).
+constexpr float kSoftmaxMaxSlack = 8.0f;
+
+// True when the W lanes of a score tile (lane-major, ld apart, n_vectors vectors per lane, each
+// score times `scale`) each have a finite running max (old_max) and no score above it by more
+// than kSoftmaxMaxSlack (a NaN score or max answers false). The lanes go in the inner loop, W
+// independent compares per score vector.
 template <typename Acc>
-inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t lanes, Acc* row_max, Acc* row_sum,
-                          Acc* o, int64_t ld_o) {
+inline bool scores_near_max(const Acc* scores, int64_t ld, int64_t n_vectors, VecT<Acc> old_max, VecT<Acc> scale) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
+  const V zero = vec_set1<Acc>(Acc(0)), one = vec_set1<Acc>(Acc(1));
+  Acc limits[W];
+  vec_store<Acc>(limits, old_max + vec_set1<Acc>(static_cast<Acc>(kSoftmaxMaxSlack)));
+  V far = old_max == vec_set1<Acc>(-std::numeric_limits<Acc>::infinity()) ? one : zero;  // 1: a lane fails
+  for (int64_t j = 0; j < n_vectors; j += W) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) far = vec_load<Acc>(scores + i * ld + j) * scale <= vec_set1<Acc>(limits[i]) ? far : one;
+  }
+  return vec_reduce<Acc>(far, [](V a, V b) { return vec_max<Acc>(a, b); }) == Acc(0);
+}
+
+// The online-softmax step of a key block for `lanes` lanes, W at a time: scores [lanes x ld],
+// lane-major, n_vectors vectors per lane (-inf where a key is hidden or padding), each times
+// `scale` (1, or the softmax scale where the products left it out), become probabilities in
+// place; row_max / row_sum (round_up(lanes, W) entries, the padding lanes initialised too) move
+// on; O rows (ld_o apart) are rescaled where their max grew. The maxima and sums of W lanes
+// come from one reduce_each, the rescale factors from one vector exp (a tree and an exp per
+// lane kept a 16-row visit of a pool walk waiting on their latencies). Where every score of W
+// lanes stays near its lane's max (scores_near_max), as almost all do after a sequence's first
+// key blocks, only the sums move: no max tree, no rescale.
+template <typename Acc>
+inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t lanes, Acc* row_max, Acc* row_sum,
+                          Acc* o, int64_t ld_o, Acc scale) {
+  using V = VecT<Acc>;
+  constexpr int W = Vec<Acc>::kWidth;
+  const V scales = vec_set1<Acc>(scale);
   const V minus_inf = vec_set1<Acc>(-std::numeric_limits<Acc>::infinity());
   const V zero = vec_set1<Acc>(Acc(0));
   for (int64_t l0 = 0; l0 < lanes; l0 += W) {
     const int64_t count = lanes - l0 < W ? lanes - l0 : W;
     V part[W];  // per lane: its partial max, then its partial sum (lanes past `count`: -inf, then 0)
+    if (count == W && scores_near_max<Acc>(scores + l0 * ld, ld, n_vectors, vec_load<Acc>(row_max + l0), scales)) {
+      for (int i = 0; i < W; ++i) part[i] = zero;
+      for (int64_t j = 0; j < n_vectors; j += W) {
+#pragma GCC unroll 16
+        for (int i = 0; i < W; ++i) {
+          Acc* p = scores + (l0 + i) * ld + j;
+          const V prob = exp_vec<Acc>(vec_load<Acc>(p) * scales - vec_set1<Acc>(row_max[l0 + i]));
+          vec_store<Acc>(p, prob);
+          part[i] += prob;
+        }
+      }
+      vec_store<Acc>(row_sum + l0, vec_load<Acc>(row_sum + l0) + reduce_each<Acc>(part, [](V a, V b) { return a + b; }));
+      continue;
+    }
     for (int i = 0; i < W; ++i) {
       part[i] = minus_inf;
       for (int64_t j = 0; i < count && j < n_vectors; j += W) {
-        part[i] = vec_max<Acc>(part[i], vec_load<Acc>(scores + (l0 + i) * ld + j));
+        part[i] = vec_max<Acc>(part[i], vec_load<Acc>(scores + (l0 + i) * ld + j) * scales);
       }
     }
     const V old_max = vec_load<Acc>(row_max + l0);
@@ -133,7 +175,7 @@ inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t la
       part[i] = zero;
       for (int64_t j = 0; i < count && j < n_vectors; j += W) {
         Acc* p = scores + (l0 + i) * ld + j;
-        const V prob = exp_vec<Acc>(vec_load<Acc>(p) - vec_set1<Acc>(shifts[i]));
+        const V prob = exp_vec<Acc>(vec_load<Acc>(p) * scales - vec_set1<Acc>(shifts[i]));
         vec_store<Acc>(p, prob);
         part[i] += prob;
       }
@@ -341,14 +383,18 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool pair_dots = kPairDots && head_dim % 32 == 0;
 
   // Row j of the key block's first kv head, for K and for V (kv head g is g head strides
-  // further): one page lookup per row, once per key block (translate_ahead looks up the rows
-  // kTranslationAheadRows ahead once more).
+  // further): one page lookup per page the key block touches, once per key block
+  // (translate_ahead looks up the rows kTranslationAheadRows ahead once more).
   const SequenceLayout& pages = params.sequences;
   const T* k_row[kBlockN];
   const T* v_row[kBlockN];
   auto block_rows = [&](const TensorRef& t, const T** rows) {
-    for (int64_t j = 0; j < n; ++j) {
-      rows[j] = static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
+    for (int64_t j = 0; j < n;) {
+      const T* first = static_cast<const T*>(t.data) + kv_row_offset(params, t, block.batch, kv_first, j0 + j);
+      const int64_t on_page =
+          pages.block_table == nullptr ? n - j : std::min(n - j, pages.page_size - (j0 + j) % pages.page_size);
+      for (int64_t r = 0; r < on_page; ++r) rows[j + r] = first + r * t.row_stride;
+      j += on_page;
     }
   };
   // Kv heads [g, g + count) of a cache row as the products read them: in place (kv head h at
@@ -440,6 +486,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     for (int64_t offset = first; offset < row_bytes; offset += 4096) prefetch_line(row + offset);
   };
   KeyRange keys{params.seqlen_k, 0};  // the keys any lane sees (set with the lanes below)
+  KeyRange every{0, params.seqlen_k};  // the keys every lane sees
   auto prefetch_ahead = [&](const T* const* rows, int64_t j) {
     const int64_t ahead = j + rows_ahead;
     const bool is_k = rows == k_row;
@@ -459,10 +506,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   };
 
   const Acc scale = static_cast<Acc>(params.scale);
+  const bool score_mods = params.softcap > 0.0f || params.alibi_slopes != nullptr || params.mask.type != MaskType::kNone;
   const bool resumed = visit != nullptr && !visit->first;  // the lanes' state is already in visit->state
   for (int64_t l = 0; l < lanes.lanes && resumed; ++l) {
     keys.begin = s.key_begin[l] < keys.begin ? s.key_begin[l] : keys.begin;
     keys.end = s.key_end[l] > keys.end ? s.key_end[l] : keys.end;
+    every.begin = s.key_begin[l] > every.begin ? s.key_begin[l] : every.begin;
+    every.end = s.key_end[l] < every.end ? s.key_end[l] : every.end;
   }
   for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
     const int64_t head = lanes.head(block, l), row = lanes.row(block, l);
@@ -477,6 +527,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     const KeyRange range = init_lane_state(params, block, lanes, s, l, l);
     keys.begin = range.begin < keys.begin ? range.begin : keys.begin;
     keys.end = range.end > keys.end ? range.end : keys.end;
+    every.begin = range.begin > every.begin ? range.begin : every.begin;
+    every.end = range.end < every.end ? range.end : every.end;
     for (int64_t c = 0; c < s.ldo; ++c) s.o[l * s.ldo + c] = Acc(0);
   }
   for (int64_t l = lanes.lanes; l < s.ldq && !resumed; ++l) {  // padding lanes, which softmax_lanes reads
@@ -586,13 +638,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       }
     });
     const int64_t n_vectors = round_up(n, W);  // the block's scores as whole vectors (-inf padded)
-    if (pair_dots) {
+    // Per lane: softcap, ALiBi, the mask, and -inf outside its keys; nothing to do where the
+    // block is whole vectors of keys that every lane sees and no modifier applies. The bf16
+    // products' scale is applied before those, else by the softmax as it reads the scores.
+    const bool lanes_differ = score_mods || n != n_vectors || j0 < every.begin || j0 + n > every.end;
+    if (pair_dots && lanes_differ) {
       for (int64_t l = 0; l < lanes.lanes; ++l) {
         Acc* row = s.s_t + l * ldn;
         for (int64_t j = 0; j < n_vectors; j += W) vec_store<Acc>(row + j, vec_load<Acc>(row + j) * scale);
       }
     }
-    for (int64_t l = 0; l < lanes.lanes; ++l) {
+    for (int64_t l = 0; l < lanes.lanes && lanes_differ; ++l) {
       Acc* row = s.s_t + l * ldn;
       if (params.softcap > 0.0f) {
         for (int64_t j = 0; j < n; ++j) row[j] = softcap_score(std::tanh(row[j] / static_cast<Acc>(params.softcap)), static_cast<Acc>(params.softcap));
@@ -612,7 +668,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t j = 0; j < lo && j < n_vectors; ++j) row[j] = minus_inf;
       for (int64_t j = hi > 0 ? hi : 0; j < n_vectors; ++j) row[j] = minus_inf;
     }
-    softmax_lanes<Acc>(s.s_t, ldn, n_vectors, lanes.lanes, s.row_max, s.row_sum, s.o, s.ldo);
+    softmax_lanes<Acc>(s.s_t, ldn, n_vectors, lanes.lanes, s.row_max, s.row_sum, s.o, s.ldo,
+                       pair_dots && !lanes_differ ? scale : Acc(1));
     if (params.dropout_p > 0.0f) {  // (blocks with dropout hold one head: see plan_blocks)
       dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile, row_major);
       for (int64_t l = 0; l < lanes.lanes; ++l) {
