@@ -273,6 +273,75 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
   vec_sum4<float>(acc[0], acc[1], acc[2], acc[3], sums);
   for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
 }
+
+// P·V for bf16 V rows read in place, two rows per VDPBF16PS: for each pair of rows (2t, 2t + 1)
+// and each 32 columns, VPUNPCKLWD / VPUNPCKHWD interleave the two rows into the pair layout
+// (columns {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31} of the 32), and each lane's
+// probability pair (p[2t], p[2t + 1], bf16) multiplies them: half the multiply-adds of widening
+// V to fp32, and no widening. O rows therefore hold each 32 columns in that order (see
+// pair_columns_in_order). o_l += Σ_t p_l[t] · v_t for LANES lanes (o rows ld apart, ld a
+// multiple of 32; the probability pairs of lane l at pp + l * ld_pp) and rows rows[t] + offset;
+// with kOddMissing the last pair's second row is zero (an odd tail).
+template <int LANES, int PAIRS, bool kOddMissing>
+inline void accumulate_pairs_bf16(float* o, const uint32_t* pp, int64_t ld_pp, const BFloat16* const* rows,
+                                  int64_t offset, int64_t ld) {
+  __m512bh prob[PAIRS][LANES];
+  const BFloat16* even[PAIRS];
+  const BFloat16* odd[PAIRS];
+  for (int t = 0; t < PAIRS; ++t) {
+    even[t] = rows[2 * t] + offset;
+    odd[t] = kOddMissing && t == PAIRS - 1 ? nullptr : rows[2 * t + 1] + offset;
+    for (int l = 0; l < LANES; ++l) prob[t][l] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[l * ld_pp + t])));
+  }
+  for (int64_t c = 0; c < ld; c += 32) {
+    __m512 low[LANES], high[LANES];
+    for (int l = 0; l < LANES; ++l) {
+      low[l] = _mm512_loadu_ps(o + l * ld + c);
+      high[l] = _mm512_loadu_ps(o + l * ld + c + 16);
+    }
+    for (int t = 0; t < PAIRS; ++t) {
+      const __m512i a = _mm512_loadu_si512(even[t] + c);
+      const __m512i b = kOddMissing && t == PAIRS - 1 ? _mm512_setzero_si512() : _mm512_loadu_si512(odd[t] + c);
+      const __m512bh pairs_low = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+      const __m512bh pairs_high = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+      for (int l = 0; l < LANES; ++l) {
+        low[l] = _mm512_dpbf16_ps(low[l], pairs_low, prob[t][l]);
+        high[l] = _mm512_dpbf16_ps(high[l], pairs_high, prob[t][l]);
+      }
+    }
+    for (int l = 0; l < LANES; ++l) {
+      _mm512_storeu_ps(o + l * ld + c, low[l]);
+      _mm512_storeu_ps(o + l * ld + c + 16, high[l]);
+    }
+  }
+}
+
+// Each lane's probabilities [lanes x ld], n_vectors vectors per lane, rounded to bf16 pairs
+// (pairs[l][t] = p[l][2t] | p[l][2t + 1] << 16, ld_pairs apart), as accumulate_pairs_bf16 reads them.
+inline void probability_pairs(const float* p, int64_t ld, int64_t n_vectors, int64_t lanes, uint32_t* pairs,
+                              int64_t ld_pairs) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    for (int64_t j = 0; j < n_vectors; j += 16) {
+      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(p + l * ld + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + l * ld_pairs + j / 2), reinterpret_cast<__m256i>(rounded));
+    }
+  }
+}
+
+// O rows written by accumulate_pairs_bf16 (each 32 columns in its order) back in column order.
+inline void pair_columns_in_order(float* o, int64_t ld, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    for (int64_t c = 0; c < ld; c += 32) {
+      float* chunk = o + l * ld + c;
+      float held[32];
+      std::memcpy(held, chunk, sizeof(held));
+      for (int i = 0; i < 16; ++i) {  // slot i of the low / high half: column 8 (i / 4) + i % 4 (+ 4)
+        chunk[8 * (i / 4) + i % 4] = held[i];
+        chunk[8 * (i / 4) + i % 4 + 4] = held[16 + i];
+      }
+    }
+  }
+}
 #endif
 
 // o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes (o rows ld apart, p_l = p + l * ld_p)
@@ -697,6 +766,38 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         const S* value = heads_of(params.v, v_row[j], kv, 1, s.v_rows);
         accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, &value, 0, s.ldo);
       };
+      if constexpr (kPairDots) {
+#if defined(__AVX512BF16__)
+        if (pair_dots) {  // two rows per product (accumulate_pairs_bf16), V read in place
+          static_assert(kRows % 2 == 0, "whole pairs per step");
+          probability_pairs(s.s_t, ldn, n_vectors, lanes.lanes, s.p_pairs, ldn / 2);
+          for (int64_t j = 0; j < n;) {
+            const bool step = j + kRows <= n;
+            if (!stage_values) {
+              for (int64_t r = j; r < j + (step ? kRows : 2) && r < n; ++r) prefetch_ahead(v_row, r);
+            }
+            auto pairs_of = [&](int64_t kv, int64_t l, auto group) __attribute__((always_inline)) {
+              constexpr int kLanes = decltype(group)::value;
+              const uint32_t* pp = s.p_pairs + l * (ldn / 2) + j / 2;
+              const int64_t offset = kv * params.v.head_stride;
+              if (step) {
+                accumulate_pairs_bf16<kLanes, kRows / 2, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
+              } else if (j + 1 < n) {
+                accumulate_pairs_bf16<kLanes, 1, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
+              } else {
+                accumulate_pairs_bf16<kLanes, 1, true>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
+              }
+            };
+            for (int64_t kv = 0; kv < kv_count; ++kv) {
+              pairs_of(kv, kv * kPerKv, first);
+              if constexpr (kSecond > 0) pairs_of(kv, kv * kPerKv + kFirst, second);
+            }
+            j += step ? kRows : 2;
+          }
+          return;
+        }
+#endif
+      }
       for (int64_t j = 0; j < n;) {
         const bool step = kDirect && j + kRows <= n;
         if (!stage_values) {
@@ -710,7 +811,14 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       }
     });
   }
-  if (visit == nullptr || visit->last) write_block_output<T>(params, block, lanes, s);
+  if (visit == nullptr || visit->last) {
+#if defined(__AVX512BF16__)
+    if constexpr (kPairDots) {
+      if (pair_dots) pair_columns_in_order(s.o, s.ldo, lanes.lanes);
+    }
+#endif
+    write_block_output<T>(params, block, lanes, s);
+  }
 }
 
 template <typename T>
