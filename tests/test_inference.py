@@ -419,6 +419,63 @@ def _check_per_sequence(out, q, k_cache, v_cache, lengths, also_attention=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "pool-walk"])
+@pytest.mark.parametrize("scores", ["rising", "late-spike"])
+def test_decode_running_max_moves(scores, layout, dtype):
+    """The decode softmax keeps each lane's running max until a key block's scores rise more
+    than 8 above it (lazy rescaling), then moves it and rescales O. Scores that climb by 0.7 per
+    key, from -210 to 0, over the first 300 keys the kernel reads (by position in a contiguous
+    cache, by place in the pool where it walks shuffled pages in pool order) move the max in
+    each key block there; a key 100 above the rest near the end (beyond fp32's exp range from
+    the old max) moves it once, late. Only the first query head of each kv head is lifted; the
+    others stay near their first max. Against the fp64 reference per sequence, with the LSE."""
+    lengths = [2000, 1234, 3001]
+    q, k_pages, v_pages, table = _pool_walk_case("shuffled", lengths, dtype=torch.float32, seed=4)
+    num_heads, num_heads_kv, page_size = q.shape[2], k_pages.shape[2], k_pages.shape[1]
+    group = num_heads // num_heads_kv
+    positions = torch.arange(table.shape[1] * page_size)
+    for b, n in enumerate(lengths):
+        if scores == "rising":
+            pool_place = table[b].long().repeat_interleave(page_size) * page_size + positions % page_size
+            order = pool_place if layout == "pool-walk" else positions
+            rank = torch.empty_like(order)
+            rank[order[:n].argsort()] = torch.arange(n)
+            lift = 0.7 * (rank.double() - 300).clamp(max=0)
+            lift[n:] = 0
+        else:
+            lift = torch.zeros(len(positions), dtype=torch.float64)
+            lift[n - 5] = 100.0
+        q_dirs = q[b, 0, ::group].double()  # (kv heads, d): the lifted head of each group
+        lift = lift[None, :] * 64 ** 0.5 / (q_dirs.norm(dim=-1)[:, None] ** 2)  # (kv heads, positions)
+        rows = k_pages[table[b].long()].flatten(0, 1)  # (positions, kv heads, d)
+        rows += (lift.T[:, :, None] * q_dirs[None]).float()
+        k_pages[table[b].long()] = rows.reshape(-1, page_size, num_heads_kv, rows.shape[-1])
+    q, k_pages, v_pages = (x.to(dtype) for x in (q, k_pages, v_pages))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if layout == "pool-walk":
+        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table,
+                                                    return_lse=True)
+    else:
+        k_cache, v_cache = (pages[table.long()].flatten(1, 2) for pages in (k_pages, v_pages))
+        out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, return_lse=True)
+    _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse)
+
+
+@pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
+def test_decode_bf16_value_pairs(heads, head_dim, page_size):
+    """bf16 decode at head_dim a multiple of 32 multiplies P by two V rows at once (VDPBF16PS on
+    the rows interleaved, each 32 columns of O held in the interleaved order until the block
+    writes its output): one to eight 32-column chunks, lengths of one row, odd lengths (a last
+    pair with one row) and lengths off the 8-row step, across pages. Against the fp64 reference
+    and torch's bf16 math."""
+    num_heads, num_heads_kv = heads
+    _check_decode(num_heads, num_heads_kv, 1, [1, 2, 7, 17, 130], 144, page_size, torch.bfloat16,
+                  seed=head_dim + num_heads, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
 @pytest.mark.parametrize("heads", [(3, 3), (5, 5), (6, 3), (10, 5), (8, 2), (3, 1)])
 def test_decode_walk_edges(heads, page_size, dtype):
