@@ -280,18 +280,17 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
 // probability pair (p[2t], p[2t + 1], bf16) multiplies them: half the multiply-adds of widening
 // V to fp32, and no widening. O rows therefore hold each 32 columns in that order (see
 // pair_columns_in_order). o_l += Σ_t p_l[t] · v_t for LANES lanes (o rows ld apart, ld a
-// multiple of 32; the probability pairs of lane l at pp + l * ld_pp) and rows rows[t] + offset;
-// with kOddMissing the last pair's second row is zero (an odd tail).
+// multiple of 32; the probability pairs of lane l at pp + l * ld_pp, broadcast from memory as
+// each product needs them) and rows rows[t] + offset; with kOddMissing the last pair's second
+// row is zero (an odd tail).
 template <int LANES, int PAIRS, bool kOddMissing>
 inline void accumulate_pairs_bf16(float* o, const uint32_t* pp, int64_t ld_pp, const BFloat16* const* rows,
                                   int64_t offset, int64_t ld) {
-  __m512bh prob[PAIRS][LANES];
   const BFloat16* even[PAIRS];
   const BFloat16* odd[PAIRS];
   for (int t = 0; t < PAIRS; ++t) {
     even[t] = rows[2 * t] + offset;
     odd[t] = kOddMissing && t == PAIRS - 1 ? nullptr : rows[2 * t + 1] + offset;
-    for (int l = 0; l < LANES; ++l) prob[t][l] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[l * ld_pp + t])));
   }
   for (int64_t c = 0; c < ld; c += 32) {
     __m512 low[LANES], high[LANES];
@@ -305,8 +304,9 @@ inline void accumulate_pairs_bf16(float* o, const uint32_t* pp, int64_t ld_pp, c
       const __m512bh pairs_low = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
       const __m512bh pairs_high = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
       for (int l = 0; l < LANES; ++l) {
-        low[l] = _mm512_dpbf16_ps(low[l], pairs_low, prob[t][l]);
-        high[l] = _mm512_dpbf16_ps(high[l], pairs_high, prob[t][l]);
+        const __m512bh prob = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pp[l * ld_pp + t])));
+        low[l] = _mm512_dpbf16_ps(low[l], pairs_low, prob);
+        high[l] = _mm512_dpbf16_ps(high[l], pairs_high, prob);
       }
     }
     for (int l = 0; l < LANES; ++l) {
@@ -769,19 +769,20 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       if constexpr (kPairDots) {
 #if defined(__AVX512BF16__)
         if (pair_dots) {  // two rows per product (accumulate_pairs_bf16), V read in place
-          static_assert(kRows % 2 == 0, "whole pairs per step");
+          constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
+          static_assert(kPairRows % 2 == 0, "whole pairs per step");
           probability_pairs(s.s_t, ldn, n_vectors, lanes.lanes, s.p_pairs, ldn / 2);
           for (int64_t j = 0; j < n;) {
-            const bool step = j + kRows <= n;
+            const bool step = j + kPairRows <= n;
             if (!stage_values) {
-              for (int64_t r = j; r < j + (step ? kRows : 2) && r < n; ++r) prefetch_ahead(v_row, r);
+              for (int64_t r = j; r < j + (step ? kPairRows : 2) && r < n; ++r) prefetch_ahead(v_row, r);
             }
             auto pairs_of = [&](int64_t kv, int64_t l, auto group) __attribute__((always_inline)) {
               constexpr int kLanes = decltype(group)::value;
               const uint32_t* pp = s.p_pairs + l * (ldn / 2) + j / 2;
               const int64_t offset = kv * params.v.head_stride;
               if (step) {
-                accumulate_pairs_bf16<kLanes, kRows / 2, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
+                accumulate_pairs_bf16<kLanes, kPairRows / 2, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
               } else if (j + 1 < n) {
                 accumulate_pairs_bf16<kLanes, 1, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
               } else {
@@ -792,7 +793,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
               pairs_of(kv, kv * kPerKv, first);
               if constexpr (kSecond > 0) pairs_of(kv, kv * kPerKv + kFirst, second);
             }
-            j += step ? kRows : 2;
+            j += step ? kPairRows : 2;
           }
           return;
         }

@@ -110,6 +110,11 @@ constexpr int64_t kPrefetchRows = 12;
 // equal or 1-2 points better in 14 of 16 cases. Steps across pages (they used to fall back to
 // one row at a time), ab_decode.py --page-size 1 / 4: +12-24% / +8-23% GB/s.
 constexpr int64_t kDecodeValueRows = 8;
+// ... and for bf16 V on VDPBF16PS (accumulate_pairs_bf16, two rows per product, each lane's
+// probability pairs broadcast from memory): 16 rows per step, so a 16-row pool-walk visit reads
+// and writes its O once. decode_in_cache.py (GQA bf16, one thread) against 8 rows: paged 35.8 ->
+// 36.2-36.6 GB/s, contiguous unchanged.
+constexpr int64_t kDecodePairValueRows = 16;
 // The decode kernel's score pass fetches each V row along with its K row when a key block's K
 // and V rows (2 x kBlockN rows of all the block's kv heads) take at most this many bytes, about
 // this machine's L2 (1 MiB per core), so P·V finds them there. ab_decode.py, % of a torch.sum
