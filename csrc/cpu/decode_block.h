@@ -3,8 +3,10 @@
 // fill one vector lane in W. Here the vectors run along head_dim instead:
 //   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums)
 //   online softmax of each lane over the key block (vectors along the keys), W lanes at a
-//                               time sharing one reduction tree (softmax_lanes)
-//   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes
+//                               time sharing one reduction tree, the max moved only when a
+//                               block's scores rise well above it (softmax_lanes)
+//   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes (bf16: two rows per
+//                               VDPBF16PS, P rounded to bf16; accumulate_pairs_bf16)
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
 // of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
 // q rows outgrow L1 (several query tokens) or whose kv heads have two lane groups take the score
