@@ -361,6 +361,27 @@ def test_paged_decode_in_pool_order(threads, pool, dtype):
     np.testing.assert_allclose(lse[2, :, 0].numpy(), sinks.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(32, 4, 1), (16, 4, 2)], ids=["group-8", "group-4-two-tokens"])
+def test_paged_decode_in_pool_order_two_lane_groups(shape, threads):
+    """bf16 kv heads of 8 lanes (one token of a GQA group of 8, two tokens of a group of 4) run as
+    two lane groups and take the pool-order walk too (fp32 keeps the table order there). Shuffled
+    pages, lengths that end mid-page, causal from the bottom right; against the fp64 reference
+    and torch's bf16 math, with the LSE."""
+    num_heads, num_heads_kv, queries = shape
+    lengths = [2000, 1234, 3001]
+    q, k_pages, v_pages, table = _pool_walk_case("shuffled", lengths, queries=queries, dtype=torch.bfloat16,
+                                                  heads=(num_heads, num_heads_kv), seed=5)
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
+                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                                    block_table=table, return_lse=True)
+    finally:
+        fusedattn.set_num_threads(None)
+    _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse)
+
+
 @pytest.mark.parametrize("variant", ["window", "alibi", "softcap", "queries"])
 def test_paged_decode_in_pool_order_variants(variant):
     """The pool-order walk with the score variants that decode over a cache meets: a sliding
