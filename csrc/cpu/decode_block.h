@@ -118,12 +118,14 @@ inline bool scores_near_max(const Acc* scores, int64_t ld, int64_t n_vectors, Ve
   const V zero = vec_set1<Acc>(Acc(0)), one = vec_set1<Acc>(Acc(1));
   Acc limits[W];
   vec_store<Acc>(limits, old_max + vec_set1<Acc>(static_cast<Acc>(kSoftmaxMaxSlack)));
+  auto any_far = [](V far) { return vec_reduce<Acc>(far, [](V a, V b) { return vec_max<Acc>(a, b); }) != Acc(0); };
   V far = old_max == vec_set1<Acc>(-std::numeric_limits<Acc>::infinity()) ? one : zero;  // 1: a lane fails
+  if (any_far(far)) return false;  // a lane that has seen no key yet (a block's first key block)
   for (int64_t j = 0; j < n_vectors; j += W) {
 #pragma GCC unroll 16
     for (int i = 0; i < W; ++i) far = vec_load<Acc>(scores + i * ld + j) * scale <= vec_set1<Acc>(limits[i]) ? far : one;
   }
-  return vec_reduce<Acc>(far, [](V a, V b) { return vec_max<Acc>(a, b); }) == Acc(0);
+  return !any_far(far);
 }
 
 // The online-softmax step of a key block for `lanes` lanes, W at a time: scores [lanes x ld],
