@@ -148,18 +148,23 @@ inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t la
   for (int64_t l0 = 0; l0 < lanes; l0 += W) {
     const int64_t count = lanes - l0 < W ? lanes - l0 : W;
     V part[W];  // per lane: its partial max, then its partial sum (lanes past `count`: -inf, then 0)
-    if (count == W && scores_near_max<Acc>(scores + l0 * ld, ld, n_vectors, vec_load<Acc>(row_max + l0), scales)) {
+    // p = exp(score * scale - shifts[i]) in place for lane l0 + i; returns each lane's sum of them.
+    auto probabilities = [&](const Acc* shifts) {
       for (int i = 0; i < W; ++i) part[i] = zero;
       for (int64_t j = 0; j < n_vectors; j += W) {
 #pragma GCC unroll 16
         for (int i = 0; i < W; ++i) {
+          if (i >= count) break;
           Acc* p = scores + (l0 + i) * ld + j;
-          const V prob = exp_vec<Acc>(vec_load<Acc>(p) * scales - vec_set1<Acc>(row_max[l0 + i]));
+          const V prob = exp_vec<Acc>(vec_load<Acc>(p) * scales - vec_set1<Acc>(shifts[i]));
           vec_store<Acc>(p, prob);
           part[i] += prob;
         }
       }
-      vec_store<Acc>(row_sum + l0, vec_load<Acc>(row_sum + l0) + reduce_each<Acc>(part, [](V a, V b) { return a + b; }));
+      return reduce_each<Acc>(part, [](V a, V b) { return a + b; });
+    };
+    if (count == W && scores_near_max<Acc>(scores + l0 * ld, ld, n_vectors, vec_load<Acc>(row_max + l0), scales)) {
+      vec_store<Acc>(row_sum + l0, vec_load<Acc>(row_sum + l0) + probabilities(row_max + l0));
       continue;
     }
     for (int i = 0; i < W; ++i) {
@@ -175,16 +180,7 @@ inline void softmax_lanes(Acc* scores, int64_t ld, int64_t n_vectors, int64_t la
     Acc shifts[W], factors[W];
     vec_store<Acc>(shifts, shift);
     vec_store<Acc>(factors, rescale);
-    for (int i = 0; i < W; ++i) {
-      part[i] = zero;
-      for (int64_t j = 0; i < count && j < n_vectors; j += W) {
-        Acc* p = scores + (l0 + i) * ld + j;
-        const V prob = exp_vec<Acc>(vec_load<Acc>(p) * scales - vec_set1<Acc>(shifts[i]));
-        vec_store<Acc>(p, prob);
-        part[i] += prob;
-      }
-    }
-    const V sum = reduce_each<Acc>(part, [](V a, V b) { return a + b; });
+    const V sum = probabilities(shifts);
     vec_store<Acc>(row_max + l0, new_max);
     vec_store<Acc>(row_sum + l0, vec_load<Acc>(row_sum + l0) * rescale + sum);
     for (int64_t i = 0; i < count; ++i) {
@@ -581,12 +577,13 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const Acc scale = static_cast<Acc>(params.scale);
   const bool score_mods = params.softcap > 0.0f || params.alibi_slopes != nullptr || params.mask.type != MaskType::kNone;
   const bool resumed = visit != nullptr && !visit->first;  // the lanes' state is already in visit->state
-  for (int64_t l = 0; l < lanes.lanes && resumed; ++l) {
-    keys.begin = s.key_begin[l] < keys.begin ? s.key_begin[l] : keys.begin;
-    keys.end = s.key_end[l] > keys.end ? s.key_end[l] : keys.end;
-    every.begin = s.key_begin[l] > every.begin ? s.key_begin[l] : every.begin;
-    every.end = s.key_end[l] < every.end ? s.key_end[l] : every.end;
-  }
+  auto note_lane_keys = [&](int64_t begin, int64_t end) {  // widens `keys`, narrows `every`
+    keys.begin = begin < keys.begin ? begin : keys.begin;
+    keys.end = end > keys.end ? end : keys.end;
+    every.begin = begin > every.begin ? begin : every.begin;
+    every.end = end < every.end ? end : every.end;
+  };
+  for (int64_t l = 0; l < lanes.lanes && resumed; ++l) note_lane_keys(s.key_begin[l], s.key_end[l]);
   for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
     const int64_t head = lanes.head(block, l), row = lanes.row(block, l);
     const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
@@ -598,10 +595,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
     }
     const KeyRange range = init_lane_state(params, block, lanes, s, l, l);
-    keys.begin = range.begin < keys.begin ? range.begin : keys.begin;
-    keys.end = range.end > keys.end ? range.end : keys.end;
-    every.begin = range.begin > every.begin ? range.begin : every.begin;
-    every.end = range.end < every.end ? range.end : every.end;
+    note_lane_keys(range.begin, range.end);
     for (int64_t c = 0; c < s.ldo; ++c) s.o[l * s.ldo + c] = Acc(0);
   }
   for (int64_t l = lanes.lanes; l < s.ldq && !resumed; ++l) {  // padding lanes, which softmax_lanes reads
@@ -750,16 +744,42 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       }
     }
     // O += P · V: the same walk over the V rows, kDecodeValueRows rows per step where they are
-    // read in place (whichever pages they are on), so O is read and written once per step.
+    // read in place (whichever pages they are on), so O is read and written once per step; bf16
+    // pairs (accumulate_pairs_bf16) kDecodePairValueRows rows per step, an odd tail as a pair
+    // whose second row is zero.
+#if defined(__AVX512BF16__)
+    if constexpr (kPairDots) {
+      if (pair_dots) probability_pairs(s.s_t, ldn, n_vectors, lanes.lanes, s.p_pairs, ldn / 2);
+    }
+#endif
     with_lane_groups(lanes_per_kv, [&](auto first, auto second) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
       constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
-      // The lane group of `group` lanes from lane l, on kv head kv: rows [j, j + kRows) (step)
-      // or row j.
+      constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
+      static_assert(kPairRows % 2 == 0, "whole pairs per step");
+      const int64_t step_rows = pair_dots ? kPairRows : kRows, tail_rows = pair_dots ? 2 : 1;
+      // The lane group of `group` lanes from lane l, on kv head kv: rows [j, j + step_rows)
+      // (step), or the tail's rows from j.
       auto accumulate = [&](int64_t kv, int64_t l, auto group, int64_t j, bool step) __attribute__((always_inline)) {
         constexpr int kLanes = decltype(group)::value;
         Acc* o = s.o + l * s.ldo;
+#if defined(__AVX512BF16__)
+        if constexpr (kPairDots) {
+          if (pair_dots) {
+            const uint32_t* pp = s.p_pairs + l * (ldn / 2) + j / 2;
+            const int64_t offset = kv * params.v.head_stride;
+            if (step) {
+              accumulate_pairs_bf16<kLanes, kPairRows / 2, false>(o, pp, ldn / 2, v_row + j, offset, s.ldo);
+            } else if (j + 1 < n) {
+              accumulate_pairs_bf16<kLanes, 1, false>(o, pp, ldn / 2, v_row + j, offset, s.ldo);
+            } else {
+              accumulate_pairs_bf16<kLanes, 1, true>(o, pp, ldn / 2, v_row + j, offset, s.ldo);
+            }
+            return;
+          }
+        }
+#endif
         const Acc* p = s.s_t + l * ldn + j;
         if constexpr (kDirect) {  // (S is T)
           if (step) {
@@ -770,49 +790,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         const S* value = heads_of(params.v, v_row[j], kv, 1, s.v_rows);
         accumulate_rows<Acc, S, kLanes, 1>(o, p, ldn, &value, 0, s.ldo);
       };
-      if constexpr (kPairDots) {
-#if defined(__AVX512BF16__)
-        if (pair_dots) {  // two rows per product (accumulate_pairs_bf16), V read in place
-          constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
-          static_assert(kPairRows % 2 == 0, "whole pairs per step");
-          probability_pairs(s.s_t, ldn, n_vectors, lanes.lanes, s.p_pairs, ldn / 2);
-          for (int64_t j = 0; j < n;) {
-            const bool step = j + kPairRows <= n;
-            if (!stage_values) {
-              for (int64_t r = j; r < j + (step ? kPairRows : 2) && r < n; ++r) prefetch_ahead(v_row, r);
-            }
-            auto pairs_of = [&](int64_t kv, int64_t l, auto group) __attribute__((always_inline)) {
-              constexpr int kLanes = decltype(group)::value;
-              const uint32_t* pp = s.p_pairs + l * (ldn / 2) + j / 2;
-              const int64_t offset = kv * params.v.head_stride;
-              if (step) {
-                accumulate_pairs_bf16<kLanes, kPairRows / 2, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
-              } else if (j + 1 < n) {
-                accumulate_pairs_bf16<kLanes, 1, false>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
-              } else {
-                accumulate_pairs_bf16<kLanes, 1, true>(s.o + l * s.ldo, pp, ldn / 2, v_row + j, offset, s.ldo);
-              }
-            };
-            for (int64_t kv = 0; kv < kv_count; ++kv) {
-              pairs_of(kv, kv * kPerKv, first);
-              if constexpr (kSecond > 0) pairs_of(kv, kv * kPerKv + kFirst, second);
-            }
-            j += step ? kPairRows : 2;
-          }
-          return;
-        }
-#endif
-      }
       for (int64_t j = 0; j < n;) {
-        const bool step = kDirect && j + kRows <= n;
+        const bool step = kDirect && j + step_rows <= n;
+        const int64_t rows = std::min(step ? step_rows : tail_rows, n - j);
         if (!stage_values) {
-          for (int64_t r = j; r < j + (step ? kRows : 1); ++r) prefetch_ahead(v_row, r);
+          for (int64_t r = j; r < j + rows; ++r) prefetch_ahead(v_row, r);
         }
         for (int64_t kv = 0; kv < kv_count; ++kv) {
           accumulate(kv, kv * kPerKv, first, j, step);
           if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);
         }
-        j += step ? kRows : 1;
+        j += step ? step_rows : tail_rows;
       }
     });
   }

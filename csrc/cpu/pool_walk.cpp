@@ -36,8 +36,8 @@ struct KeyRun {
 
 // Whether each sequence decodes as one block of all its heads that reads whole cache rows
 // (decodes_whole_rows, as plan_blocks makes them), so that a walk can visit it page by page: a
-// paged cache, no cache_leftpad, and fp32 partials are fine (not fp64). Kv heads of one lane
-// group, or of two for bf16 (a GQA group of 8, or 2 tokens of a group of 4): with two, fp32
+// paged cache, no cache_leftpad, and fp32 partials are fine (not fp64). Kv heads of two lane
+// groups (a GQA group of 8, or 2 tokens of a group of 4) for bf16 only: with two, fp32
 // measured 2-4 points below the table order and bf16 (paired P·V) 1-4 above
 // (ab_decode.py --cases 4-float32-paged,4-bfloat16-paged,... and --queries 2).
 bool walkable(const AttentionParams& params) {
@@ -45,8 +45,8 @@ bool walkable(const AttentionParams& params) {
   if (layout.block_table == nullptr || layout.k_begin != nullptr || layout.cu_seqlens_q != nullptr) return false;
   if (params.dtype == DType::kFloat64 || !decodes_whole_rows(params, params.seqlen_q)) return false;
   const int64_t group = params.num_heads / params.num_heads_kv;
-  const int64_t lane_groups = params.dtype == DType::kBFloat16 ? 2 : 1;
-  return params.seqlen_q * group <= lane_groups * kDecodeLanes && params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
+  const bool two_lane_groups = params.seqlen_q * group > kDecodeLanes;
+  return (!two_lane_groups || params.dtype == DType::kBFloat16) && params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
 }
 
 // The batch's visible pages in pool order, as visits, where reading them so pays (see tiles.h).
