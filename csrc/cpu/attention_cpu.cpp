@@ -95,7 +95,7 @@ bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q) {
   const bool rows_side_by_side = params.num_heads_kv == 1 || (kv_heads_side_by_side(params.k, params.head_dim) &&
                                                                kv_heads_side_by_side(params.v, params.head_dim));
   const int64_t group = params.num_heads / params.num_heads_kv;
-  return heads_packable(params) && rows_side_by_side && runs_decode_kernel(seqlen_q * group);
+  return heads_packable(params) && rows_side_by_side && runs_decode_kernel(params, seqlen_q * group);
 }
 
 namespace {
@@ -165,7 +165,7 @@ int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& param
     const KeyRange keys = visible_keys_of_rows(seq, planned.block.row_begin, planned.block.row_end);
     const int64_t span = keys.end - keys.begin;
     int64_t want = blocks < 2 * num_threads ? (2 * num_threads + blocks - 1) / blocks : 1;
-    if (runs_decode_kernel(lanes_per_kv_head(params, planned.block))) {
+    if (runs_decode_kernel(params, lanes_per_kv_head(params, planned.block))) {
       want = std::max(want, (planned.cost + share - 1) / share);
     }
     const int64_t splits = std::min<int64_t>(want, max_key_splits(params, span));

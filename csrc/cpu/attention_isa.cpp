@@ -35,7 +35,7 @@ size_t forward_scratch_bytes(const AttentionParams& params, int64_t block_rows) 
 
 void forward_block(const AttentionParams& params, const ForwardBlock& block, void* scratch) {
   dispatch_dtype(params.dtype, [&](auto tag) {
-    if (runs_decode_kernel(lanes_per_kv_head(params, block))) {
+    if (runs_decode_kernel(params, lanes_per_kv_head(params, block))) {
       decode_block_t<decltype(tag)>(params, block, scratch);
     } else {
       forward_block_t<decltype(tag)>(params, block, scratch);

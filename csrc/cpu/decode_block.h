@@ -274,6 +274,42 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
   for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
 }
 
+// Scores of `count` cache rows for four lanes of one kv head, bf16 read in place (head_dim =
+// 32 * DV): s[λ * ld_s + r] = <q_λ, rows[r] + offset>, unscaled. The four lanes' q rows (ld_q
+// apart) stay in registers (4 x DV vectors) over all the rows, so a row costs its DV K loads and
+// 4 x DV VDPBF16PS, not also 4 x DV q loads as dot_heads_bf16 row by row does.
+template <int DV>
+inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* rows, int64_t offset,
+                          int64_t count, float* s, int64_t ld_s) {
+  __m512bh qv[4][DV];
+  for (int l = 0; l < 4; ++l) {
+    for (int d = 0; d < DV; ++d) qv[l][d] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + l * ld_q + 32 * d));
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    const BFloat16* key = rows[r] + offset;
+    __m512 acc[4];
+    for (int l = 0; l < 4; ++l) acc[l] = _mm512_setzero_ps();
+    for (int d = 0; d < DV; ++d) {
+      const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(key + 32 * d));
+      for (int l = 0; l < 4; ++l) acc[l] = _mm512_dpbf16_ps(acc[l], qv[l][d], k);
+    }
+    float sums[4];
+    vec_sum4<float>(acc[0], acc[1], acc[2], acc[3], sums);
+    for (int l = 0; l < 4; ++l) s[l * ld_s + r] = sums[l];
+  }
+}
+
+// dot_rows_bf16 for head_dim 32, 64, 96 or 128.
+inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* rows, int64_t offset,
+                          int64_t count, int64_t head_dim, float* s, int64_t ld_s) {
+  switch (head_dim / 32) {
+    case 1: dot_rows_bf16<1>(q, ld_q, rows, offset, count, s, ld_s); break;
+    case 2: dot_rows_bf16<2>(q, ld_q, rows, offset, count, s, ld_s); break;
+    case 3: dot_rows_bf16<3>(q, ld_q, rows, offset, count, s, ld_s); break;
+    default: dot_rows_bf16<4>(q, ld_q, rows, offset, count, s, ld_s); break;
+  }
+}
+
 // P·V for bf16 V rows read in place, two rows per VDPBF16PS: for each pair of rows (2t, 2t + 1)
 // and each 32 columns, VPUNPCKLWD / VPUNPCKHWD interleave the two rows into the pair layout
 // (columns {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31} of the 32), and each lane's
@@ -397,6 +433,9 @@ struct DecodeState {
 // that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (second
 // 0), or two, `first` lanes then `second` (3 + 2, 3 + 3, 4 + 3, 4 + 4 for 5-8 lanes). Both are
 // compile-time: with the group count known only at run time, MHA bf16 decode lost about 10 points.
+// More lanes (whole groups of 4, up to kDecodeMaxLanesPerKv): first 4, second kManyLaneGroups,
+// and the callers count the groups at run time.
+constexpr int kManyLaneGroups = -1;
 template <typename F>
 inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
   static_assert(kDecodeLanes == 4, "one case per lane count");
@@ -409,7 +448,8 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
     case 5: f(integral_constant<int, 3>{}, integral_constant<int, 2>{}); break;
     case 6: f(integral_constant<int, 3>{}, integral_constant<int, 3>{}); break;
     case 7: f(integral_constant<int, 4>{}, integral_constant<int, 3>{}); break;
-    default: f(integral_constant<int, 4>{}, integral_constant<int, 4>{}); break;  // 8
+    case 8: f(integral_constant<int, 4>{}, integral_constant<int, 4>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, kManyLaneGroups>{}); break;  // 12, 16, ...
   }
 }
 
@@ -419,7 +459,8 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 // which is what lets the hardware prefetchers stream it:
 //   scores  one cache row at a time, all its kv heads before the next row (dot_heads), or for
 //           blocks with much q or two lane groups per kv head, chunks of kDecodeScoreChunkRows
-//           rows, each lane group over the chunk (see the score pass);
+//           rows, each lane group over the chunk (see the score pass); kv heads of more than
+//           two lane groups: each group over the whole key block, bf16 q in registers;
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
 // The P·V walk reads kDecodeValueRows rows side by side, which the hardware prefetchers do not
 // follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
@@ -512,7 +553,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
   const bool chunk_rows =
       k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
-  const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
+  // (kv heads of more than two lane groups: each group over the whole key block)
+  const bool many_groups = lanes_per_kv > 2 * kDecodeLanes;
+  const int64_t score_rows = many_groups ? kBlockN : chunk_rows ? kDecodeScoreChunkRows : 1;
   // (A pool walk reads the pages in address order, which the hardware prefetchers follow.)
   const bool small_pages =
       pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes && visit == nullptr;
@@ -641,10 +684,15 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // head's part of each row twice (the second time from L1). Where chunk_rows holds (the
     // block's q rows outgrow L1, or kv heads have two lane groups; see kDecodeScoreChunkRows in
     // tiles.h), rows go in chunks of score_rows, each lane group over the whole chunk before the
-    // next, so q is read from L2 once per chunk instead of once per row.
-    with_lane_groups(lanes_per_kv, [&](auto first, auto second) {
+    // next, so q is read from L2 once per chunk instead of once per row. Kv heads of more lanes
+    // (kManyLaneGroups) take the whole key block per lane group, bf16 with the group's q rows
+    // held in registers (dot_rows_bf16). (always_inline, here and for P·V: with the many-group
+    // case GCC called six of the lane-group cases out of line, and one token of paged GQA fp32
+    // lost 5%, ab_decode.py --cases 8-float32-paged 36.7-37.1 -> 34.0-35.3 GB/s.)
+    with_lane_groups(lanes_per_kv, [&](auto first, auto second) __attribute__((always_inline)) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
-      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv
+      constexpr bool kMany = kSecond == kManyLaneGroups;  // lanes_per_kv / kFirst groups
+      constexpr int kPerKv = kFirst + kSecond;            // lanes_per_kv (unless kMany)
       constexpr int kHeads = kSecond == 0 && kFirst < 3 ? 4 / kFirst : 1;
       // The lane groups of `heads` kv heads from kv head kv, `group` lanes each from lane l (one
       // group of each head), row j (always_inline: GCC called it out of line, which cost MHA
@@ -666,10 +714,16 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
       };
       // body(kv, l, heads, group) for each of the block's lane groups in lane order: kHeads kv
-      // heads of one group at a time, or each kv head's two groups in turn.
+      // heads of one group at a time, or each kv head's two (or more) groups in turn.
       auto each_group = [&](auto&& body) __attribute__((always_inline)) {
         using std::integral_constant;
-        if constexpr (kSecond == 0) {
+        if constexpr (kMany) {
+          for (int64_t kv = 0; kv < kv_count; ++kv) {
+            for (int64_t l = kv * lanes_per_kv; l < (kv + 1) * lanes_per_kv; l += kFirst) {
+              body(kv, l, integral_constant<int, 1>{}, integral_constant<int, kFirst>{});
+            }
+          }
+        } else if constexpr (kSecond == 0) {
           int64_t kv = 0;
           for (; kv + kHeads <= kv_count; kv += kHeads) {
             body(kv, kv * kFirst, integral_constant<int, kHeads>{}, integral_constant<int, kFirst>{});
@@ -700,6 +754,15 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         const int64_t c1 = c0 + score_rows < n ? c0 + score_rows : n;
         for (int64_t j = c0; j < c1; ++j) fetch_ahead(j);
         each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
+#if defined(__AVX512BF16__)
+          if constexpr (kPairDots && kMany) {
+            if (pair_dots && head_dim <= 128) {  // q in registers: 4 x head_dim / 32 vectors
+              dot_rows_bf16(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_row + c0,
+                            kv * params.k.head_stride, c1 - c0, head_dim, s.s_t + l * ldn + c0, ldn);
+              return;
+            }
+          }
+#endif
           for (int64_t j = c0; j < c1; ++j) score(kv, l, heads, group, j);
         });
       }
@@ -752,9 +815,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       if (pair_dots) probability_pairs(s.s_t, ldn, n_vectors, lanes.lanes, s.p_pairs, ldn / 2);
     }
 #endif
-    with_lane_groups(lanes_per_kv, [&](auto first, auto second) {
+    with_lane_groups(lanes_per_kv, [&](auto first, auto second) __attribute__((always_inline)) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
-      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv
+      constexpr bool kMany = kSecond == kManyLaneGroups;
+      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv (unless kMany)
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
       static_assert(kPairRows % 2 == 0, "whole pairs per step");
@@ -797,8 +861,12 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
           for (int64_t r = j; r < j + rows; ++r) prefetch_ahead(v_row, r);
         }
         for (int64_t kv = 0; kv < kv_count; ++kv) {
-          accumulate(kv, kv * kPerKv, first, j, step);
-          if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);
+          if constexpr (kMany) {
+            for (int64_t l = kv * lanes_per_kv; l < (kv + 1) * lanes_per_kv; l += kFirst) accumulate(kv, l, first, j, step);
+          } else {
+            accumulate(kv, kv * kPerKv, first, j, step);
+            if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);
+          }
         }
         j += step ? step_rows : tail_rows;
       }

@@ -56,8 +56,14 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
 inline bool kv_heads_side_by_side(const TensorRef& t, int64_t head_dim) { return t.head_stride == head_dim; }
 
 // Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes
-// in one lane group, or up to twice that many in two (5-8 lanes).
-inline bool runs_decode_kernel(int64_t lanes_per_kv) { return lanes_per_kv <= 2 * kDecodeLanes; }
+// in one lane group, up to twice that many in two (5-8 lanes), or whole groups of kDecodeLanes
+// up to kDecodeMaxLanesPerKv, except fp32/fp64 MHA (see tiles.h).
+inline bool runs_decode_kernel(const AttentionParams& params, int64_t lanes_per_kv) {
+  if (lanes_per_kv <= 2 * kDecodeLanes) return true;
+  const bool four_byte_mha = params.num_heads == params.num_heads_kv &&
+                             (params.dtype == DType::kFloat32 || params.dtype == DType::kFloat64);
+  return lanes_per_kv % kDecodeLanes == 0 && lanes_per_kv <= kDecodeMaxLanesPerKv && !four_byte_mha;
+}
 
 struct CpuKernelTable {
   const char* isa_name;

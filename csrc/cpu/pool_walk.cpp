@@ -39,14 +39,17 @@ struct KeyRun {
 // paged cache, no cache_leftpad, and fp32 partials are fine (not fp64). Kv heads of two lane
 // groups (a GQA group of 8, or 2 tokens of a group of 4) for bf16 only: with two, fp32
 // measured 2-4 points below the table order and bf16 (paired P·V) 1-4 above
-// (ab_decode.py --cases 4-float32-paged,4-bfloat16-paged,... and --queries 2).
+// (ab_decode.py --cases 4-float32-paged,4-bfloat16-paged,... and --queries 2). Not kv heads of
+// more lane groups (kManyLaneGroups): a 16-row visit of 4 tokens of 32 / 8 bf16 heads would
+// carry 96 KiB of q and O for its 64 KiB of K and V (not measured).
 bool walkable(const AttentionParams& params) {
   const SequenceLayout& layout = params.sequences;
   if (layout.block_table == nullptr || layout.k_begin != nullptr || layout.cu_seqlens_q != nullptr) return false;
   if (params.dtype == DType::kFloat64 || !decodes_whole_rows(params, params.seqlen_q)) return false;
   const int64_t group = params.num_heads / params.num_heads_kv;
   const bool two_lane_groups = params.seqlen_q * group > kDecodeLanes;
-  return (!two_lane_groups || params.dtype == DType::kBFloat16) && params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
+  return (!two_lane_groups || params.dtype == DType::kBFloat16) && params.seqlen_q * group <= 2 * kDecodeLanes &&
+         params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
 }
 
 // The batch's visible pages in pool order, as visits, where reading them so pays (see tiles.h).

@@ -35,6 +35,17 @@ constexpr int64_t kDecodeBlockLanes = 128;
 // Groups of 5 and 7 (3 + 2 and 4 + 3 lanes), one token, bench_decode.py --heads 28 --heads-kv 4 /
 // --heads 40 --heads-kv 8, GB/s: fp32 18.4 -> 32.0 / 17.8 -> 26.1, bf16 14.0 -> 26.7 / 14.7 -> 32.2.
 constexpr int64_t kDecodeLanes = 4;
+// Kv heads with more lanes than two groups, in whole groups of kDecodeLanes (3 or 4 tokens of
+// a GQA group of 4, 2 tokens of a group of 8: speculative decoding), run the decode kernel too,
+// up to this many lanes, each lane group over a whole key block (bf16 with its q rows in
+// registers, dot_rows_bf16), except fp32/fp64 MHA, where the transposed tile measured 9% faster
+// at 16 tokens. Against the transposed tile, ab_decode.py before after --reps 9, B 8, L 4096,
+// GB/s of K/V read (the machine at about 70 GB/s): --queries 3 fp32 / bf16 15.9 -> 20.6 / 12.9 ->
+// 19.3, paged (16) 15.4 -> 20.9 / 12.0 -> 16.8; --heads 64 --queries 2 (group 8) 14.9 -> 18.6 /
+// 12.5 -> 17.0; --queries 4 --head-major 16.0 -> 20.4 / 15.4 -> 19.3; --queries 16 --seqlen 2048
+// MHA bf16 / fp16 11.8 -> 16.4 / 9.0 -> 12.0. At 32 lanes (8 tokens of a group of 4) fp32
+// measured alike and bf16 +4-28%; 16 also keeps prefill blocks (32 rows at least) on the tile.
+constexpr int64_t kDecodeMaxLanesPerKv = 16;
 // Forward and decode calls of fewer multiply-adds than this (Q·Kᵀ and P·V, about 2 x lanes x
 // keys x head_dim) run on the calling thread when the kernels use fusedattn's own thread pool
 // (no PyTorch in the process): waking its sleeping helpers took about 40-50 µs on this VM.
