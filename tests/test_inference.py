@@ -572,13 +572,15 @@ def test_decode_uneven_lane_groups_head_major(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
 @pytest.mark.parametrize("shape", [(8, 2, 3, 128), (8, 2, 4, 64), (16, 2, 2, 96), (12, 3, 4, 64), (4, 4, 16, 32),
-                                   (8, 2, 4, 72)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
+                                   (8, 2, 4, 72), (8, 2, 6, 96), (16, 2, 4, 64), (8, 2, 8, 128)],
+                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
 def test_decode_many_lane_groups(shape, page_size, dtype):
     """Kv heads with 12 or 16 lanes (3 or 4 tokens of a GQA group of 4, 2 tokens of a group of 8,
-    16 tokens of MHA in bf16/fp16) run the decode kernel as 3 or 4 lane groups of 4, each over the
-    whole key block; bf16 at head_dim 32-128 keeps each group's q rows in registers
-    (dot_rows_bf16), head_dim 72 converts each K row. Lengths that are not a multiple of the
-    value steps, pages of 3 rows. Against the fp64 reference, per sequence."""
+    16 tokens of MHA in bf16/fp16), and in bf16 GQA up to 32 lanes (6 or 8 tokens of a group of 4,
+    4 of a group of 8), run the decode kernel as 3 to 8 lane groups of 4, each over the whole key
+    block; bf16 at head_dim 32-128 keeps each group's q rows in registers (dot_rows_bf16), head_dim
+    72 converts each K row. Lengths that are not a multiple of the value steps, pages of 3 rows.
+    Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv, queries, head_dim = shape
     _check_decode(num_heads, num_heads_kv, queries, [16, 19, 70, 133], 144, page_size, dtype,
                   seed=num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)

@@ -43,9 +43,15 @@ constexpr int64_t kDecodeLanes = 4;
 // GB/s of K/V read (the machine at about 70 GB/s): --queries 3 fp32 / bf16 15.9 -> 20.6 / 12.9 ->
 // 19.3, paged (16) 15.4 -> 20.9 / 12.0 -> 16.8; --heads 64 --queries 2 (group 8) 14.9 -> 18.6 /
 // 12.5 -> 17.0; --queries 4 --head-major 16.0 -> 20.4 / 15.4 -> 19.3; --queries 16 --seqlen 2048
-// MHA bf16 / fp16 11.8 -> 16.4 / 9.0 -> 12.0. At 32 lanes (8 tokens of a group of 4) fp32
-// measured alike and bf16 +4-28%; 16 also keeps prefill blocks (32 rows at least) on the tile.
+// MHA bf16 / fp16 11.8 -> 16.4 / 9.0 -> 12.0. 16 also keeps prefill blocks (32 rows at least)
+// on the tile.
 constexpr int64_t kDecodeMaxLanesPerKv = 16;
+// bf16 GQA kv heads of up to 32 lanes (5-8 tokens of a group of 4, 3-4 of a group of 8) too, where
+// dot_rows_bf16 holds the q rows (head_dim a multiple of 32 up to 128); ab_decode.py before after
+// --reps 7, GB/s, at about 45 GB/s: --queries 8 9.3 -> 10.6, paged (16) 9.5 -> 10.0; --queries 6
+// 9.4 -> 11.9, paged 10.1 -> 11.7; --heads 64 --queries 4 9.1 -> 10.3. fp16 (widened, row by
+// row) measured 7.8 -> 7.3 at 8 tokens and fp32 alike, so they keep the tile.
+constexpr int64_t kDecodeMaxBf16LanesPerKv = 32;
 // Forward and decode calls of fewer multiply-adds than this (Q·Kᵀ and P·V, about 2 x lanes x
 // keys x head_dim) run on the calling thread when the kernels use fusedattn's own thread pool
 // (no PyTorch in the process): waking its sleeping helpers took about 40-50 µs on this VM.
