@@ -12,7 +12,9 @@
 // q rows outgrow L1 (several query tokens) or whose kv heads have two lane groups take the score
 // rows in chunks where the block's kv heads lie side by side over 4 KiB or more of a row
 // (kDecodeScoreChunkRows, tiles.h), each lane group over the whole chunk, so q is read once per
-// chunk. The score pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
+// chunk. Kv heads of 3-8 lane groups (several tokens of a GQA group: speculative decoding)
+// take the whole key block per lane group, bf16 with the group's q rows in registers
+// (dot_rows_bf16). The score pipeline (softcap, ALiBi, mask, windows, sinks, dropout, key splits) is forward_block.h's.
 // A block runs whole (forward_block), or in visits (DecodeVisit: a pool walk over a paged cache,
 // pool_walk.cpp), its running state then kept in a DecodeState between them.
 #pragma once
@@ -817,8 +819,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 #endif
     with_lane_groups(lanes_per_kv, [&](auto first, auto second) __attribute__((always_inline)) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
-      constexpr bool kMany = kSecond == kManyLaneGroups;
-      constexpr int kPerKv = kFirst + kSecond;  // lanes_per_kv (unless kMany)
+      constexpr bool kMany = kSecond == kManyLaneGroups;  // lanes_per_kv / kFirst groups
+      constexpr int kPerKv = kFirst + kSecond;            // lanes_per_kv (unless kMany)
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
       static_assert(kPairRows % 2 == 0, "whole pairs per step");

@@ -50,7 +50,8 @@ constexpr int64_t kDecodeMaxLanesPerKv = 16;
 // dot_rows_bf16 holds the q rows (head_dim a multiple of 32 up to 128); ab_decode.py before after
 // --reps 7, GB/s, at about 45 GB/s: --queries 8 9.3 -> 10.6, paged (16) 9.5 -> 10.0; --queries 6
 // 9.4 -> 11.9, paged 10.1 -> 11.7; --heads 64 --queries 4 9.1 -> 10.3. fp16 (widened, row by
-// row) measured 7.8 -> 7.3 at 8 tokens and fp32 alike, so they keep the tile.
+// row) measured 7.8 -> 7.3 at 8 tokens and fp32 alike, so they keep the tile. (On CPUs without
+// AVX512-BF16, bf16 is widened row by row as fp16 is; not measured there.)
 constexpr int64_t kDecodeMaxBf16LanesPerKv = 32;
 // Forward and decode calls of fewer multiply-adds than this (Q·Kᵀ and P·V, about 2 x lanes x
 // keys x head_dim) run on the calling thread when the kernels use fusedattn's own thread pool
