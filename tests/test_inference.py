@@ -572,14 +572,17 @@ def test_decode_uneven_lane_groups_head_major(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
 @pytest.mark.parametrize("shape", [(8, 2, 3, 128), (8, 2, 4, 64), (16, 2, 2, 96), (12, 3, 4, 64), (4, 4, 16, 32),
-                                   (8, 2, 4, 72), (8, 2, 6, 96), (16, 2, 4, 64), (8, 2, 8, 128)],
+                                   (8, 2, 4, 72), (8, 2, 6, 96), (16, 2, 4, 64), (8, 2, 8, 128), (6, 2, 3, 64),
+                                   (28, 4, 2, 128), (10, 2, 2, 32), (6, 2, 5, 96), (28, 4, 3, 64), (4, 4, 10, 64)],
                          ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
 def test_decode_many_lane_groups(shape, page_size, dtype):
-    """Kv heads with 12 or 16 lanes (3 or 4 tokens of a GQA group of 4, 2 tokens of a group of 8,
-    16 tokens of MHA in bf16/fp16), and in bf16 GQA up to 32 lanes (6 or 8 tokens of a group of 4,
-    4 of a group of 8), run the decode kernel as 3 to 8 lane groups of 4, each over the whole key
-    block; bf16 at head_dim 32-128 keeps each group's q rows in registers (dot_rows_bf16), head_dim
-    72 converts each K row. Lengths that are not a multiple of the value steps, pages of 3 rows.
+    """Kv heads of 9-16 lanes (several tokens of a GQA group: 3 tokens of a group of 3 or 4, 2 of a
+    group of 5, 7 or 8, 4 of a group of 4; 12 or 16 tokens of MHA in bf16/fp16), and in bf16 GQA
+    up to 32 lanes (21 to 32: 3 tokens of a group of 7, 6 or 8 of a group of 4), run the decode
+    kernel as lane groups of 4 and a last one of the rest, each over the whole key block; bf16 at
+    head_dim 32-128 keeps each group's q rows in registers (dot_rows_bf16), head_dim 72 converts
+    each K row. 10 tokens of MHA and the fp32/fp16 21-32-lane shapes take the transposed tile,
+    checked here as well. Lengths that are not a multiple of the value steps, pages of 3 rows.
     Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv, queries, head_dim = shape
     _check_decode(num_heads, num_heads_kv, queries, [16, 19, 70, 133], 144, page_size, dtype,
@@ -589,12 +592,14 @@ def test_decode_many_lane_groups(shape, page_size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 3, 16], ids=["contiguous", "pages-of-3", "pages-of-16"])
 @pytest.mark.parametrize("head_dim", [33, 64])
-@pytest.mark.parametrize("shape", [(6, 2, 3), (8, 2, 5), (4, 4, 9)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+@pytest.mark.parametrize("shape", [(12, 2, 3), (8, 2, 5), (4, 4, 9)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
 def test_transposed_tile_over_a_cache(shape, head_dim, page_size, dtype):
-    """Kv heads with more lanes than the decode kernel takes (3 tokens of a GQA group of 3 or 5
-    of a group of 4: 9 or 20 lanes, 9 tokens of MHA) run the transposed tile. Its bf16 keys are copied row by row as pairs from
-    pages that split a key block, and also from a contiguous cache for blocks one vector of lanes
-    wide (16 lanes or fewer); an odd head_dim zero-pads the last pair. Against the fp64 reference."""
+    """Kv heads with more lanes than the decode kernel takes (3 tokens of a GQA group of 6 or 5
+    of a group of 4: 18 or 20 lanes, in fp32, and in bf16 at head_dim 33, whose q rows
+    dot_rows_bf16 does not hold; 9 tokens of MHA) run the transposed tile. Its bf16 keys are
+    copied row by row as pairs from pages that split a key block, and also from a contiguous cache
+    for blocks one vector of lanes wide (16 lanes or fewer, here MHA's); an odd head_dim zero-pads
+    the last pair. Against the fp64 reference."""
     num_heads, num_heads_kv, queries = shape
     _check_decode(num_heads, num_heads_kv, queries, [9, 17, 70, 133], 144, page_size, dtype,
                   seed=head_dim * 1000 + num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)

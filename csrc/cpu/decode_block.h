@@ -276,15 +276,15 @@ inline void dot_heads_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* key,
   for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
 }
 
-// Scores of `count` cache rows for four lanes of one kv head, bf16 read in place (head_dim =
-// 32 * DV): s[λ * ld_s + r] = <q_λ, rows[r] + offset>, unscaled. The four lanes' q rows (ld_q
-// apart) stay in registers (4 x DV vectors) over all the rows, so a row costs its DV K loads and
-// 4 x DV VDPBF16PS, not also 4 x DV q loads as dot_heads_bf16 row by row does.
-template <int DV>
+// Scores of `count` cache rows for LANES (1-4) lanes of one kv head, bf16 read in place
+// (head_dim = 32 * DV): s[λ * ld_s + r] = <q_λ, rows[r] + offset>, unscaled. The lanes' q rows
+// (ld_q apart) stay in registers (LANES x DV vectors) over all the rows, so a row costs its DV K
+// loads and LANES x DV VDPBF16PS, not also the q loads dot_heads_bf16 makes row by row.
+template <int LANES, int DV>
 inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* rows, int64_t offset,
                           int64_t count, float* s, int64_t ld_s) {
-  __m512bh qv[4][DV];
-  for (int l = 0; l < 4; ++l) {
+  __m512bh qv[LANES][DV];
+  for (int l = 0; l < LANES; ++l) {
     for (int d = 0; d < DV; ++d) qv[l][d] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + l * ld_q + 32 * d));
   }
   for (int64_t r = 0; r < count; ++r) {
@@ -293,22 +293,23 @@ inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const
     for (int l = 0; l < 4; ++l) acc[l] = _mm512_setzero_ps();
     for (int d = 0; d < DV; ++d) {
       const __m512bh k = reinterpret_cast<__m512bh>(_mm512_loadu_si512(key + 32 * d));
-      for (int l = 0; l < 4; ++l) acc[l] = _mm512_dpbf16_ps(acc[l], qv[l][d], k);
+      for (int l = 0; l < LANES; ++l) acc[l] = _mm512_dpbf16_ps(acc[l], qv[l][d], k);
     }
     float sums[4];
     vec_sum4<float>(acc[0], acc[1], acc[2], acc[3], sums);
-    for (int l = 0; l < 4; ++l) s[l * ld_s + r] = sums[l];
+    for (int l = 0; l < LANES; ++l) s[l * ld_s + r] = sums[l];
   }
 }
 
 // dot_rows_bf16 for head_dim 32, 64, 96 or 128.
+template <int LANES>
 inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const* rows, int64_t offset,
                           int64_t count, int64_t head_dim, float* s, int64_t ld_s) {
   switch (head_dim / 32) {
-    case 1: dot_rows_bf16<1>(q, ld_q, rows, offset, count, s, ld_s); break;
-    case 2: dot_rows_bf16<2>(q, ld_q, rows, offset, count, s, ld_s); break;
-    case 3: dot_rows_bf16<3>(q, ld_q, rows, offset, count, s, ld_s); break;
-    default: dot_rows_bf16<4>(q, ld_q, rows, offset, count, s, ld_s); break;
+    case 1: dot_rows_bf16<LANES, 1>(q, ld_q, rows, offset, count, s, ld_s); break;
+    case 2: dot_rows_bf16<LANES, 2>(q, ld_q, rows, offset, count, s, ld_s); break;
+    case 3: dot_rows_bf16<LANES, 3>(q, ld_q, rows, offset, count, s, ld_s); break;
+    default: dot_rows_bf16<LANES, 4>(q, ld_q, rows, offset, count, s, ld_s); break;
   }
 }
 
@@ -435,8 +436,8 @@ struct DecodeState {
 // that passes runs_decode_kernel, as the dispatch checks): one lane group of 1-4 lanes (second
 // 0), or two, `first` lanes then `second` (3 + 2, 3 + 3, 4 + 3, 4 + 4 for 5-8 lanes). Both are
 // compile-time: with the group count known only at run time, MHA bf16 decode lost about 10 points.
-// More lanes (whole groups of 4, up to kDecodeMaxLanesPerKv): first 4, second kManyLaneGroups,
-// and the callers count the groups at run time.
+// More lanes (9 and up, see runs_decode_kernel): first 4, second kManyLaneGroups, and the
+// callers walk the groups at run time (each_lane_group: groups of 4, the last of 1-4).
 constexpr int kManyLaneGroups = -1;
 template <typename F>
 inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
@@ -451,7 +452,7 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
     case 6: f(integral_constant<int, 3>{}, integral_constant<int, 3>{}); break;
     case 7: f(integral_constant<int, 4>{}, integral_constant<int, 3>{}); break;
     case 8: f(integral_constant<int, 4>{}, integral_constant<int, 4>{}); break;
-    default: f(integral_constant<int, 4>{}, integral_constant<int, kManyLaneGroups>{}); break;  // 12, 16, ...
+    default: f(integral_constant<int, 4>{}, integral_constant<int, kManyLaneGroups>{}); break;  // 9 and up
   }
 }
 
@@ -680,6 +681,20 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
     block_rows(params.k, k_row);
     block_rows(params.v, v_row);
+    // body(l, group) for the lane groups of kv head kv where it has more than two (kManyLaneGroups):
+    // lanes from l, `group` of them (std::integral_constant), 4 at a time and the rest last.
+    auto each_lane_group = [&](int64_t kv, auto&& body) __attribute__((always_inline)) {
+      using std::integral_constant;
+      const int64_t end = (kv + 1) * lanes_per_kv;
+      int64_t l = kv * lanes_per_kv;
+      for (; l + kDecodeLanes <= end; l += kDecodeLanes) body(l, integral_constant<int, 4>{});
+      switch (end - l) {
+        case 1: body(l, integral_constant<int, 1>{}); break;
+        case 2: body(l, integral_constant<int, 2>{}); break;
+        case 3: body(l, integral_constant<int, 3>{}); break;
+        default: break;
+      }
+    };
     // Scores: one cache row at a time, all kv heads of a row before the next row (see the
     // header), four lanes per reduction: one lane group with 3-4 lanes, or 2 / 4 kv heads. Kv
     // heads with 5-8 lanes run as two lane groups (kFirst lanes, then kSecond), reading the
@@ -693,7 +708,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     // lost 5%, ab_decode.py --cases 8-float32-paged 36.7-37.1 -> 34.0-35.3 GB/s.)
     with_lane_groups(lanes_per_kv, [&](auto first, auto second) __attribute__((always_inline)) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
-      constexpr bool kMany = kSecond == kManyLaneGroups;  // lanes_per_kv / kFirst groups
+      constexpr bool kMany = kSecond == kManyLaneGroups;  // groups walked by each_lane_group
       constexpr int kPerKv = kFirst + kSecond;            // lanes_per_kv (unless kMany)
       constexpr int kHeads = kSecond == 0 && kFirst < 3 ? 4 / kFirst : 1;
       // The lane groups of `heads` kv heads from kv head kv, `group` lanes each from lane l (one
@@ -721,9 +736,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         using std::integral_constant;
         if constexpr (kMany) {
           for (int64_t kv = 0; kv < kv_count; ++kv) {
-            for (int64_t l = kv * lanes_per_kv; l < (kv + 1) * lanes_per_kv; l += kFirst) {
-              body(kv, l, integral_constant<int, 1>{}, integral_constant<int, kFirst>{});
-            }
+            each_lane_group(kv, [&](int64_t l, auto group) __attribute__((always_inline)) {
+              body(kv, l, integral_constant<int, 1>{}, group);
+            });
           }
         } else if constexpr (kSecond == 0) {
           int64_t kv = 0;
@@ -758,9 +773,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
 #if defined(__AVX512BF16__)
           if constexpr (kPairDots && kMany) {
-            if (pair_dots && head_dim <= 128) {  // q in registers: 4 x head_dim / 32 vectors
-              dot_rows_bf16(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo, k_row + c0,
-                            kv * params.k.head_stride, c1 - c0, head_dim, s.s_t + l * ldn + c0, ldn);
+            if (pair_dots && head_dim <= 128) {  // q in registers: up to 4 x head_dim / 32 vectors
+              dot_rows_bf16<decltype(group)::value>(reinterpret_cast<const T*>(s.q_rows) + l * s.ldo, s.ldo,
+                                                    k_row + c0, kv * params.k.head_stride, c1 - c0, head_dim,
+                                                    s.s_t + l * ldn + c0, ldn);
               return;
             }
           }
@@ -819,7 +835,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 #endif
     with_lane_groups(lanes_per_kv, [&](auto first, auto second) __attribute__((always_inline)) {
       constexpr int kFirst = decltype(first)::value, kSecond = decltype(second)::value;
-      constexpr bool kMany = kSecond == kManyLaneGroups;  // lanes_per_kv / kFirst groups
+      constexpr bool kMany = kSecond == kManyLaneGroups;  // groups walked by each_lane_group
       constexpr int kPerKv = kFirst + kSecond;            // lanes_per_kv (unless kMany)
       constexpr int kRows = static_cast<int>(kDecodeValueRows);
       constexpr int kPairRows = static_cast<int>(kDecodePairValueRows);
@@ -864,7 +880,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         }
         for (int64_t kv = 0; kv < kv_count; ++kv) {
           if constexpr (kMany) {
-            for (int64_t l = kv * lanes_per_kv; l < (kv + 1) * lanes_per_kv; l += kFirst) accumulate(kv, l, first, j, step);
+            each_lane_group(kv, [&](int64_t l, auto group) __attribute__((always_inline)) {
+              accumulate(kv, l, group, j, step);
+            });
           } else {
             accumulate(kv, kv * kPerKv, first, j, step);
             if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);

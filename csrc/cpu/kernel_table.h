@@ -56,18 +56,20 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
 inline bool kv_heads_side_by_side(const TensorRef& t, int64_t head_dim) { return t.head_stride == head_dim; }
 
 // Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes
-// in one lane group, up to twice that many in two (5-8 lanes), or whole groups of kDecodeLanes
-// up to kDecodeMaxLanesPerKv (fp32/fp64 MHA excepted), or up to kDecodeMaxBf16LanesPerKv for
-// bf16 GQA whose q rows dot_rows_bf16 holds in registers (see tiles.h).
+// in one lane group, up to twice that many in two (5-8 lanes); more (see tiles.h) as groups of
+// kDecodeLanes and a last one of the rest, up to kDecodeMaxLanesPerKv for GQA (not fp64) and for
+// bf16/fp16 MHA in whole groups, and up to kDecodeMaxBf16LanesPerKv for bf16 GQA whose q rows
+// dot_rows_bf16 holds in registers.
 inline bool runs_decode_kernel(const AttentionParams& params, int64_t lanes_per_kv) {
   if (lanes_per_kv <= 2 * kDecodeLanes) return true;
-  if (lanes_per_kv % kDecodeLanes != 0) return false;
-  const bool mha = params.num_heads == params.num_heads_kv;
-  const bool four_byte = params.dtype == DType::kFloat32 || params.dtype == DType::kFloat64;
+  const bool gqa = params.num_heads != params.num_heads_kv;
+  const bool two_byte = params.dtype == DType::kBFloat16 || params.dtype == DType::kFloat16;
+  if (lanes_per_kv <= kDecodeMaxLanesPerKv) {
+    return gqa ? params.dtype != DType::kFloat64 : two_byte && lanes_per_kv % kDecodeLanes == 0;
+  }
   const bool bf16_in_registers =
       params.dtype == DType::kBFloat16 && params.head_dim % 32 == 0 && params.head_dim <= 128;
-  if (lanes_per_kv <= kDecodeMaxLanesPerKv) return !(mha && four_byte);
-  return lanes_per_kv <= kDecodeMaxBf16LanesPerKv && bf16_in_registers && !mha;
+  return lanes_per_kv <= kDecodeMaxBf16LanesPerKv && gqa && bf16_in_registers;
 }
 
 struct CpuKernelTable {

@@ -35,21 +35,24 @@ constexpr int64_t kDecodeBlockLanes = 128;
 // Groups of 5 and 7 (3 + 2 and 4 + 3 lanes), one token, bench_decode.py --heads 28 --heads-kv 4 /
 // --heads 40 --heads-kv 8, GB/s: fp32 18.4 -> 32.0 / 17.8 -> 26.1, bf16 14.0 -> 26.7 / 14.7 -> 32.2.
 constexpr int64_t kDecodeLanes = 4;
-// Kv heads with more lanes than two groups, in whole groups of kDecodeLanes (3 or 4 tokens of
-// a GQA group of 4, 2 tokens of a group of 8: speculative decoding), run the decode kernel too,
-// up to this many lanes, each lane group over a whole key block (bf16 with its q rows in
-// registers, dot_rows_bf16), except fp32/fp64 MHA, where the transposed tile measured 9% faster
-// at 16 tokens. Against the transposed tile, ab_decode.py before after --reps 9, B 8, L 4096,
-// GB/s of K/V read (the machine at about 70 GB/s): --queries 3 fp32 / bf16 15.9 -> 20.6 / 12.9 ->
-// 19.3, paged (16) 15.4 -> 20.9 / 12.0 -> 16.8; --heads 64 --queries 2 (group 8) 14.9 -> 18.6 /
-// 12.5 -> 17.0; --queries 4 --head-major 16.0 -> 20.4 / 15.4 -> 19.3; --queries 16 --seqlen 2048
-// MHA bf16 / fp16 11.8 -> 16.4 / 9.0 -> 12.0. 16 also keeps prefill blocks (32 rows at least)
-// on the tile.
+// Kv heads with more lanes than two groups (several tokens of a GQA group: speculative
+// decoding) run the decode kernel too, up to this many lanes, as groups of kDecodeLanes and a
+// last group of the rest, each over a whole key block (bf16 with its q rows in registers,
+// dot_rows_bf16); MHA only in whole groups of bf16/fp16 (for 16 tokens of MHA fp32 the transposed
+// tile measured 9% faster; fp64 keeps the tile). Against the transposed tile, ab_decode.py
+// before after --reps 7-9, B 8, L 4096, GB/s of K/V read (the machine at about 70 GB/s):
+// --queries 3 fp32 / bf16 15.9 -> 20.6 / 12.9 -> 19.3, paged (16) 15.4 -> 20.9 / 12.0 -> 16.8;
+// --heads 64 --queries 2 (group 8) 14.9 -> 18.6 / 12.5 -> 17.0; --heads 28 --heads-kv 4
+// --queries 2 (group 7, 14 lanes) 15.3 -> 19.1 / 13.7 -> 17.8; --heads 40 --queries 2 (group 5)
+// 15.0 -> 20.3 / 13.6 -> 20.9; --heads 24 --queries 3 (group 3) 15.7 -> 20.9 / 13.3 -> 20.8;
+// --queries 4 --head-major 16.0 -> 20.4 / 15.4 -> 19.3; --queries 16 --seqlen 2048 MHA bf16 /
+// fp16 11.8 -> 16.4 / 9.0 -> 12.0. 16 also keeps prefill blocks (32 rows at least) on the tile.
 constexpr int64_t kDecodeMaxLanesPerKv = 16;
 // bf16 GQA kv heads of up to 32 lanes (5-8 tokens of a group of 4, 3-4 of a group of 8) too, where
 // dot_rows_bf16 holds the q rows (head_dim a multiple of 32 up to 128); ab_decode.py before after
 // --reps 7, GB/s, at about 45 GB/s: --queries 8 9.3 -> 10.6, paged (16) 9.5 -> 10.0; --queries 6
-// 9.4 -> 11.9, paged 10.1 -> 11.7; --heads 64 --queries 4 9.1 -> 10.3. fp16 (widened, row by
+// 9.4 -> 11.9, paged 10.1 -> 11.7; --heads 64 --queries 4 9.1 -> 10.3; --heads 28 --heads-kv 4
+// --queries 3 (21 lanes) 9.8 -> 14.1. fp16 (widened, row by
 // row) measured 7.8 -> 7.3 at 8 tokens and fp32 alike, so they keep the tile. (On CPUs without
 // AVX512-BF16, bf16 is widened row by row as fp16 is; not measured there.)
 constexpr int64_t kDecodeMaxBf16LanesPerKv = 32;
