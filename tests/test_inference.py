@@ -702,6 +702,34 @@ def test_split_kv_decode_matches_reference(threads, heads):
     np.testing.assert_allclose(lse.numpy(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(32, 8, 4), (28, 4, 2), (32, 8, 8)], ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}")
+def test_split_kv_decode_many_lane_groups(shape, dtype, threads):
+    """One long sequence of several query tokens per GQA group (16, 14 and, in bf16, 32 lanes per
+    kv head: the decode kernel's many lane groups) is split along the keys and merged by LSE;
+    causal from the bottom right (fp32 with sinks, which SDPA's bf16 comparison lacks), against
+    the fp64 reference, the LSE too."""
+    num_heads, num_heads_kv, queries = shape
+    generator = torch.Generator().manual_seed(num_heads + queries)
+    q = torch.randn(1, queries, num_heads, 128, generator=generator).to(dtype)
+    k, v = (torch.randn(1, 3000, num_heads_kv, 128, generator=generator).to(dtype) for _ in range(2))
+    sinks = torch.randn(num_heads, generator=generator) if dtype == torch.float32 else None
+    fusedattn.set_num_threads(threads)
+    try:
+        out, lse = fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=3000, sinks=sinks, return_lse=True)
+    finally:
+        fusedattn.set_num_threads(None)
+    q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
+    expected, expected_lse = reference.attention_reference(q_t, k_t, v_t, causal=True, sinks=sinks)
+    torch_lowp = None
+    if dtype != torch.float32:
+        visible = torch.arange(3000)[None, :] <= torch.arange(3000 - queries, 3000)[:, None]
+        torch_lowp = torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=visible, enable_gqa=True)
+    assert_close_to_reference(out.transpose(1, 2), torch_lowp, expected)
+    np.testing.assert_allclose(lse.numpy(), expected_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "pages-of-16"])
 @pytest.mark.parametrize("batch", [1, 3])
