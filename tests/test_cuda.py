@@ -744,3 +744,29 @@ def test_fp32_is_exact():
     ref, _ = attention_reference(q, k, v, causal=True)
     err = np.abs(out.double().cpu().numpy() - ref)
     assert (err <= FP32_ATOL + FP32_RTOL * np.abs(ref)).all(), f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_torch_compile_cuda(paged):
+    """attention_with_kvcache on CUDA tensors under torch.compile(fullgraph=True) (through the
+    fusedattn::attention_kvcache op): output, LSE and the appended caches equal eager mode's."""
+    torch._dynamo.reset()
+
+    def step(q, k_cache, v_cache, k, v, seqlens, table):
+        out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                                    block_table=table, return_lse=True)
+        return out * 2.0, lse
+
+    compiled = torch.compile(step, fullgraph=True)
+    q = torch.randn(2, 2, 8, 64, dtype=torch.bfloat16, device=DEVICE)
+    k, v = (torch.randn(2, 2, 2, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    shape = (8, 16, 2, 64) if paged else (2, 64, 2, 64)
+    k_cache, v_cache = (torch.randn(shape, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    table = torch.randperm(8, device=DEVICE).to(torch.int32).reshape(2, 4) if paged else None
+    seqlens = torch.tensor([37, 5], dtype=torch.int32, device=DEVICE)
+    results = []
+    for fn in (step, compiled):
+        caches = (k_cache.clone(), v_cache.clone())
+        results.append(fn(q, *caches, k, v, seqlens, table) + caches)
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, atol=0, rtol=0)

@@ -814,3 +814,84 @@ def test_merge_with_a_fully_masked_part_and_list_form():
     assert torch.equal(both_empty[0], torch.zeros_like(a[0])) and torch.isneginf(both_empty[1]).all()
     out_np, lse_np = fusedattn.merge_attention_states(a[0].numpy(), a[1].numpy(), b[0].numpy(), b[1].numpy())
     np.testing.assert_allclose(out_np, b[0].numpy(), rtol=0, atol=0)
+
+
+def _kvcache_step(q, k_cache, v_cache, k, v, seqlens, table, rotary):
+    """One decode step as compiled code would write it: append, attend, return out and LSE
+    (seqlens None: flash_attn_with_kvcache over the full cache)."""
+    if seqlens is None:
+        out, lse = fusedattn.flash_attn_with_kvcache(q, k_cache, v_cache, block_table=table, causal=True,
+                                                     return_softmax_lse=True)
+        return out * 2.0, lse
+    cos, sin = rotary if rotary is not None else (None, None)
+    out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                                window=(40, -1), softcap=30.0, rotary_cos=cos, rotary_sin=sin,
+                                                return_lse=True)
+    return out * 2.0, lse
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("case", ["contiguous", "paged", "no-append", "int-seqlens", "rotary", "flash-attn"])
+def test_kvcache_torch_compile(case, dynamic):
+    """attention_with_kvcache under torch.compile(fullgraph=True) (any graph break raises) goes
+    through fusedattn::attention_kvcache: output, LSE and both caches (appended in place) equal
+    eager mode's, for a contiguous and a paged cache, with and without new k/v, lengths as a
+    tensor or an int, with rotary embeddings, and flash_attn_with_kvcache over a full cache (its
+    lengths a list); with dynamic=True over two batch sizes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_kvcache_step, fullgraph=True, dynamic=dynamic)
+    for batch in (2, 3) if dynamic else (2,):
+        generator = torch.Generator().manual_seed(batch)
+        q = torch.randn(batch, 2, 8, 32, generator=generator)
+        k, v = (torch.randn(batch, 2, 2, 32, generator=generator) for _ in range(2))
+        k_cache, v_cache = (torch.randn(batch, 64, 2, 32, generator=generator) for _ in range(2))
+        table = None
+        if case == "paged":
+            k_cache, v_cache, table = _paged_copy(k_cache, v_cache, 16, generator)
+        seqlens = {"int-seqlens": 37, "flash-attn": None}.get(case, torch.tensor([37, 5, 60][:batch], dtype=torch.int32))
+        rotary = (torch.randn(64, 16, generator=generator), torch.randn(64, 16, generator=generator)) \
+            if case == "rotary" else None
+        if case in ("no-append", "flash-attn"):
+            k = v = None
+        results = []
+        for fn in (_kvcache_step, compiled):
+            caches = (k_cache.clone(), v_cache.clone())
+            out, lse = fn(q, *caches, k, v, seqlens, table, rotary)
+            results.append((out, lse) + caches)
+        for eager, comp in zip(*results):
+            torch.testing.assert_close(comp, eager, atol=1e-6, rtol=1e-6)
+        if k is not None:
+            assert not torch.equal(results[0][2], k_cache), "the step appended nothing"
+
+
+def test_opcheck_attention_kvcache():
+    """torch.library.opcheck of fusedattn::attention_kvcache: schema (k_cache and v_cache written
+    in place, nothing else), fake kernel, dispatch."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, 16, generator=generator)
+    k, v = (torch.randn(2, 1, 2, 16, generator=generator) for _ in range(2))
+    k_cache, v_cache = (torch.randn(2, 24, 2, 16, generator=generator) for _ in range(2))
+    seqlens = torch.tensor([7, 20], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fusedattn.attention_kvcache.default,
+                          (q, k_cache, v_cache, k, v, seqlens, None, None, None, None, None, None, None, None, True,
+                           -1, -1, 0.0, True))
+
+
+def test_kvcache_tensor_subclass_caches():
+    """Caches held as nn.Parameter (a tensor subclass) take the op in eager mode too: the op's
+    kernel runs attention_with_kvcache on plain views of them, so the append lands in their
+    storage and the result equals plain tensors'."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, 16, generator=generator)
+    k, v = (torch.randn(2, 1, 2, 16, generator=generator) for _ in range(2))
+    k_cache, v_cache = (torch.randn(2, 24, 2, 16, generator=generator) for _ in range(2))
+    seqlens = torch.tensor([7, 20], dtype=torch.int32)
+    plain = (k_cache.clone(), v_cache.clone())
+    held = tuple(torch.nn.Parameter(c.clone(), requires_grad=False) for c in (k_cache, v_cache))
+    expected = fusedattn.attention_with_kvcache(q, *plain, k, v, cache_seqlens=seqlens)
+    with torch.no_grad():
+        out = fusedattn.attention_with_kvcache(q, *held, k, v, cache_seqlens=seqlens)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    for cache, reference_cache in zip(held, plain):
+        torch.testing.assert_close(cache.detach(), reference_cache, atol=0, rtol=0)

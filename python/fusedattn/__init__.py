@@ -22,7 +22,7 @@ from .inference import (
 )
 
 if "torch" in sys.modules:  # register the torch ops now, outside any torch.compile trace
-    from . import _torch_ops, _torch_varlen  # noqa: F401
+    from . import _torch_kvcache, _torch_ops, _torch_varlen  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -268,6 +268,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
 
     Returns:
         out like q, and lse (batch, num_heads, seqlen_q) when return_lse.
+
+    Traces under torch.compile(fullgraph=True), through the op fusedattn::attention_kvcache
+    (_torch_kvcache.py), which writes k_cache and v_cache in place.
     """
     q = _arrays.as_array(q, "q")
     k_cache, v_cache = _arrays.as_array(k_cache, "k_cache"), _arrays.as_array(v_cache, "v_cache")
@@ -275,6 +278,17 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
     _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
     _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
+    if _arrays.is_torch(q) and _arrays.needs_op(q, k_cache, v_cache):
+        # (torch.compile traces, tensor subclasses: the op, whose kernel calls this function again
+        # on plain tensors, outside any trace)
+        from . import _torch_kvcache
+
+        out, lse = _torch_kvcache.attention_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+            cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal, scale=scale, window=window,
+            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+            rotary_interleaved=rotary_interleaved)
+        return (out, lse) if return_lse else out
     if _arrays.is_cuda(q):
         return _kvcache_cuda(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                              cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal, scale=scale,
