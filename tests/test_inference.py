@@ -831,13 +831,13 @@ def _kvcache_step(q, k_cache, v_cache, k, v, seqlens, table, rotary):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("case", ["contiguous", "paged", "no-append", "int-seqlens", "rotary", "flash-attn"])
+@pytest.mark.parametrize("case", ["contiguous", "paged", "no-append", "int-seqlens", "lists", "rotary", "flash-attn"])
 def test_kvcache_torch_compile(case, dynamic):
     """attention_with_kvcache under torch.compile(fullgraph=True) (any graph break raises) goes
     through fusedattn::attention_kvcache: output, LSE and both caches (appended in place) equal
     eager mode's, for a contiguous and a paged cache, with and without new k/v, lengths as a
-    tensor or an int, with rotary embeddings, and flash_attn_with_kvcache over a full cache (its
-    lengths a list); with dynamic=True over two batch sizes."""
+    tensor, an int or a list (with the block table a list), with rotary embeddings, and
+    flash_attn_with_kvcache over a full cache; with dynamic=True over two batch sizes."""
     torch._dynamo.reset()
     compiled = torch.compile(_kvcache_step, fullgraph=True, dynamic=dynamic)
     for batch in (2, 3) if dynamic else (2,):
@@ -846,9 +846,11 @@ def test_kvcache_torch_compile(case, dynamic):
         k, v = (torch.randn(batch, 2, 2, 32, generator=generator) for _ in range(2))
         k_cache, v_cache = (torch.randn(batch, 64, 2, 32, generator=generator) for _ in range(2))
         table = None
-        if case == "paged":
+        if case in ("paged", "lists"):
             k_cache, v_cache, table = _paged_copy(k_cache, v_cache, 16, generator)
         seqlens = {"int-seqlens": 37, "flash-attn": None}.get(case, torch.tensor([37, 5, 60][:batch], dtype=torch.int32))
+        if case == "lists":
+            seqlens, table = seqlens.tolist(), table.tolist()
         rotary = (torch.randn(64, 16, generator=generator), torch.randn(64, 16, generator=generator)) \
             if case == "rotary" else None
         if case in ("no-append", "flash-attn"):

@@ -59,12 +59,13 @@ torch.library.register_fake("fusedattn::attention_kvcache")(_attention_kvcache_f
 def attention_kvcache(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
                       causal, scale, window, alibi_slopes, softcap, sinks, rotary_cos, rotary_sin, rotary_interleaved):
     """attention_with_kvcache's arguments (torch tensors) through the op: returns (out, lse).
-    cache_seqlens given as an int or a list becomes an int32 tensor of (1,) or (batch,); per-head
-    parameters given as lists or arrays become tensors on q's device."""
-    if not isinstance(cache_seqlens, torch.Tensor):
-        cache_seqlens = torch.as_tensor(cache_seqlens, dtype=torch.int32, device=q.device).reshape(-1)
-    alibi_slopes, sinks = (x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x, device=q.device)
-                           for x in (alibi_slopes, sinks))
+    As in eager mode, cache_seqlens may be an int and the index arrays lists or numpy arrays: they
+    become int32 tensors on q's device (an int, of shape (1,))."""
+    def indices(x):
+        return x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.int32, device=q.device)
+
+    cache_seqlens = indices(cache_seqlens).reshape(-1)
+    block_table, cache_batch_idx, cache_leftpad = (indices(x) for x in (block_table, cache_batch_idx, cache_leftpad))
     window_left, window_right = _window_pair(window, "window")
     return torch.ops.fusedattn.attention_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin,
