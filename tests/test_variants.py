@@ -261,6 +261,17 @@ def test_dropout_matches_reference_mask(dtype, layout, extra):
     check_variant(q, k, v, layout=layout, dropout_p=0.25, seed=123456789, dropout_mask=keep, **extra)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_q,head_dim", [(12, 32), (16, 64), (10, 24), (9, 96)])
+def test_dropout_short_queries(seqlen_q, head_dim, dtype):
+    """Blocks with dropout hold one head; with 9-16 query rows of a GQA head they run the decode
+    kernel's lane groups of 4 and the rest (kManyLaneGroups): out and gradients equal the
+    reference computed with reference.dropout_keep_mask, causal."""
+    q, k, v = make_qkv(BATCH, HEADS, 2, seqlen_q, 35, head_dim, dtype, "bhsd")
+    keep = dropout_keep_mask(BATCH, HEADS, seqlen_q, 35, 0.25, seed=123456789)
+    check_variant(q, k, v, layout="bhsd", dropout_p=0.25, seed=123456789, dropout_mask=keep, causal=True)
+
+
 @pytest.mark.parametrize("api", ["sdpa", "flash_attn_func", "attention", "attention-numpy"])
 def test_manual_seed_makes_dropout_reproducible(api):
     """Without an explicit seed, dropout draws one from torch's default generator (numpy's global
