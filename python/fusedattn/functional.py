@@ -27,14 +27,18 @@ class _Call:
     """One validated attention call: arrays in the caller's layout plus the score variant."""
 
     def __init__(self, q, k, v, *, layout, names, causal, scale, q_offset, window, window_name="window",
-                 attn_mask=None, alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0, seed=None):
+                 attn_mask=None, alibi_slopes=None, softcap=0.0, sinks=None, dropout_p=0.0, seed=None,
+                 arrays_checked=False):
         if layout not in _DIMS:
             raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
         self.names = names
-        self.q, self.k, self.v = (_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
-        for x, name in zip((self.q, self.k, self.v), names):
-            _arrays.check_rank(x, 4, name, _DIMS[layout])
-        _arrays.check_same_kind((self.q, self.k, self.v), names)
+        if arrays_checked:  # the caller has taken q, k, v as arrays of one kind and checked their rank
+            self.q, self.k, self.v = q, k, v
+        else:
+            self.q, self.k, self.v = (_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
+            for x, name in zip((self.q, self.k, self.v), names):
+                _arrays.check_rank(x, 4, name, _DIMS[layout])
+            _arrays.check_same_kind((self.q, self.k, self.v), names)
         self.bshd = layout == "bshd"
         seq_dim, head_dim_ = (1, 2) if self.bshd else (2, 1)
         self.batch, self.num_heads = self.q.shape[0], self.q.shape[head_dim_]

@@ -296,7 +296,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                              rotary=(rotary_cos, rotary_sin, rotary_interleaved), return_lse=return_lse)
     # Everything is validated before the cache is written, so a rejected call changes nothing.
     call = _Call(q, k_cache, v_cache, layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
-                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                 arrays_checked=True)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
     batch, seqlen_q = q.shape[0], q.shape[1]
     lengths = _int32(cache_seqlens, "cache_seqlens", q)
