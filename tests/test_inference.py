@@ -900,6 +900,7 @@ def test_kvcache_tensor_subclass_caches():
 
 
 def _varlen_step(q, k, v, cu_seqlens, flash):
+    """One packed-batch call as compiled code would write it (flash: the flash-attn drop-in)."""
     if flash:
         return fusedattn.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 15, 15, causal=True) * 2.0
     return fusedattn.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, 15, 15, causal=True, window=(6, -1)) * 2.0
