@@ -556,9 +556,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
   const bool chunk_rows =
       k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
-  // (kv heads of more than two lane groups: each group over the whole key block)
-  const bool many_groups = lanes_per_kv > 2 * kDecodeLanes;
-  const int64_t score_rows = many_groups ? kBlockN : chunk_rows ? kDecodeScoreChunkRows : 1;
+  const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   // (A pool walk reads the pages in address order, which the hardware prefetchers follow.)
   const bool small_pages =
       pages.block_table != nullptr && pages.page_size * row_bytes <= kSmallPageBytes && visit == nullptr;
@@ -758,8 +756,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         prefetch_ahead(k_row, j);
         if (stage_values) prefetch_parts(params.v, v_side_by_side, v_row[j]);
       };
-      if (score_rows == 1) {  // the rows in address order (a loop of its own: as one with the
-                              // chunks' below, MHA bf16 2-token decode lost 15%)
+      const int64_t chunk = kMany ? kBlockN : score_rows;  // (kMany: each lane group over the whole key block)
+      if (chunk == 1) {  // the rows in address order (a loop of its own: as one with the
+                         // chunks' below, MHA bf16 2-token decode lost 15%)
         for (int64_t j = 0; j < n; ++j) {
           fetch_ahead(j);
           each_group([&](int64_t kv, int64_t l, auto heads, auto group)
@@ -767,8 +766,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         }
         return;
       }
-      for (int64_t c0 = 0; c0 < n; c0 += score_rows) {
-        const int64_t c1 = c0 + score_rows < n ? c0 + score_rows : n;
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
         for (int64_t j = c0; j < c1; ++j) fetch_ahead(j);
         each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
 #if defined(__AVX512BF16__)
@@ -888,7 +887,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
             if constexpr (kSecond > 0) accumulate(kv, kv * kPerKv + kFirst, second, j, step);
           }
         }
-        j += step ? step_rows : tail_rows;
+        j += rows;
       }
     });
   }

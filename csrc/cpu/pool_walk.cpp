@@ -46,10 +46,10 @@ bool walkable(const AttentionParams& params) {
   const SequenceLayout& layout = params.sequences;
   if (layout.block_table == nullptr || layout.k_begin != nullptr || layout.cu_seqlens_q != nullptr) return false;
   if (params.dtype == DType::kFloat64 || !decodes_whole_rows(params, params.seqlen_q)) return false;
-  const int64_t group = params.num_heads / params.num_heads_kv;
-  const bool two_lane_groups = params.seqlen_q * group > kDecodeLanes;
-  return (!two_lane_groups || params.dtype == DType::kBFloat16) && params.seqlen_q * group <= 2 * kDecodeLanes &&
-         params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
+  const int64_t lanes_per_kv = params.seqlen_q * (params.num_heads / params.num_heads_kv);
+  const bool lane_groups_walk = lanes_per_kv <= kDecodeLanes ||
+                                (lanes_per_kv <= 2 * kDecodeLanes && params.dtype == DType::kBFloat16);
+  return lane_groups_walk && params.seqlen_q * params.num_heads <= kDecodeBlockLanes;
 }
 
 // The batch's visible pages in pool order, as visits, where reading them so pays (see tiles.h).
