@@ -349,12 +349,9 @@ def test_paged_decode_in_pool_order(threads, pool, dtype):
     q, k_pages, v_pages, table = _pool_walk_case(pool, lengths, dtype=dtype)
     sinks = torch.randn(q.shape[2], generator=torch.Generator().manual_seed(1))
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
-                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
-                                                    block_table=table, sinks=sinks, return_lse=True)
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
+                                                cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                                block_table=table, sinks=sinks, return_lse=True)
     _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse, sinks=sinks)
     # the sequence of no key: zero output, LSE the sink's logit
     assert torch.equal(out[2], torch.zeros_like(out[2]))
@@ -373,12 +370,9 @@ def test_paged_decode_in_pool_order_two_lane_groups(shape, threads):
     q, k_pages, v_pages, table = _pool_walk_case("shuffled", lengths, queries=queries, dtype=torch.bfloat16,
                                                   heads=(num_heads, num_heads_kv), seed=5)
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
-                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
-                                                    block_table=table, return_lse=True)
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention_with_kvcache(q, k_pages, v_pages,
+                                                cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                                                block_table=table, return_lse=True)
     _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse)
 
 
@@ -693,10 +687,7 @@ def test_split_kv_decode_matches_reference(threads, heads):
     k, v = (torch.randn(1, num_heads_kv, 3000, 64) for _ in range(2))
     sinks = torch.randn(num_heads)
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True)
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True)
     expected, expected_lse = reference.attention_reference(q, k, v, sinks=sinks)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse.numpy(), expected_lse, rtol=1e-5, atol=1e-5)
@@ -716,10 +707,7 @@ def test_split_kv_decode_many_lane_groups(shape, dtype, threads):
     k, v = (torch.randn(1, 3000, num_heads_kv, 128, generator=generator).to(dtype) for _ in range(2))
     sinks = torch.randn(num_heads, generator=generator) if dtype == torch.float32 else None
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=3000, sinks=sinks, return_lse=True)
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=3000, sinks=sinks, return_lse=True)
     q_t, k_t, v_t = (x.transpose(1, 2) for x in (q, k, v))
     expected, expected_lse = reference.attention_reference(q_t, k_t, v_t, causal=True, sinks=sinks)
     torch_lowp = None
@@ -751,10 +739,7 @@ def test_decode_key_splits_of_whole_rows(batch, page_size, threads):
         *caches, table = _paged_copy(k_cache, v_cache, page_size, generator)
         kwargs["block_table"] = table
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention_with_kvcache(q, *caches, **kwargs)
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention_with_kvcache(q, *caches, **kwargs)
     for b, n in enumerate(lengths):
         q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
         expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True, window=(1540, 0),
@@ -774,11 +759,8 @@ def test_decode_long_sequence_among_short_ones(threads):
     k_cache, v_cache = (torch.randn(batch, capacity, num_heads_kv, head_dim, generator=generator) for _ in range(2))
     q = torch.randn(batch, 1, num_heads, head_dim, generator=generator)
     fusedattn.set_num_threads(threads)
-    try:
-        out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, return_lse=True,
-                                                    cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
-    finally:
-        fusedattn.set_num_threads(None)
+    out, lse = fusedattn.attention_with_kvcache(q, k_cache, v_cache, return_lse=True,
+                                                cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
     for b, n in enumerate(lengths):
         q_b, k_b, v_b = (x[b:b + 1, :length].transpose(1, 2) for x, length in ((q, 1), (k_cache, n), (v_cache, n)))
         expected, expected_lse = reference.attention_reference(q_b, k_b, v_b, causal=True)
