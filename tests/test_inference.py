@@ -174,6 +174,12 @@ def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     ("int64 lengths beyond int32", ValueError, "cache_seqlens"),
     ("int64 page beyond int32", ValueError, "block_table"),
     ("batch index out of range", ValueError, "cache_batch_idx"),
+    ("batch index shape", ValueError, "cache_batch_idx"),
+    ("fewer cache rows than the batch", ValueError, "rows"),
+    ("leftpad out of range", ValueError, "cache_leftpad"),
+    ("table rows", ValueError, "block_table"),
+    ("table 1-D", ValueError, "block_table"),
+    ("no lengths", TypeError, "cache_seqlens"),
 ])
 def test_kvcache_bad_lengths_and_pages(case, error, message, append):
     """Calls that append are checked in Python before anything is written; calls that only read
@@ -201,6 +207,13 @@ def test_kvcache_bad_lengths_and_pages(case, error, message, append):
                                         block_table=torch.tensor([[0, 1, 2, 3], [2**32 + 4, 5, 6, 7]])),
         "batch index out of range": dict(contiguous, cache_seqlens=seqlens,
                                          cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
+        "batch index shape": dict(contiguous, cache_seqlens=seqlens, cache_batch_idx=torch.tensor([1], dtype=torch.int32)),
+        "fewer cache rows than the batch": dict(k_cache=k_cache[:1], v_cache=v_cache[:1], cache_seqlens=seqlens),
+        "leftpad out of range": dict(contiguous, cache_seqlens=seqlens,
+                                     cache_leftpad=torch.tensor([-1, 0], dtype=torch.int32)),
+        "table rows": dict(paged, cache_seqlens=seqlens, block_table=torch.cat((table, table[:1]))),
+        "table 1-D": dict(paged, cache_seqlens=seqlens, block_table=table[0]),
+        "no lengths": dict(contiguous, cache_seqlens=None),
     }[case]
     before = (k_cache.clone(), v_cache.clone())
     with pytest.raises(error, match=message):
@@ -225,6 +238,86 @@ def test_cuda_index_arguments_from_the_host():
         _index_on_device(torch.tensor([[0, 2**32 + 1]]), "block_table", q)
     with pytest.raises(TypeError, match="cache_batch_idx"):
         _index_on_device(torch.tensor([0.0, 1.0, 2.0]), "cache_batch_idx", q)
+
+
+def test_kvcache_pages_of_no_rows_are_an_error():
+    """A paged cache whose pages hold no rows is a ValueError (it was a division by zero in the
+    extension, which killed the process), with lengths of 0 and as flash-attn's full cache."""
+    q, k_pages, v_pages = torch.randn(2, 1, 4, 16), torch.randn(8, 0, 2, 16), torch.randn(8, 0, 2, 16)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="at least one row"):
+        fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=0, block_table=table)
+    with pytest.raises(ValueError, match="at least one row"):
+        fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table)
+
+
+@pytest.mark.parametrize("writes", ["append", "rotary"])
+def test_kvcache_unused_table_entries_are_not_checked(writes):
+    """Entries of a block table past each sequence's own pages in use may hold anything (here -1),
+    whether or not the call writes the cache: the checks go sequence by sequence."""
+    generator = torch.Generator().manual_seed(3)
+    k_pages, v_pages = (torch.randn(6, 4, 2, 16, generator=generator) for _ in range(2))
+    table = torch.tensor([[0, -1, -1, -1, -1, -1], [1, 2, 3, 4, 5, -1]], dtype=torch.int32)  # 3 and 17 tokens
+    q = torch.randn(2, 1, 4, 16, generator=generator)
+    options = {"append": dict(k=torch.randn(2, 1, 2, 16, generator=generator),
+                              v=torch.randn(2, 1, 2, 16, generator=generator)),
+               "rotary": dict(rotary_cos=torch.ones(64, 4), rotary_sin=torch.zeros(64, 4))}[writes]  # (identity)
+    seqlens = torch.tensor([3, 17], dtype=torch.int32)
+    out = fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table, **options)
+    total = seqlens + (1 if writes == "append" else 0)
+    contiguous = fusedattn.attention_with_kvcache(q, *(x[table.clamp(min=0)].reshape(2, 24, 2, 16)
+                                                       for x in (k_pages, v_pages)), cache_seqlens=total)
+    _close(out, contiguous, tol=1e-6)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("sin alone", ValueError, "rotary_cos and rotary_sin"),
+    ("cos alone", ValueError, "rotary_cos and rotary_sin"),
+    ("table too short", ValueError, "positions"),
+    ("rotary_dim above head_dim", ValueError, "rotary_dim"),
+    ("1-D tables", ValueError, "max_positions"),
+    ("shapes differ", ValueError, "max_positions"),
+    ("integer tables", TypeError, "floating-point"),
+    ("numpy tables for torch q", TypeError, "rotary_cos"),
+    ("new k of another dtype", TypeError, "dtype"),
+])
+def test_kvcache_bad_rotary_or_new_entries(case, error, message):
+    """Rotary tables and new entries are checked before anything is written: an error naming
+    them, and the cache unchanged (rotary_sin alone used to be ignored without a word)."""
+    k_cache, v_cache = _cache(2, 32, 2, 16)
+    before = (k_cache.clone(), v_cache.clone())
+    q, k_new, v_new = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    cos, sin = torch.randn(64, 4), torch.randn(64, 4)
+    rotary = {
+        "sin alone": dict(rotary_sin=sin),
+        "cos alone": dict(rotary_cos=cos),
+        "table too short": dict(rotary_cos=cos[:6], rotary_sin=sin[:6]),
+        "rotary_dim above head_dim": dict(rotary_cos=torch.randn(64, 12), rotary_sin=torch.randn(64, 12)),
+        "1-D tables": dict(rotary_cos=cos[:, 0], rotary_sin=sin[:, 0]),
+        "shapes differ": dict(rotary_cos=cos, rotary_sin=sin[:, :2]),
+        "integer tables": dict(rotary_cos=cos.int(), rotary_sin=sin.int()),
+        "numpy tables for torch q": dict(rotary_cos=cos.numpy(), rotary_sin=sin.numpy()),
+        "new k of another dtype": dict(rotary_cos=cos, rotary_sin=sin),
+    }[case]
+    if case == "new k of another dtype":
+        k_new = k_new.bfloat16()
+    for new in ({}, {"k": k_new, "v": v_new}):
+        if case == "new k of another dtype" and not new:
+            continue
+        with pytest.raises(error, match=message):
+            fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([5, 9], dtype=torch.int32),
+                                             **new, **rotary)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_flash_attn_kvcache_full_cache_with_a_list_table():
+    """cache_seqlens=None (a full cache) with the block table given as a list, as lists are
+    accepted for index arrays elsewhere."""
+    q, k_pages, v_pages = torch.randn(2, 1, 4, 16), torch.randn(8, 8, 2, 16), torch.randn(8, 8, 2, 16)
+    table = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    out = fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table)
+    expected = fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=torch.tensor(table, dtype=torch.int32))
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("kind", ["torch", "numpy"])

@@ -202,6 +202,7 @@ void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_ca
     }
     s.block_table = int32_array(table, table.shape, "(batch, max_pages)", device, &s.block_table_stride);
     s.page_size = p.seqlen_k;
+    check_page_size(s.page_size);
     kv.capacity = table.shape[1] * s.page_size;
     if (!cache_batch_idx.is_none()) fail("cache_batch_idx cannot be combined with a paged cache (block_table)");
     if (!cache_leftpad.is_none()) fail("cache_leftpad cannot be combined with a paged cache (block_table)");
@@ -264,6 +265,7 @@ void kvcache_append(py::handle k_cache, py::handle v_cache, py::handle k_new, py
     }
     a.sequences.block_table = int32_array(table, table.shape, "(batch, max_pages)", device, &a.sequences.block_table_stride);
     a.sequences.page_size = kc.shape[2];
+    check_page_size(a.sequences.page_size);
     a.capacity = table.shape[1] * a.sequences.page_size;
     if (!cache_batch_idx.is_none()) fail("cache_batch_idx cannot be combined with a paged cache (block_table)");
   } else if (cache_batch_idx.is_none() && a.cache_rows < a.batch) {

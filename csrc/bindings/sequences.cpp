@@ -7,6 +7,8 @@
 #include <string>
 #include <tuple>
 
+#include "bindings/validate.h"
+
 namespace py = pybind11;
 
 namespace fusedattn {
@@ -70,6 +72,7 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     if (table.shape[0] != batch) fail("block_table must have " + std::to_string(batch) + " rows, got " + table.shape_string());
     s.block_table_stride = table.shape[1];
     s.page_size = params.seqlen_k;
+    check_page_size(s.page_size);
     capacity = table.shape[1] * s.page_size;
     if (views.cache_batch_idx) fail("cache_batch_idx cannot be combined with a paged cache (block_table)");
     if (views.cache_leftpad) fail("cache_leftpad cannot be combined with a paged cache (block_table)");

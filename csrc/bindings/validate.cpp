@@ -311,4 +311,8 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
   return params;
 }
 
+void check_page_size(int64_t page_size) {
+  if (page_size < 1) fail("a paged cache's pages must hold at least one row (k_cache.shape[1] >= 1), got 0");
+}
+
 }  // namespace fusedattn

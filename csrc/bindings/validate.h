@@ -53,4 +53,8 @@ struct BackwardViews {
 
 BackwardParams make_backward_params(const BackwardViews& views, const ForwardOptions& options);
 
+// A paged KV cache's rows per page (k_cache's page dim): ValueError unless >= 1 (the kernels
+// divide key positions by it).
+void check_page_size(int64_t page_size);
+
 }  // namespace fusedattn

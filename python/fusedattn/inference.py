@@ -44,6 +44,8 @@ def _int32(x, name, reference):
     if isinstance(x, int) and not isinstance(x, bool):
         _check_int32(x, x, name)
         return np.full(1, x, dtype=np.int32)
+    if x is None:
+        raise TypeError(f"{name} must be an int or an integer array, got None")
     if _arrays.is_torch(reference):
         torch = _arrays.torch_module()
         if type(x) is torch.Tensor and x.dtype == torch.int32 and x.is_cpu and x.is_contiguous():
@@ -245,6 +247,69 @@ def _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cac
         raise ValueError("a paged cache (block_table) cannot be combined with cache_batch_idx or cache_leftpad")
 
 
+def _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_batch_idx, cache_leftpad, q):
+    """Checks the index arrays of a call that writes the cache (appends k, v or rotates) before
+    anything is written, as the extension checks them afterwards (bindings/sequences.cpp), each
+    sequence over its own pages in use; returns (block_table, cache rows) as the append takes
+    them. seqlens: int64 (batch,), the lengths before the new_len new tokens."""
+    total = seqlens + new_len
+    table, rows = None, np.arange(batch)
+    if block_table is not None:
+        table = _int32(block_table, "block_table", q)
+        table_np, page_size, num_pages = np.asarray(table), k_cache.shape[1], k_cache.shape[0]
+        if table_np.ndim != 2 or table_np.shape[0] != batch:
+            raise ValueError(f"block_table must have shape ({batch}, max_pages), got {tuple(table_np.shape)}")
+        capacity = table_np.shape[1] * page_size
+    else:
+        capacity = k_cache.shape[1]
+    if total.size and (seqlens.min() < 0 or total.max() > capacity):
+        raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
+                         f"got cache_seqlens {seqlens.tolist()}")
+    if table is not None and page_size >= 1:  # (pages of no rows: the extension rejects them)
+        in_use = np.arange(table_np.shape[1])[None, :] < -(-total[:, None] // page_size)  # (batch, max_pages)
+        bad = in_use & ((table_np < 0) | (table_np >= num_pages))
+        if bad.any():
+            b, i = (int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"block_table[{b}, {i}] = {int(table_np[b, i])} is outside the cache's {num_pages} "
+                             "pages (entries of the pages in use must be in range)")
+    elif cache_batch_idx is not None:
+        rows = np.asarray(_int32(cache_batch_idx, "cache_batch_idx", q))
+        if rows.shape != (batch,):
+            raise ValueError(f"cache_batch_idx must have shape ({batch},), got {rows.shape}")
+        if (rows < 0).any() or (rows >= k_cache.shape[0]).any():
+            raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
+    elif k_cache.shape[0] < batch:
+        raise ValueError(f"the cache has {k_cache.shape[0]} rows but q has batch {batch}")
+    if cache_leftpad is not None:
+        leftpad = np.asarray(_int32(cache_leftpad, "cache_leftpad", q))
+        if leftpad.shape != (batch,):
+            raise ValueError(f"cache_leftpad must have shape ({batch},), got {leftpad.shape}")
+        if (leftpad < 0).any() or (leftpad > total).any():
+            raise ValueError("cache_leftpad entries must be in [0, cache_seqlens[b] + seqlen_new]")
+    return table, rows
+
+
+def _check_rotary_shapes(cos, sin, head_dim):
+    if cos.ndim != 2 or tuple(cos.shape) != tuple(sin.shape) or not 1 <= 2 * cos.shape[1] <= head_dim:
+        raise ValueError(f"rotary_cos and rotary_sin must both be (max_positions, rotary_dim / 2) with rotary_dim <= "
+                         f"head_dim {head_dim}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+
+
+def _rotary_tables(rotary_cos, rotary_sin, q, last_position):
+    """rotary_cos and rotary_sin as arrays of q's kind, checked: both (max_positions, rotary_dim /
+    2) floating point, rotary_dim <= head_dim, with a row for every position up to last_position."""
+    cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
+    _arrays.check_same_kind((q, cos, sin), ("q", "rotary_cos", "rotary_sin"))
+    for x, name in ((cos, "rotary_cos"), (sin, "rotary_sin")):
+        if not (x.is_floating_point() if _arrays.is_torch(x) else np.issubdtype(x.dtype, np.floating)):
+            raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
+    _check_rotary_shapes(cos, sin, q.shape[3])
+    if last_position >= cos.shape[0]:
+        raise ValueError(f"rotary_cos has {cos.shape[0]} positions but position {last_position} is needed "
+                         "(cache_seqlens + the new tokens)")
+    return cos, sin
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            cache_batch_idx=None, cache_leftpad=None, causal=True, scale=None, window=(-1, -1),
                            alibi_slopes=None, softcap=0.0, sinks=None, rotary_cos=None, rotary_sin=None,
@@ -278,6 +343,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
     _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
     _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (new entries), or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
     if _arrays.is_torch(q) and _arrays.needs_op(q, k_cache, v_cache):
         # (torch.compile traces, tensor subclasses: the op, whose kernel calls this function again
         # on plain tensors, outside any trace)
@@ -303,7 +372,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     lengths = _int32(cache_seqlens, "cache_seqlens", q)
     if tuple(lengths.shape) == (1,) and batch != 1:  # one length for every sequence
         lengths = np.full(batch, int(lengths[0]), dtype=np.int32)
-    if k is None and v is None and rotary_cos is None:
+    if k is None and rotary_cos is None:
         # Nothing is written, so the extension's own checks of cache_seqlens, the pages in use and
         # cache_batch_idx (bindings/sequences.cpp) suffice: a decode step pays no numpy work here.
         return _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad,
@@ -311,37 +380,25 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     seqlens = np.asarray(lengths).astype(np.int64)
     if seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must be an int or have shape ({batch},), got {seqlens.shape}")
-    table = None if block_table is None else _int32(block_table, "block_table", q)
-    rows = np.arange(batch) if cache_batch_idx is None else np.asarray(_int32(cache_batch_idx, "cache_batch_idx", q))
-    capacity = k_cache.shape[1] if table is None else np.asarray(table).shape[1] * k_cache.shape[1]
-
     new_len = 0
-    if (k is None) != (v is None):
-        raise ValueError("pass both k and v (new entries), or neither")
     if k is not None:
         k, v = _arrays.as_array(k, "k"), _arrays.as_array(v, "v")
         _arrays.check_same_kind((q, k, v), ("q", "k", "v"))
         if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
+            raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
         new_len = k.shape[1]
-    if seqlens.size and (seqlens.min() < 0 or seqlens.max() + new_len > capacity):
-        raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
-                         f"got cache_seqlens {seqlens.tolist()}")
-    if table is not None:
-        num_pages, table_np = k_cache.shape[0], np.asarray(table)
-        used = table_np[:, : max(1, int(math.ceil((seqlens.max() + new_len) / k_cache.shape[1])))]
-        if (used < 0).any() or (used >= num_pages).any():
-            raise ValueError(f"block_table entries must be in [0, {num_pages}) for the pages in use")
-    if cache_batch_idx is not None and ((rows < 0).any() or (rows >= k_cache.shape[0]).any()):
-        raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
-
+    table, rows = _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_batch_idx, cache_leftpad,
+                                        q)
     positions_new = None if k is None else seqlens[:, None] + np.arange(new_len)[None, :]
     if rotary_cos is not None:
-        cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
         local = tuple(int(w) for w in window) != (-1, -1)
         q_positions = seqlens[:, None] + np.arange(seqlen_q)[None, :] if causal or local else \
             np.repeat(seqlens[:, None], seqlen_q, axis=1)
+        last = max(int(q_positions.max(initial=-1)), -1 if positions_new is None else int(positions_new.max(initial=-1)))
+        cos, sin = _rotary_tables(rotary_cos, rotary_sin, q, last)
         q = _apply_rotary(q, cos, sin, _arrays.index_like(q, q_positions), rotary_interleaved)
         if k is not None:
             k = _apply_rotary(k, cos, sin, _arrays.index_like(q, positions_new), rotary_interleaved)
@@ -421,14 +478,10 @@ def _rotary_cuda(q, k, seqlens, rotary, *, rotate_q_per_token, capacity):
     the cache capacity (flash-attn's rule, as positions are not known here); positions past it,
     from invalid cache_seqlens, are clamped into it rather than faulting the device."""
     torch = _arrays.torch_module()
-    cos, sin, interleaved = rotary
-    if cos is None or sin is None:
-        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
+    cos, sin, interleaved = rotary  # (both given: attention_with_kvcache checks)
     cos, sin = (torch.as_tensor(_arrays.as_array(x, name), device=q.device)
                 for x, name in ((cos, "rotary_cos"), (sin, "rotary_sin")))
-    if cos.ndim != 2 or cos.shape != sin.shape or not 1 <= 2 * cos.shape[1] <= q.shape[3]:
-        raise ValueError(f"rotary_cos and rotary_sin must both be (max_positions, rotary_dim / 2) with rotary_dim <= "
-                         f"head_dim {q.shape[3]}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    _check_rotary_shapes(cos, sin, q.shape[3])
     if cos.shape[0] < capacity:
         raise ValueError(f"rotary_cos has {cos.shape[0]} positions but the cache holds {capacity}; on CUDA the "
                          "table must cover the cache capacity")
@@ -458,7 +511,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when appending k, v")
-        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        table_shape = None if block_table is None else np.shape(block_table)  # (any array, or a list)
+        if table_shape is not None and len(table_shape) != 2:
+            raise ValueError(f"block_table must have shape (batch, max_pages), got {tuple(table_shape)}")
+        capacity = k_cache.shape[1] if block_table is None else table_shape[1] * k_cache.shape[1]
         cache_seqlens = [capacity] * q.shape[0]
     return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal,
