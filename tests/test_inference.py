@@ -86,6 +86,23 @@ def test_varlen_rows_after_the_last_sequence_are_zero():
     assert torch.isneginf(lse[:, 7:]).all()
 
 
+def test_varlen_sink_gradient_with_rows_after_the_last_sequence():
+    """Packed q rows that belong to no sequence (LSE -inf) add nothing to the sinks' gradient
+    (their exp(sink - LSE) was exp(+inf) · 0 = NaN)."""
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, 2, 16, generator=generator) for n in (7, 11, 11))
+    sinks = torch.randn(2, generator=generator)
+    cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 5, 11], dtype=torch.int32)
+    grads = []
+    for rows in (7, 5):  # with the two trailing rows, and without them
+        leaves = [q[:rows].clone().requires_grad_(), sinks.clone().requires_grad_()]
+        out = fusedattn.attention_varlen(leaves[0], k, v, cu_q, cu_k, 3, 6, sinks=leaves[1])
+        out.backward(torch.ones_like(out))
+        grads.append(leaves[1].grad)
+    assert torch.isfinite(grads[0]).all()
+    _close(grads[0], grads[1], tol=1e-6)
+
+
 def test_varlen_numpy_and_flash_attn_drop_in():
     q, cu_q = _packed([7, 9], 4, 16)
     k, cu_k = _packed([12, 9], 2, 16)
@@ -889,6 +906,27 @@ def test_merge_with_a_fully_masked_part_and_list_form():
     assert torch.equal(both_empty[0], torch.zeros_like(a[0])) and torch.isneginf(both_empty[1]).all()
     out_np, lse_np = fusedattn.merge_attention_states(a[0].numpy(), a[1].numpy(), b[0].numpy(), b[1].numpy())
     np.testing.assert_allclose(out_np, b[0].numpy(), rtol=0, atol=0)
+
+
+def test_merge_gradients_where_every_part_is_empty():
+    """Rows where every part's LSE is -inf (no key anywhere) merge to 0 and -inf with zero, not
+    NaN, gradients (torch.logsumexp's backward gave NaN there); with one part empty, gradcheck
+    in float64."""
+    generator = torch.Generator().manual_seed(6)
+    outs = [torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=generator).requires_grad_() for _ in range(3)]
+    lses = [torch.randn(2, 3, 4, dtype=torch.float64, generator=generator) for _ in range(3)]
+    lses[1][0, 0, 0] = float("-inf")  # one part empty
+    assert torch.autograd.gradcheck(lambda *a: fusedattn.merge_attention_states_list(list(a[:3]), list(a[3:])),
+                                    (*outs, *(x.clone().requires_grad_() for x in lses)))
+    for x in lses:
+        x[1, 2, 3] = float("-inf")  # every part empty (the merged LSE -inf: no finite differences there)
+    lses = [x.requires_grad_() for x in lses]
+    out, lse = fusedattn.merge_attention_states_list(outs, lses)
+    assert torch.equal(out[1, 2, 3], torch.zeros(5, dtype=torch.float64)) and lse[1, 2, 3] == float("-inf")
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    for x in outs + lses:
+        assert torch.isfinite(x.grad).all()
+        assert (x.grad[1, 2, 3] == 0).all()
 
 
 def _kvcache_step(q, k_cache, v_cache, k, v, seqlens, table, rotary):

@@ -155,6 +155,38 @@ def test_float64_mask_gradient_is_float64_accurate():
     assert error < 1e-10, f"the float64 mask's gradient is only {error:.1e}-accurate (relative to its max)"
 
 
+def test_sink_of_minus_infinity_over_rows_that_see_no_key():
+    """A sink of -inf is no sink: rows that see no key then have LSE -inf, and add nothing to its
+    gradient (exp(-inf - (-inf)) was NaN); the gradients equal those without that sink."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2, 6, 4, 16))  # bottom-right causal: rows 0-1 see no key
+    sinks = torch.tensor([float("-inf"), 0.5], requires_grad=True)
+    out = fusedattn.attention(q, k, v, causal=True, sinks=sinks)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert torch.isfinite(sinks.grad).all() and sinks.grad[0] == 0
+    ref, _, _ = reference_grads(dict(q=q, k=k, v=v), dout, causal=True, sinks=sinks.detach())
+    assert_grads_close({name: x.grad for name, x in zip("qkv", (q, k, v))}, ref)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(13, 1), (1, 2, 1, 21)], ids=["per-row", "per-head-and-key"])
+def test_broadcast_mask_gradient_is_reduced_before_rounding(shape, mask_dtype):
+    """A broadcast float mask's gradient is the dense one summed in float32 and rounded to the
+    mask's dtype once, as torch does (each dense element rounded to bf16 first, then summed by
+    autograd's expand, gave a per-row mask's gradient, exactly 0, errors of 2e-3). Against the
+    float64 reference of the reduced gradient, to within the mask dtype's rounding of it."""
+    q, k, v = make_qkv(1, 2, 2, 13, 21, 64)
+    mask = torch.randn(shape).to(mask_dtype).requires_grad_()
+    out = fusedattn.attention(q, k, v, attn_mask=mask)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref, _, _ = reference_grads(dict(q=q, k=k, v=v, attn_mask=mask), dout)
+    expected = ref["attn_mask"].to(torch.float64)
+    error = (mask.grad.to(torch.float64) - expected).abs()
+    ulp = torch.finfo(mask_dtype).eps
+    assert (error <= ulp * expected.abs() + 1e-5).all(), f"max error {error.max().item():.1e}"
+
+
 # ---------------------------------------------------------------- masks
 
 MASK_SHAPES = [(1, 1, 13, 21), (BATCH, 1, 1, 21), (BATCH, HEADS, 13, 21), (13, 21)]

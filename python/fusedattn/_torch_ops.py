@@ -4,9 +4,11 @@
     fusedattn::attention_backward(dout, dlse?, q, k, v, out, lse, ...) -> (dq, dk, dv, dmask, dsinks)
 
 Tensors are passed in the caller's layout (`bshd` says (b, s, h, d), else (b, h, s, d)); outputs
-are contiguous in that layout, in the real and the fake kernel alike. attn_mask comes already
-expanded to (b, h, Lq, Lk) (a view), so autograd's expand reduces its dense gradient to the
-mask's own shape. rng_seed is an int64 scalar tensor (traceable under torch.compile).
+are contiguous in that layout, in the real and the fake kernel alike. attn_mask has any shape that
+broadcasts to (b, h, Lq, Lk) (the kernels read it as that view); its gradient is the dense one
+summed to the mask's own shape in float32 (float64) and then rounded to its dtype once, as torch
+reduces it (rounding each dense element first, before autograd's expand summed them, cost a bf16
+per-row mask's gradient three orders of magnitude of accuracy). rng_seed is an int64 scalar tensor (traceable under torch.compile).
 Being real ops, they trace under torch.compile(fullgraph=True) without graph breaks, pass
 torch.library.opcheck, and get gradients through register_autograd. In eager mode,
 EagerAttention runs the same functions without the dispatcher (fewer µs per call).
@@ -61,12 +63,19 @@ def _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, 
             _float64(sinks), dropout_p, seed, 0)
 
 
+def _full_mask(attn_mask, q, k, bshd):
+    """attn_mask as the (b, h, Lq, Lk) view the kernels read (stride 0 on broadcast dims)."""
+    if attn_mask is None:
+        return None
+    return attn_mask.expand(*_lse_shape(q, bshd), k.shape[1] if bshd else k.shape[2])
+
+
 def _forward_cpu(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left,
                  window_right, softcap, dropout_p, bshd, names):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, bshd), dtype=lse_dtype(q), device=q.device)
-    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
-                       softcap, dropout_p)
+    variant = _variant(_full_mask(attn_mask, q, k, bshd), alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
+                       window_left, window_right, softcap, dropout_p)
     _C.attention_forward(_bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, variant,
                          _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")))
     return out, lse
@@ -78,8 +87,8 @@ def _forward_cuda(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, caus
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, bshd), dtype=torch.float32, device=q.device)
-    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
-                       softcap, dropout_p)
+    variant = _variant(_full_mask(attn_mask, q, k, bshd), alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
+                       window_left, window_right, softcap, dropout_p)
     _cuda_backend.forward(_bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd), lse, variant,
                           tuple(names.split(",")))
     return out, lse
@@ -87,6 +96,13 @@ def _forward_cuda(q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, scale, caus
 
 def _backward_cuda(*args):
     raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet")
+
+
+def sink_probability(sinks, lse):
+    """exp(sinks - lse), the sink's share of each row's softmax (sinks broadcast against lse), 0
+    where lse is -inf: rows that see neither a key nor the sink (a sink of -inf), and packed
+    varlen rows of no sequence, which would give exp(-inf + inf) = NaN."""
+    return torch.where(lse == float("-inf"), torch.zeros_like(lse), torch.exp(sinks - lse))
 
 
 def sink_gradient(sinks, dout, out, lse, dlse, bshd):
@@ -97,8 +113,7 @@ def sink_gradient(sinks, dout, out, lse, dlse, bshd):
         dsum = dsum.transpose(1, 2)
     if dlse is not None:
         dsum = dsum - dlse
-    sink_weight = torch.exp(sinks.to(compute)[None, :, None] - lse)
-    return (-(sink_weight * dsum).sum((0, 2))).to(sinks.dtype)
+    return (-(sink_probability(sinks.to(compute)[None, :, None], lse) * dsum).sum((0, 2))).to(sinks.dtype)
 
 
 def _backward_cpu(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
@@ -112,8 +127,8 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, attn_mask, alibi_slopes, sinks,
         dout = dout.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()
-    variant = _variant(attn_mask, alibi_slopes, sinks, rng_seed, scale, causal, q_offset, window_left, window_right,
-                       softcap, dropout_p)
+    variant = _variant(_full_mask(attn_mask, q, k, bshd), alibi_slopes, sinks, rng_seed, scale, causal, q_offset,
+                       window_left, window_right, softcap, dropout_p)
     _C.attention_backward(_bhsd(dout, bshd), dlse, _bhsd(q, bshd), _bhsd(k, bshd), _bhsd(v, bshd), _bhsd(out, bshd),
                           lse, _bhsd(dq, bshd), _bhsd(dk, bshd), _bhsd(dv, bshd), dmask if mask_grad else None,
                           variant, _runtime.cpu_isa(), _runtime.get_num_threads(), tuple(names.split(",")))
@@ -144,14 +159,15 @@ def _gradients(ctx, grads):
     dq, dk, dv, dmask, dsinks = grads
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-            dmask.to(ctx.mask_dtype) if needs[3] else None, None, dsinks if needs[5] else None) + _NO_GRAD_OPTIONS
+            dmask.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) if needs[3] else None, None,
+            dsinks if needs[5] else None) + _NO_GRAD_OPTIONS
 
 
 def _save(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, sinks, rng_seed, *options = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, alibi_slopes, sinks, rng_seed)
     ctx.options = options
-    ctx.mask_dtype = attn_mask.dtype if attn_mask is not None else None
+    ctx.mask_dtype, ctx.mask_shape = (None, None) if attn_mask is None else (attn_mask.dtype, attn_mask.shape)
 
 
 def _backward_args(ctx, dout, dlse):

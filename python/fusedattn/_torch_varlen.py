@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, _runtime
-from ._torch_ops import _VARIANT_ARGS, _variant, eager_function, lse_dtype
+from ._torch_ops import _VARIANT_ARGS, _variant, eager_function, lse_dtype, sink_probability
 
 torch.library.define(
     "fusedattn::attention_varlen_forward",
@@ -70,7 +70,7 @@ def _backward_cpu(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, att
         dsum = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(0, 1)
         if dlse is not None:
             dsum = dsum - dlse
-        dsinks = (-(torch.exp(sinks.to(lse.dtype)[:, None] - lse) * dsum).sum(1)).to(sinks.dtype)
+        dsinks = (-(sink_probability(sinks.to(lse.dtype)[:, None], lse) * dsum).sum(1)).to(sinks.dtype)
     return dq, dk, dv, dsinks
 
 

@@ -53,7 +53,9 @@ class _Call:
         self.softcap = float(softcap)
         if not self.softcap >= 0.0:
             raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
-        self.attn_mask = None if attn_mask is None else self._broadcast_mask(attn_mask)
+        # attn_mask as given (the torch ops take it so: see _torch_ops.py), and as a (b, h, Lq, Lk) view
+        self.mask_given = None if attn_mask is None else _arrays.as_array(attn_mask, "attn_mask")
+        self.attn_mask = None if attn_mask is None else self._broadcast_mask(self.mask_given)
         self.alibi_slopes = None if alibi_slopes is None else self._per_head(alibi_slopes, "alibi_slopes")
         self.sinks = None if sinks is None else self._per_head(sinks, "sinks")
         self.dropout_p = float(dropout_p)
@@ -100,7 +102,7 @@ class _Call:
         """Arguments of the torch ops after (q, k, v) / before the tensors they add."""
         torch = _arrays.torch_module()
         rng_seed = torch.tensor(self.seed, dtype=torch.int64) if self.dropout_p > 0.0 else None
-        return (self.attn_mask, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
+        return (self.mask_given, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
                 *self.window, self.softcap, self.dropout_p, self.bshd, ",".join(self.names))
 
     def bhsd(self, x):

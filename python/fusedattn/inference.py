@@ -551,9 +551,14 @@ def merge_attention_states_list(outs, lses, *, layout="bhsd"):
         torch = _arrays.torch_module()
         compute = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
         stacked = torch.stack([x.to(compute) for x in lses])
-        lse = torch.logsumexp(stacked, dim=0)  # -inf where every part is -inf
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        # As the numpy path below, not torch.logsumexp: its gradient is NaN where every part is -inf.
+        top = stacked.detach().amax(dim=0)  # (the result does not depend on it: no gradient)
+        safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         weights = torch.where(torch.isfinite(stacked), torch.exp(stacked - safe), torch.zeros_like(stacked))
+        total = weights.sum(dim=0)
+        nonzero = torch.where(total > 0, total, torch.ones_like(total))
+        lse = torch.where(total > 0, safe + torch.log(nonzero), torch.full_like(total, float("-inf")))
+        weights = weights / nonzero
         if layout == "bshd":
             weights = weights.transpose(2, 3)
         out = sum(w[..., None] * o.to(compute) for w, o in zip(weights, outs))
