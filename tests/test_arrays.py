@@ -93,6 +93,20 @@ def test_other_dlpack_producers_give_numpy(rng):
     _check_numpy(out, q, k, v, causal=True)
 
 
+def test_arrays_that_cannot_be_read_name_themselves(rng):
+    """Big-endian numpy arrays (DLPack cannot carry them) and a bf16 array behind a generic
+    __dlpack__ (numpy has no bfloat16) are a TypeError naming the argument (they were numpy's
+    BufferError and a RuntimeError)."""
+    q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match="q cannot be read"):
+        fusedattn.attention(q.astype(">f4"), q, q)
+    with pytest.raises(TypeError, match="attn_mask cannot be read"):
+        fusedattn.attention(q, q, q, attn_mask=np.zeros((5, 5), ">f4"))
+    bf16 = _DLPackOnly(torch.from_numpy(q).bfloat16())
+    with pytest.raises(TypeError, match="k cannot be read"):
+        fusedattn.attention(q, bf16, q)
+
+
 def test_numpy_inputs_are_not_modified(rng):
     q, k, v = (_randn(rng, (1, 2, 13, 8), np.float32) for _ in range(3))
     before = [x.copy() for x in (q, k, v)]

@@ -89,10 +89,17 @@ def test_bad_layout(layout):
         fusedattn.attention(*_qkv(), layout=layout)
 
 
-@pytest.mark.parametrize("window", [(-2, 0), (0, -5), 3, (1, 2, 3), "ab", (None, 1)])
+@pytest.mark.parametrize("window", [(-2, 0), (0, -5), 3, (1, 2, 3), "ab", (None, 1), (2**64, -1)])
 def test_bad_window(window):
     with pytest.raises(ValueError, match="window"):
         fusedattn.attention(*_qkv(), window=window)
+
+
+@pytest.mark.parametrize("q_offset", [2**63, -2**63 - 1, 2**64])
+def test_q_offset_beyond_int64(q_offset):
+    """A ValueError naming q_offset (it was pybind11's RuntimeError 'Unable to cast')."""
+    with pytest.raises(ValueError, match="q_offset"):
+        fusedattn.attention(*_qkv(), q_offset=q_offset)
 
 
 def test_flash_attn_func_bad_window_names_window_size():

@@ -18,10 +18,15 @@ py::object export_capsule(const py::handle& array, const std::string& name) {
   }
   py::object method = array.attr("__dlpack__");
   try {
-    return method(py::arg("max_version") = py::make_tuple(1, 0));
-  } catch (py::error_already_set& error) {
-    if (!error.matches(PyExc_TypeError)) throw;
-    return method();  // producer predates DLPack 1.0
+    try {
+      return method(py::arg("max_version") = py::make_tuple(1, 0));
+    } catch (py::error_already_set& error) {
+      if (!error.matches(PyExc_TypeError)) throw;
+      return method();  // producer predates DLPack 1.0
+    }
+  } catch (py::error_already_set& error) {  // e.g. numpy's big-endian arrays
+    if (!error.matches(PyExc_BufferError)) throw;
+    throw py::type_error(name + " cannot be read through DLPack: " + std::string(py::str(error.value())));
   }
 }
 

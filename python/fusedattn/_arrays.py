@@ -34,7 +34,10 @@ def as_array(x, name: str):
     if is_torch(x) or isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__"):
-        return np.from_dlpack(x)
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError) as error:  # (a dtype numpy lacks, such as bfloat16)
+            raise TypeError(f"{name} cannot be read as a numpy array through DLPack: {error}") from None
     raise TypeError(
         f"{name} must be a torch tensor, a numpy array or an object with __dlpack__, got {type(x).__name__}"
     )

@@ -49,6 +49,8 @@ class _Call:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         self.causal = bool(causal)
         self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else int(q_offset)
+        if not -2**63 <= self.q_offset < 2**63:
+            raise ValueError(f"q_offset must fit in int64, got {q_offset!r}")
         self.window = _window_pair(window, window_name)
         self.softcap = float(softcap)
         if not self.softcap >= 0.0:
@@ -147,8 +149,8 @@ def _window_pair(window, name: str) -> tuple[int, int]:
         left, right = (int(w) for w in window)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (left, right) of ints, got {window!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"{name} entries must be >= 0 or -1 (unbounded), got {window!r}")
+    if left < -1 or right < -1 or max(left, right) >= 2**63:
+        raise ValueError(f"{name} entries must be in [0, 2**63) or -1 (unbounded), got {window!r}")
     return left, right
 
 
