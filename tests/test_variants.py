@@ -187,6 +187,23 @@ def test_broadcast_mask_gradient_is_reduced_before_rounding(shape, mask_dtype):
     assert (error <= ulp * expected.abs() + 1e-5).all(), f"max error {error.max().item():.1e}"
 
 
+@pytest.mark.parametrize("lead", [(), (2, 3)], ids=["3-D", "5-D"])
+def test_sdpa_folded_mask_gradient_is_reduced_before_rounding(lead):
+    """scaled_dot_product_attention with other than 4-D inputs folds their leading dims into one;
+    a broadcast bf16 mask keeps its size-1 dims there, so its gradient is reduced before it is
+    rounded as in fusedattn.attention (expanded and copied first, it was rounded per element)."""
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(*lead, 2, n, 32, generator=generator) for n in (13, 21, 21))
+    mask = torch.randn(13, 1, generator=generator).bfloat16().requires_grad_()
+    out = fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dout = torch.randn(out.shape, generator=generator)
+    out.backward(dout)
+    mask64 = mask.detach().double().requires_grad_()
+    scores = q.double() @ k.double().transpose(-1, -2) / 32**0.5 + mask64
+    (torch.softmax(scores, -1) @ v.double() * dout.double()).sum().backward()
+    assert (mask.grad.double() - mask64.grad).abs().max().item() < 1e-5  # (exactly 0 in exact arithmetic)
+
+
 # ---------------------------------------------------------------- masks
 
 MASK_SHAPES = [(1, 1, 13, 21), (BATCH, 1, 1, 21), (BATCH, HEADS, 13, 21), (13, 21)]

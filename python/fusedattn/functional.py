@@ -254,7 +254,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         full = tuple(lead) + (query.shape[-3], query.shape[-2], key.shape[-2])
         mask = _arrays.as_array(attn_mask, "attn_mask")
         try:
-            mask4 = _arrays.broadcast_view(mask, full).reshape((batch,) + full[-3:])
+            # Only the leading dims are expanded and folded, and not at all where they are all 1:
+            # the last three keep their size-1 dims, which the kernels broadcast and the mask's
+            # gradient is summed over before it is rounded (_torch_ops.py).
+            padded = mask.reshape((1,) * (len(full) - mask.ndim) + tuple(mask.shape))
+            last = tuple(padded.shape[-3:])
+            if all(d == 1 for d in padded.shape[:-3]):
+                mask4 = padded.reshape((1,) + last)
+            else:
+                mask4 = _arrays.broadcast_view(padded, tuple(lead) + last).reshape((batch,) + last)
         except (RuntimeError, ValueError):
             raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to {full}") from None
     call = _Call(q4, k4, v4, layout="bhsd", names=names, causal=is_causal, scale=scale, q_offset=0,
