@@ -224,7 +224,8 @@ def test_kvcache_bad_lengths_and_pages(case, error, message, append):
                                         block_table=torch.tensor([[0, 1, 2, 3], [2**32 + 4, 5, 6, 7]])),
         "batch index out of range": dict(contiguous, cache_seqlens=seqlens,
                                          cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
-        "batch index shape": dict(contiguous, cache_seqlens=seqlens, cache_batch_idx=torch.tensor([1], dtype=torch.int32)),
+        "batch index shape": dict(contiguous, cache_seqlens=seqlens,
+                                  cache_batch_idx=torch.tensor([1], dtype=torch.int32)),
         "fewer cache rows than the batch": dict(k_cache=k_cache[:1], v_cache=v_cache[:1], cache_seqlens=seqlens),
         "leftpad out of range": dict(contiguous, cache_seqlens=seqlens,
                                      cache_leftpad=torch.tensor([-1, 0], dtype=torch.int32)),
@@ -333,7 +334,8 @@ def test_flash_attn_kvcache_full_cache_with_a_list_table():
     q, k_pages, v_pages = torch.randn(2, 1, 4, 16), torch.randn(8, 8, 2, 16), torch.randn(8, 8, 2, 16)
     table = [[0, 1, 2, 3], [4, 5, 6, 7]]
     out = fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=table)
-    expected = fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages, block_table=torch.tensor(table, dtype=torch.int32))
+    expected = fusedattn.flash_attn_with_kvcache(q, k_pages, v_pages,
+                                                 block_table=torch.tensor(table, dtype=torch.int32))
     assert torch.equal(out, expected)
 
 

@@ -8,7 +8,8 @@ are contiguous in that layout, in the real and the fake kernel alike. attn_mask 
 broadcasts to (b, h, Lq, Lk) (the kernels read it as that view); its gradient is the dense one
 summed to the mask's own shape in float32 (float64) and then rounded to its dtype once, as torch
 reduces it (rounding each dense element first, before autograd's expand summed them, cost a bf16
-per-row mask's gradient three orders of magnitude of accuracy). rng_seed is an int64 scalar tensor (traceable under torch.compile).
+per-row mask's gradient three orders of magnitude of accuracy). rng_seed is an int64 scalar tensor
+(traceable under torch.compile).
 Being real ops, they trace under torch.compile(fullgraph=True) without graph breaks, pass
 torch.library.opcheck, and get gradients through register_autograd. In eager mode,
 EagerAttention runs the same functions without the dispatcher (fewer µs per call).

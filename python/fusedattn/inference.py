@@ -14,8 +14,6 @@ block happen inside the kernel driver (csrc/cpu/attention_cpu.cpp); nothing to s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _C, _arrays, _runtime
@@ -290,6 +288,7 @@ def _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_b
 
 
 def _check_rotary_shapes(cos, sin, head_dim):
+    """ValueError unless cos and sin are both (max_positions, rotary_dim / 2), rotary_dim <= head_dim."""
     if cos.ndim != 2 or tuple(cos.shape) != tuple(sin.shape) or not 1 <= 2 * cos.shape[1] <= head_dim:
         raise ValueError(f"rotary_cos and rotary_sin must both be (max_positions, rotary_dim / 2) with rotary_dim <= "
                          f"head_dim {head_dim}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
@@ -397,8 +396,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         local = tuple(int(w) for w in window) != (-1, -1)
         q_positions = seqlens[:, None] + np.arange(seqlen_q)[None, :] if causal or local else \
             np.repeat(seqlens[:, None], seqlen_q, axis=1)
-        last = max(int(q_positions.max(initial=-1)), -1 if positions_new is None else int(positions_new.max(initial=-1)))
-        cos, sin = _rotary_tables(rotary_cos, rotary_sin, q, last)
+        positions = q_positions if positions_new is None else np.concatenate((q_positions, positions_new), axis=1)
+        cos, sin = _rotary_tables(rotary_cos, rotary_sin, q, int(positions.max(initial=-1)))
         q = _apply_rotary(q, cos, sin, _arrays.index_like(q, q_positions), rotary_interleaved)
         if k is not None:
             k = _apply_rotary(k, cos, sin, _arrays.index_like(q, positions_new), rotary_interleaved)
