@@ -343,6 +343,25 @@ def test_attention_forward_dropout_follows_torch_seed():
     assert not torch.allclose(run(0.5), run(0.0))
 
 
+@pytest.mark.parametrize("masks", ["eager", "fusedattn"])
+def test_patched_bloom_with_holes_in_the_mask(masks):
+    """A mask with zeros between ones (packed sequences) shifts BLOOM's ALiBi positions after each
+    hole; patch_bloom then adds BLOOM's alibi tensor as a bias (it read only the slopes, and its
+    logits differed from BLOOM's own by 0.2). Against the unpatched model, eager masks or fusedattn's."""
+    model, _ = build("bloom")
+    model.eval()
+    input_ids, mask = inputs("bloom", padded=True)
+    mask[0, 3:6] = 0  # a hole in an unpadded row
+    mask[2, 13:15] = 0  # and one after a row's left padding
+    with torch.no_grad():
+        ref = model(input_ids, attention_mask=mask).logits
+        fusedattn_hf.patch_bloom(model)
+        if masks == "fusedattn":
+            model.set_attn_implementation("fusedattn")
+        got = model(input_ids, attention_mask=mask).logits
+    assert_close_fp32(got[mask.bool()], ref[mask.bool()], name="holes")
+
+
 def test_patch_bloom_needs_bloom():
     with pytest.raises(ValueError, match="no BloomAttention"):
         fusedattn_hf.patch_bloom(torch.nn.Linear(2, 2))

@@ -87,10 +87,14 @@ def attention_forward(module: torch.nn.Module, query, key, value, attention_mask
 def patch_bloom(model: torch.nn.Module) -> torch.nn.Module:
     """Routes every BloomAttention in `model` through fusedattn; returns the model.
 
-    BLOOM adds slope_h · key_position to the scores. Under its causal mask every visible key j is at
+    BLOOM adds slope_h · key_position to the scores, a key's position being the count of attended
+    tokens before it in attention_mask. Where the mask's zeros all come first (left padding) or
+    last, that is j minus a per-row constant, and under the causal mask every visible key j is at
     or before the query's position p, so slope_h · j = -slope_h · |p - j| + slope_h · p: fusedattn's
-    ALiBi plus a per-row constant, which softmax ignores. The (batch · heads, 1, kv_len) alibi tensor is
-    therefore not read; the slopes are. Calls that ask for attention weights (output_attentions) or
+    ALiBi plus a per-row constant, which softmax ignores. The slopes are then read, not the
+    (batch · heads, 1, kv_len) alibi tensor. A mask with holes (zeros between ones, as packed
+    sequences leave) shifts the positions after each hole: there the alibi tensor itself is added to
+    the mask as a float bias (a dense (batch, heads, q_len, kv_len) one). Calls that ask for attention weights (output_attentions) or
     use the slow_but_exact tensor-parallel split take the original forward, which needs BLOOM's own
     float masks: keep such models on attn_implementation "eager".
     """
@@ -122,13 +126,30 @@ def _bloom_attention_forward(self, hidden_states, residual, alibi, attention_mas
     # builder the mask may be None: then attention_forward's rule (top-left causal for several
     # queries). Either way each query sits at or after its visible keys, as ALiBi here needs.
     causal = attention_mask is None and q_length > 1
+    slopes = _get_alibi_slopes(self.num_heads, hidden_states.device)
+    if attention_mask is not None and _mask_has_holes(attention_mask):
+        bias = alibi.view(batch_size, self.num_heads, 1, -1)[..., : key.shape[2]]  # slope_h · position_j
+        if attention_mask.dtype == torch.bool:  # (True attends)
+            attention_mask = torch.where(attention_mask, bias, float("-inf"))
+        else:
+            attention_mask = bias + attention_mask
+        slopes = None
     context = fusedattn.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout="bshd",
         causal=causal, q_offset=0 if causal else None, scale=self.inv_norm_factor, attn_mask=attention_mask,
-        alibi_slopes=_get_alibi_slopes(self.num_heads, hidden_states.device),
-        dropout_p=self.attention_dropout.p if self.training else 0.0,
+        alibi_slopes=slopes, dropout_p=self.attention_dropout.p if self.training else 0.0,
     ).reshape(batch_size, q_length, self.hidden_size)                      # (B, L, H·D)
     return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
+
+
+def _mask_has_holes(mask: torch.Tensor) -> bool:
+    """Whether a (batch, 1, q_len, kv_len) mask (bool: True attends; float: 0 attends, very negative
+    hides) leaves a gap between the visible keys of a sequence's last query row, which sees them all."""
+    visible = mask[:, 0, -1] if mask.dtype == torch.bool else mask[:, 0, -1] > torch.finfo(mask.dtype).min / 2
+    index = torch.arange(visible.shape[-1], device=mask.device)
+    first = torch.where(visible, index, visible.shape[-1]).amin(-1)
+    last = torch.where(visible, index, -1).amax(-1)
+    return bool(((last - first + 1 > visible.sum(-1)) & (last >= 0)).any())
 
 
 def _warn_once(message: str) -> None:
