@@ -95,6 +95,40 @@ def test_bad_window(window):
         fusedattn.attention(*_qkv(), window=window)
 
 
+@pytest.mark.parametrize("case, error, message", [
+    ("sdpa scale", TypeError, "scale must be a number"),
+    ("sdpa dropout_p", TypeError, "dropout_p must be a number"),
+    ("flash softcap", TypeError, "softcap must be a number"),
+    ("q_offset str", TypeError, "q_offset must be an int"),
+    ("window float", ValueError, "window must be a pair"),
+    ("varlen max_seqlen_q None", TypeError, "max_seqlen_q must be an int"),
+    ("varlen max_seqlen_k str", TypeError, "max_seqlen_k must be an int"),
+    ("varlen window_size", ValueError, "window_size"),
+    ("kvcache window_size", ValueError, "window_size"),
+])
+def test_bad_scalar_arguments_name_themselves(case, error, message):
+    """Bad scalars are errors naming the argument (they were float()'s and int()'s own messages, or
+    accepted: q_offset "1" parsed, a window of 1.5 truncated); the flash-attn drop-ins say window_size."""
+    q, k, v = _qkv()
+    qb, kb, vb = (x.transpose(1, 2) for x in (q, k, v))
+    packed = [torch.randn(4, 2, 8) for _ in range(3)]
+    call = {
+        "sdpa scale": lambda: fusedattn.scaled_dot_product_attention(q, k, v, scale="a"),
+        "sdpa dropout_p": lambda: fusedattn.scaled_dot_product_attention(q, k, v, dropout_p=None),
+        "flash softcap": lambda: fusedattn.flash_attn_func(qb, kb, vb, softcap=None),
+        "q_offset str": lambda: fusedattn.attention(q, k, v, q_offset="1"),
+        "window float": lambda: fusedattn.attention(q, k, v, window=(1.5, 0)),
+        "varlen max_seqlen_q None": lambda: fusedattn.flash_attn_varlen_func(*packed, [0, 4], [0, 4], None, 4),
+        "varlen max_seqlen_k str": lambda: fusedattn.flash_attn_varlen_func(*packed, [0, 4], [0, 4], 4, "4"),
+        "varlen window_size": lambda: fusedattn.flash_attn_varlen_func(*packed, [0, 4], [0, 4], 4, 4,
+                                                                       window_size=(-3, 0)),
+        "kvcache window_size": lambda: fusedattn.flash_attn_with_kvcache(
+            qb[:, :1], torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), cache_seqlens=2, window_size=(-3, 0)),
+    }[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
 @pytest.mark.parametrize("q_offset", [2**63, -2**63 - 1, 2**64])
 def test_q_offset_beyond_int64(q_offset):
     """A ValueError naming q_offset (it was pybind11's RuntimeError 'Unable to cast')."""

@@ -11,6 +11,7 @@ softmax (with sinks) → dropout → ·V.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -46,13 +47,13 @@ class _Call:
         head_dim = self.q.shape[3]
         if head_dim < 1:
             raise ValueError(f"{names[0]} has head_dim {head_dim}; supported: 1..256")
-        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else _number(scale, "scale")
         self.causal = bool(causal)
-        self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else int(q_offset)
+        self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else _integer(q_offset, "q_offset")
         if not -2**63 <= self.q_offset < 2**63:
             raise ValueError(f"q_offset must fit in int64, got {q_offset!r}")
         self.window = _window_pair(window, window_name)
-        self.softcap = float(softcap)
+        self.softcap = _number(softcap, "softcap")
         if not self.softcap >= 0.0:
             raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
         # attn_mask as given (the torch ops take it so: see _torch_ops.py), and as a (b, h, Lq, Lk) view
@@ -60,7 +61,7 @@ class _Call:
         self.attn_mask = None if attn_mask is None else self._broadcast_mask(self.mask_given)
         self.alibi_slopes = None if alibi_slopes is None else self._per_head(alibi_slopes, "alibi_slopes")
         self.sinks = None if sinks is None else self._per_head(sinks, "sinks")
-        self.dropout_p = float(dropout_p)
+        self.dropout_p = _number(dropout_p, "dropout_p")
         if not 0.0 <= self.dropout_p <= 1.0:
             raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
         self.seed = self._seed(seed) if self.dropout_p > 0.0 else 0
@@ -144,9 +145,26 @@ class _Call:
         return (out, lse) if return_lse else out
 
 
+def _number(x, name: str) -> float:
+    """A scalar argument as a float; TypeError naming it otherwise (float() named nothing)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {x!r}") from None
+
+
+def _integer(x, name: str) -> int:
+    """An integer argument (an int, numpy integer or integer tensor: not a float or a str, which
+    int() would truncate or parse); TypeError naming it otherwise."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {x!r}") from None
+
+
 def _window_pair(window, name: str) -> tuple[int, int]:
     try:
-        left, right = (int(w) for w in window)
+        left, right = (operator.index(w) for w in window)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (left, right) of ints, got {window!r}") from None
     if left < -1 or right < -1 or max(left, right) >= 2**63:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _arrays, _runtime
-from .functional import _Call
+from .functional import _Call, _integer, _window_pair
 
 __all__ = [
     "attention_varlen",
@@ -94,6 +94,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                             seed=seed, return_lse=return_lse)
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
     if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
+        max_seqlen_q, max_seqlen_k = _integer(max_seqlen_q, "max_seqlen_q"), _integer(max_seqlen_k, "max_seqlen_k")
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
         if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
             raise ValueError("max_seqlen_q / max_seqlen_k are smaller than the longest sequence in cu_seqlens")
@@ -192,7 +193,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("fusedattn: flash_attn_varlen_func(block_table=...) is not supported; "
                                   "use flash_attn_with_kvcache for paged KV caches")
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                              scale=softmax_scale, window=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                              scale=softmax_scale, window=_window_pair(window_size, "window_size"), alibi_slopes=alibi_slopes, softcap=softcap,
                               dropout_p=dropout_p, return_lse=return_attn_probs)
     return result
 
@@ -517,7 +518,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = [capacity] * q.shape[0]
     return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal,
-                                  scale=softmax_scale, window=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                                  scale=softmax_scale, window=_window_pair(window_size, "window_size"),
+                                  alibi_slopes=alibi_slopes, softcap=softcap,
                                   rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                                   return_lse=return_softmax_lse)
 
