@@ -94,7 +94,9 @@ FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& m
             x *= mod.scale;
             if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
             if (mod.alibi) x = alibi_score(x, r.slope, r.position, static_cast<float>(key));
-            if (r.mask_row != nullptr) x += mask_value(mask, r.mask_row, key);
+            // (only keys in the row's visible range: a tile's last columns may lie past seqlen_k,
+            // past the end of the mask)
+            if (r.mask_row != nullptr && key >= r.lo && key < r.hi) x += mask_value(mask, r.mask_row, key);
             x *= kLog2e;
           } else {
             x *= mod.scale_log2;

@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "common/params.h"
 #include "common/variant.h"
 #include "cuda/attention_cuda.h"
@@ -586,6 +589,66 @@ bool run_varlen(const Case& c) {
   return report_case(c.name, worst_out, tol, worst_lse, result);
 }
 
+const char* dtype_name(DType t) { return t == DType::kFloat16 ? "fp16" : t == DType::kBFloat16 ? "bf16" : "fp32"; }
+
+// A float mask (1, 1, 1, 3) whose last entry ends right before a page that may not be read (a
+// PROT_NONE page): the forward must read no mask entry past seqlen_k, as the last key tile's
+// padding columns did (a crash here, not a FAIL line). One query row sees all 3 keys.
+bool run_mask_at_guard_page(DType dtype) {
+  const int64_t Lk = 3, D = 64;
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  char* pages = static_cast<char*>(mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  mprotect(pages + page, page, PROT_NONE);
+  float* mask = reinterpret_cast<float*>(pages + page) - Lk;
+  for (int64_t j = 0; j < Lk; ++j) mask[j] = 0.5f * static_cast<float>(j);
+  const int size = dtype == DType::kFloat32 ? 4 : 2;
+  std::vector<char> q(D * size), k(Lk * D * size), v(Lk * D * size), out(D * size);
+  auto store = [&](std::vector<char>& x, int64_t i, float value) {
+    const uint16_t h = dtype == DType::kFloat16 ? emu::float_to_half(value) : emu::float_to_bf16(value);
+    std::memcpy(x.data() + i * size, size == 4 ? static_cast<const void*>(&value) : &h, size);
+  };
+  for (int64_t i = 0; i < D; ++i) store(q, i, 0.01f * static_cast<float>(i));
+  for (int64_t i = 0; i < Lk * D; ++i) {
+    store(k, i, 0.02f * static_cast<float>(i % 7));
+    store(v, i, static_cast<float>(i / D));  // value row j holds j everywhere
+  }
+  AttentionParams p;
+  p.dtype = dtype;
+  p.batch = p.num_heads = p.num_heads_kv = p.seqlen_q = 1;
+  p.seqlen_k = Lk;
+  p.head_dim = D;
+  p.scale = 0.125;
+  p.q_offset = Lk - 1;
+  p.q = p.out = TensorRef{nullptr, D, D, D};
+  p.q.data = q.data();
+  p.out.data = out.data();
+  p.k = p.v = TensorRef{nullptr, Lk * D, Lk * D, D};
+  p.k.data = k.data();
+  p.v.data = v.data();
+  p.mask = MaskRef{mask, MaskType::kFloat32, Lk, Lk, Lk, 1};
+  cuda::attention_forward(p, 0, nullptr);
+  // expected: sum_j j * softmax_j(0.125 * q.k_j + mask_j), from the same inputs in double
+  double weights[Lk], total = 0.0, expected = 0.0;
+  for (int64_t j = 0; j < Lk; ++j) {
+    double dot = 0.0;
+    for (int64_t d = 0; d < D; ++d) dot += (0.01 * d) * (0.02 * ((j * D + d) % 7));
+    weights[j] = std::exp(0.125 * dot + mask[j]);
+    total += weights[j];
+  }
+  for (int64_t j = 0; j < Lk; ++j) expected += j * weights[j] / total;
+  float got = 0.0f;
+  if (size == 4) std::memcpy(&got, out.data(), 4);
+  else {
+    uint16_t h;
+    std::memcpy(&h, out.data(), 2);
+    got = dtype == DType::kFloat16 ? emu::half_to_float(h) : emu::bf16_to_float(h);
+  }
+  munmap(pages, 2 * page);
+  const double error = std::fabs(got - expected), tol = size == 4 ? 1e-5 : 3e-2;
+  return report_case(std::string(dtype_name(dtype)) + " d64 float mask ending at a guard page", error, tol, 0.0,
+                     error <= tol ? nullptr : "out error above bound");
+}
+
 bool run_merge(DType dtype) {
   // out = merge of two halves of a key set, compared with the forward over all keys.
   const int64_t B = 2, H = 3, L = 5, D = 40;
@@ -638,8 +701,6 @@ bool run_merge(DType dtype) {
   if (!ok) ++g_failures;
   return ok;
 }
-
-const char* dtype_name(DType t) { return t == DType::kFloat16 ? "fp16" : t == DType::kBFloat16 ? "bf16" : "fp32"; }
 
 std::vector<Case> cases() {
   std::vector<Case> all;
@@ -783,6 +844,9 @@ int main(int argc, char** argv) {
     }
     if (filter.empty() || std::string("merge").find(filter) != std::string::npos) {
       for (DType t : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) run_merge(t);
+    }
+    if (filter.empty() || std::string("guard page").find(filter) != std::string::npos) {
+      for (DType t : {DType::kFloat16, DType::kBFloat16, DType::kFloat32}) run_mask_at_guard_page(t);
     }
   }
   std::printf("%s: %d failure(s), %llu blocks emulated\n", g_failures ? "FAILED" : "OK", g_failures,
