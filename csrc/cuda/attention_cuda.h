@@ -19,8 +19,8 @@ void attention_forward(const AttentionParams& params, int device, void* stream);
 // attn.sequences.cu_seqlens_q / cu_seqlens_k are DEVICE int32 (batch + 1,) arrays that the
 // kernels read (no host sync; entries are clamped to the packed rows). Sequence b is
 // bottom-right (q_offset ignored); rows after cu_seqlens_q[batch] get out 0 and LSE -inf.
-// Every forward variant but attn_mask. max_seqlen_q only sizes the grid: a longer sequence is
-// still computed in full, by blocks that loop over its extra q-tiles.
+// Every forward variant but attn_mask. max_seqlen_q only sizes the grid: the rows of a longer
+// sequence past the grid's tiles get NaN out and LSE (varlen.cuh), so that the broken bound shows.
 struct VarlenParams {
   AttentionParams attn;
   int64_t max_seqlen_q = 0;
