@@ -193,7 +193,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("fusedattn: flash_attn_varlen_func(block_table=...) is not supported; "
                                   "use flash_attn_with_kvcache for paged KV caches")
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                              scale=softmax_scale, window=_window_pair(window_size, "window_size"), alibi_slopes=alibi_slopes, softcap=softcap,
+                              scale=softmax_scale, window=_window_pair(window_size, "window_size"),
+                              alibi_slopes=alibi_slopes, softcap=softcap,
                               dropout_p=dropout_p, return_lse=return_attn_probs)
     return result
 

@@ -94,9 +94,10 @@ def patch_bloom(model: torch.nn.Module) -> torch.nn.Module:
     ALiBi plus a per-row constant, which softmax ignores. The slopes are then read, not the
     (batch · heads, 1, kv_len) alibi tensor. A mask with holes (zeros between ones, as packed
     sequences leave) shifts the positions after each hole: there the alibi tensor itself is added to
-    the mask as a float bias (a dense (batch, heads, q_len, kv_len) one). Calls that ask for attention weights (output_attentions) or
-    use the slow_but_exact tensor-parallel split take the original forward, which needs BLOOM's own
-    float masks: keep such models on attn_implementation "eager".
+    the mask as a float bias (a dense (batch, heads, q_len, kv_len) one). Calls that ask for
+    attention weights (output_attentions) or use the slow_but_exact tensor-parallel split take the
+    original forward, which needs BLOOM's own float masks: keep such models on attn_implementation
+    "eager".
     """
     from transformers.models.bloom.modeling_bloom import BloomAttention
 
