@@ -89,19 +89,19 @@ FA_DEVICE void scores_to_log2(float (&s)[kMTiles][kNTiles][4], const ScoreMod& m
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int key = key0 + 8 * nt + 2 * t + c;
+          const bool visible = key >= r.lo && key < r.hi;
           float x = s[mt][nt][2 * half + c];
           if (mod.modified) {
             x *= mod.scale;
             if (mod.softcap > 0.0f) x = softcap_score(tanhf(x / mod.softcap), mod.softcap);
             if (mod.alibi) x = alibi_score(x, r.slope, r.position, static_cast<float>(key));
-            // (only keys in the row's visible range: a tile's last columns may lie past seqlen_k,
-            // past the end of the mask)
-            if (r.mask_row != nullptr && key >= r.lo && key < r.hi) x += mask_value(mask, r.mask_row, key);
+            // (visible keys only: a tile's last columns may lie past seqlen_k, past the mask's end)
+            if (r.mask_row != nullptr && visible) x += mask_value(mask, r.mask_row, key);
             x *= kLog2e;
           } else {
             x *= mod.scale_log2;
           }
-          if (range_mask && (key < r.lo || key >= r.hi)) x = kNegInf;
+          if (range_mask && !visible) x = kNegInf;
           s[mt][nt][2 * half + c] = x;
         }
       }

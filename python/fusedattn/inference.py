@@ -247,6 +247,13 @@ def _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cac
         raise ValueError("a paged cache (block_table) cannot be combined with cache_batch_idx or cache_leftpad")
 
 
+def _check_capacity(seqlens, total, new_len, capacity):
+    """ValueError unless every sequence's lengths before (seqlens) and after (total) the append fit."""
+    if total.size and (seqlens.min() < 0 or total.max() > capacity):
+        raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
+                         f"got cache_seqlens {seqlens.tolist()}")
+
+
 def _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_batch_idx, cache_leftpad, q):
     """Checks the index arrays of a call that writes the cache (appends k, v or rotates) before
     anything is written, as the extension checks them afterwards (bindings/sequences.cpp), each
@@ -254,25 +261,22 @@ def _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_b
     them. seqlens: int64 (batch,), the lengths before the new_len new tokens."""
     total = seqlens + new_len
     table, rows = None, np.arange(batch)
-    if block_table is not None:
+    if block_table is not None:  # a paged cache (cache_batch_idx and leftpad are rejected with it)
         table = _int32(block_table, "block_table", q)
         table_np, page_size, num_pages = np.asarray(table), k_cache.shape[1], k_cache.shape[0]
         if table_np.ndim != 2 or table_np.shape[0] != batch:
             raise ValueError(f"block_table must have shape ({batch}, max_pages), got {tuple(table_np.shape)}")
-        capacity = table_np.shape[1] * page_size
-    else:
-        capacity = k_cache.shape[1]
-    if total.size and (seqlens.min() < 0 or total.max() > capacity):
-        raise ValueError(f"cache_seqlens + {new_len} new tokens must stay within the cache capacity {capacity}, "
-                         f"got cache_seqlens {seqlens.tolist()}")
-    if table is not None and page_size >= 1:  # (pages of no rows: the extension rejects them)
-        in_use = np.arange(table_np.shape[1])[None, :] < -(-total[:, None] // page_size)  # (batch, max_pages)
-        bad = in_use & ((table_np < 0) | (table_np >= num_pages))
-        if bad.any():
-            b, i = (int(x) for x in np.argwhere(bad)[0])
-            raise ValueError(f"block_table[{b}, {i}] = {int(table_np[b, i])} is outside the cache's {num_pages} "
-                             "pages (entries of the pages in use must be in range)")
-    elif cache_batch_idx is not None:
+        _check_capacity(seqlens, total, new_len, table_np.shape[1] * page_size)
+        if page_size >= 1:  # (pages of no rows: the extension rejects them)
+            in_use = np.arange(table_np.shape[1])[None, :] < -(-total[:, None] // page_size)  # (batch, max_pages)
+            bad = in_use & ((table_np < 0) | (table_np >= num_pages))
+            if bad.any():
+                b, i = (int(x) for x in np.argwhere(bad)[0])
+                raise ValueError(f"block_table[{b}, {i}] = {int(table_np[b, i])} is outside the cache's {num_pages} "
+                                 "pages (entries of the pages in use must be in range)")
+        return table, rows
+    _check_capacity(seqlens, total, new_len, k_cache.shape[1])
+    if cache_batch_idx is not None:
         rows = np.asarray(_int32(cache_batch_idx, "cache_batch_idx", q))
         if rows.shape != (batch,):
             raise ValueError(f"cache_batch_idx must have shape ({batch},), got {rows.shape}")
