@@ -33,7 +33,6 @@ def test_wrong_rank(which, shape, match):
     ((3, 4, 11, 16), (3, 4, 11, 16), r"k has batch size 3 .* q has 2"),
     ((2, 4, 11, 16), (3, 4, 11, 16), r"v has batch size 3 .* q has 2"),
     ((2, 4, 11, 8), (2, 4, 11, 8), r"k has head_dim 8 .* q has 16"),
-    ((2, 4, 11, 16), (2, 4, 11, 8), r"v has head_dim 8 .* q has 16"),
     ((2, 4, 11, 16), (2, 4, 12, 16), r"v has seqlen 12 .* k has 11"),
     ((2, 4, 11, 16), (2, 2, 11, 16), r"v has num_heads 2 .* k has 4"),
     ((2, 3, 11, 16), (2, 3, 11, 16), r"q has 4 heads.*not a multiple of the 3 heads of k"),
