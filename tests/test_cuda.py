@@ -485,6 +485,27 @@ def test_varlen_equals_per_sequence_calls_and_reference(dtype, case, heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [(192, 128), (64, 96)], ids=str)
+def test_value_head_dim_unlike_the_query_s(dtype, dims):
+    """DeepSeek's MLA shapes through the public API (v or q and k zero-padded: functional._pad_head_dims)."""
+    q, k = (torch.randn(2, n, 4, dims[0], dtype=dtype, device=DEVICE) for n in (130, 150))
+    v = torch.randn(2, 150, 4, dims[1], dtype=dtype, device=DEVICE)
+    out, lse = fusedattn.attention(q, k, v, causal=True, layout="bshd", return_lse=True)
+    assert out.shape == (2, 130, 4, dims[1]) and out.is_cuda
+    _check(out, lse, q, k, v, layout="bshd", causal=True)
+    lengths = [1, 17, 0, 130]
+    qp, cu = _packed(lengths, 4, dims[0], dtype)
+    kp, _ = _packed(lengths, 2, dims[0], dtype)
+    vp, _ = _packed(lengths, 2, dims[1], dtype)
+    packed = fusedattn.attention_varlen(qp, kp, vp, cu, cu, 130, 130, causal=True)
+    for b in range(len(lengths)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        if lengths[b]:
+            expected = fusedattn.attention(qp[None, rows], kp[None, rows], vp[None, rows], causal=True, layout="bshd")
+            torch.testing.assert_close(packed[rows], expected[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [32, 59, 96, 128, 192, 256])
 def test_varlen_head_dims(dtype, head_dim):
     """Every head-dim bucket (59: the 2-byte load path), GQA, a sequence longer than one q-tile."""

@@ -52,6 +52,11 @@ FAMILIES = {
                                                         num_local_experts=4, num_experts_per_tok=2,
                                                         sliding_window=8),
                       reference="eager"),
+    # DeepSeek-V3's multi-head latent attention: q and k of head_dim 24 (16 + 8 rotary), v of 16.
+    "deepseek_v3": Family(lambda: transformers.DeepseekV3Config(
+        **{**DECODER, "num_key_value_heads": 4}, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)),
     "gpt2": Family(lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                    attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                                                    initializer_range=0.2, pad_token_id=0)),

@@ -132,6 +132,24 @@ def broadcast_view(x, shape):
     return np.lib.stride_tricks.as_strided(x, shape=view.shape, strides=view.strides, writeable=True)
 
 
+def pad_last_dim(x, width: int):
+    """x with its last dim zero-padded to `width` (a new contiguous array; x itself if it has
+    that width already). torch pads through F.pad, so autograd and torch.compile follow it."""
+    missing = width - x.shape[-1]
+    if missing == 0:
+        return x
+    if is_torch(x):
+        return torch_module().nn.functional.pad(x, (0, missing))
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, missing)])
+
+
+def cut_last_dim(x, width: int):
+    """The first `width` entries of x's last dim, contiguous (x itself if that is all of it)."""
+    if x.shape[-1] == width:
+        return x
+    return x[..., :width].contiguous() if is_torch(x) else np.ascontiguousarray(x[..., :width])
+
+
 def float64_contiguous(x):
     """A per-head parameter array (ALiBi slopes, sinks) as contiguous float64 (None stays None)."""
     if x is None:

@@ -48,6 +48,8 @@ class _Call:
         if head_dim < 1:
             raise ValueError(f"{names[0]} has head_dim {head_dim}; supported: 1..256")
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else _number(scale, "scale")
+        self.head_dims = (head_dim, self.v.shape[3])  # q's and k's, v's (the output's)
+        self.q, self.k, self.v = _pad_head_dims(self.q, self.k, self.v, names)
         self.causal = bool(causal)
         self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else _integer(q_offset, "q_offset")
         if not -2**63 <= self.q_offset < 2**63:
@@ -108,6 +110,10 @@ class _Call:
         return (self.mask_given, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
                 *self.window, self.softcap, self.dropout_p, self.bshd, ",".join(self.names))
 
+    def unpad(self, out):
+        """The output (or dv) at v's head_dim (see _pad_head_dims)."""
+        return _arrays.cut_last_dim(out, self.head_dims[1])
+
     def bhsd(self, x):
         return _arrays.swap_seq_heads(x) if self.bshd else x
 
@@ -130,6 +136,7 @@ class _Call:
                 ops = _arrays.torch_ops()
                 run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
                 out, lse = run(q, k, v, *self.op_args())
+                out = self.unpad(out)
                 return (out, lse) if return_lse else out
         # numpy, or eager torch with no gradient to record: call the kernel directly.
         out = _arrays.empty_like_kind(q, q.shape)
@@ -142,7 +149,24 @@ class _Call:
         else:
             _C.attention_forward(self.bhsd(q), self.bhsd(k), self.bhsd(v), self.bhsd(out), lse, variant,
                                  _runtime.cpu_isa(), _runtime.get_num_threads(), self.names)
+        out = self.unpad(out)
         return (out, lse) if return_lse else out
+
+
+def _pad_head_dims(q, k, v, names):
+    """q, k, v at one head_dim where v's differs from q's and k's (DeepSeek-V2/V3's MLA: 192 and
+    128), which torch's SDPA takes. The kernels take one head_dim, and zero columns change
+    nothing: v padded to q's head_dim gives the output zero columns past v's (which _Call.unpad
+    cuts off), q and k padded to v's add 0 to every score (the default scale stays q's: _Call
+    sets it first). The price is a padded copy of the narrower side and products at the wider
+    head_dim (benchmarks/bench_value_head_dim.py). k unlike q stays the extension's error."""
+    dim_q, dim_k, dim_v = q.shape[3], k.shape[3], v.shape[3]
+    if dim_v == dim_q or dim_k != dim_q:
+        return q, k, v
+    if not 1 <= dim_v <= 256:
+        raise ValueError(f"{names[2]} has head_dim {dim_v}; supported: 1..256")
+    width = max(dim_q, dim_v)
+    return (_arrays.pad_last_dim(x, width) for x in (q, k, v))
 
 
 def _number(x, name: str) -> float:
@@ -180,6 +204,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bhsd", q_offset=None
         q: (batch, num_heads, seqlen_q, head_dim) for layout "bhsd", or (batch, seqlen_q,
             num_heads, head_dim) for "bshd". torch tensor, numpy array or any DLPack array.
         k, v: like q with seqlen_k and num_heads_kv heads; num_heads % num_heads_kv == 0 (GQA).
+            v may have its own head_dim (DeepSeek's MLA), which out then has (see _pad_head_dims).
         causal: query at position p sees keys j <= p.
         scale: multiplies q·k; default 1/sqrt(head_dim).
         layout: "bhsd" (native, as SDPA) or "bshd" (flash-attn); any other strides are views.
@@ -230,16 +255,22 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
     _arrays.check_same_kind((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
     _arrays.check_rank(dout, 4, "dout", _DIMS[layout])
     _arrays.check_rank(out, 4, "out", _DIMS[layout])
+    dim_q, dim_v = call.head_dims
+    if dim_q != dim_v:  # v padded (see _pad_head_dims): dout and out likewise
+        for x, name in ((dout, "dout"), (out, "out")):
+            if x.shape[3] != dim_v:
+                raise ValueError(f"{name} has head_dim {x.shape[3]}; expected v's, {dim_v}")
+        dout, out = (_arrays.pad_last_dim(x, call.v.shape[3]) for x in (dout, out))
     if _arrays.is_torch(call.q):
         dq, dk, dv, _, _ = _arrays.torch_ops().attention_backward(dout, None, call.q, call.k, call.v, out, lse,
                                                                   *call.op_args(), False)
-        return dq, dk, dv
-    grads = tuple(_arrays.empty_like_kind(x, x.shape) for x in (call.q, call.k, call.v))
-    variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
-    _C.attention_backward(call.bhsd(dout), None, call.bhsd(call.q), call.bhsd(call.k), call.bhsd(call.v),
-                          call.bhsd(out), lse, *(call.bhsd(g) for g in grads), None, variant, _runtime.cpu_isa(),
-                          _runtime.get_num_threads(), call.names)
-    return grads
+    else:
+        dq, dk, dv = (_arrays.empty_like_kind(x, x.shape) for x in (call.q, call.k, call.v))
+        variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
+        _C.attention_backward(call.bhsd(dout), None, call.bhsd(call.q), call.bhsd(call.k), call.bhsd(call.v),
+                              call.bhsd(out), lse, call.bhsd(dq), call.bhsd(dk), call.bhsd(dv), None, variant,
+                              _runtime.cpu_isa(), _runtime.get_num_threads(), call.names)
+    return _arrays.cut_last_dim(dq, dim_q), _arrays.cut_last_dim(dk, dim_q), call.unpad(dv)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -108,8 +108,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             from . import _torch_varlen
 
             run = _torch_varlen.varlen_forward if mode == "op" else _torch_varlen.EagerVarlen.apply
-            out, lse = run(q, k, v, cu_q, cu_k, *call.op_args())
+            out, lse = run(call.q[0], call.k[0], call.v[0], cu_q, cu_k, *call.op_args())
+            out = call.unpad(out)
             return (out, lse) if return_lse else out
+    q, k, v = call.q[0], call.k[0], call.v[0]  # (padded where v's head_dim is not q's: see _Call)
     out = _arrays.empty_like_kind(q, q.shape)
     lse = _arrays.empty_like_kind(q, (q.shape[1], q.shape[0]), _arrays.lse_dtype_of(q)) if return_lse else None
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
@@ -117,6 +119,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                 None if lse is None else lse[None], cu_q, cu_k, variant, _runtime.cpu_isa(),
                                 _runtime.get_num_threads(), names)
     clear_rows_after_last_sequence(out, lse, int(cu_q[-1]))
+    out = call.unpad(out)
     return (out, lse) if return_lse else out
 
 
@@ -161,6 +164,7 @@ def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     names = ("q", "k", "v")
     call = _Call(q[None], k[None], v[None], layout="bshd", names=names, q_offset=0, **options)
     mode = _arrays.torch_mode(*(x for x in (q, k, v, call.sinks) if x is not None))
+    q, k, v = call.q[0], call.k[0], call.v[0]  # (padded where v's head_dim is not q's: see _Call)
     if mode == "autograd":
         raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet; "
                                   "use CPU tensors for training, or call under torch.no_grad()")
@@ -179,6 +183,7 @@ def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
     _cuda_backend.varlen_forward(call.bhsd(q[None]), call.bhsd(k[None]), call.bhsd(v[None]), call.bhsd(out[None]),
                                  None if lse is None else lse[None], cu_q, cu_k, max_seqlen_q, variant, names)
+    out = call.unpad(out)
     return (out, lse) if return_lse else out
 
 
