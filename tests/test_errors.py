@@ -104,10 +104,14 @@ def test_bad_window(window):
     ("varlen max_seqlen_k str", TypeError, "max_seqlen_k must be an int"),
     ("varlen window_size", ValueError, "window_size"),
     ("kvcache window_size", ValueError, "window_size"),
+    ("flash softmax_scale", TypeError, "softmax_scale must be a number"),
+    ("varlen softmax_scale", TypeError, "softmax_scale must be a number"),
+    ("kvcache softmax_scale", TypeError, "softmax_scale must be a number"),
 ])
 def test_bad_scalar_arguments_name_themselves(case, error, message):
     """Bad scalars are errors naming the argument (they were float()'s and int()'s own messages, or
-    accepted: q_offset "1" parsed, a window of 1.5 truncated); the flash-attn drop-ins say window_size."""
+    accepted: q_offset "1" parsed, a window of 1.5 truncated); the flash-attn drop-ins say window_size
+    and softmax_scale."""
     q, k, v = _qkv()
     qb, kb, vb = (x.transpose(1, 2) for x in (q, k, v))
     packed = [torch.randn(4, 2, 8) for _ in range(3)]
@@ -123,6 +127,11 @@ def test_bad_scalar_arguments_name_themselves(case, error, message):
                                                                        window_size=(-3, 0)),
         "kvcache window_size": lambda: fusedattn.flash_attn_with_kvcache(
             qb[:, :1], torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), cache_seqlens=2, window_size=(-3, 0)),
+        "flash softmax_scale": lambda: fusedattn.flash_attn_func(qb, kb, vb, softmax_scale="a"),
+        "varlen softmax_scale": lambda: fusedattn.flash_attn_varlen_func(*packed, [0, 4], [0, 4], 4, 4,
+                                                                         softmax_scale=[1.0]),
+        "kvcache softmax_scale": lambda: fusedattn.flash_attn_with_kvcache(
+            qb[:, :1], torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), cache_seqlens=2, softmax_scale="a"),
     }[case]
     with pytest.raises(error, match=message):
         call()

@@ -177,6 +177,11 @@ def _number(x, name: str) -> float:
         raise TypeError(f"{name} must be a number, got {x!r}") from None
 
 
+def _scale(softmax_scale):
+    """The flash-attn drop-ins' softmax_scale: None (1/sqrt(head_dim)) or a number (errors name it)."""
+    return None if softmax_scale is None else _number(softmax_scale, "softmax_scale")
+
+
 def _integer(x, name: str) -> int:
     """An integer argument (an int, numpy integer or integer tensor: not a float or a str, which
     int() would truncate or parse); TypeError naming it otherwise."""
@@ -330,9 +335,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     dropout dropped the weight (it is O(L²): small shapes only).
     """
     del deterministic
-    call = _Call(q, k, v, layout="bshd", names=("q", "k", "v"), causal=causal, scale=softmax_scale, q_offset=None,
-                 window=window_size, window_name="window_size", alibi_slopes=alibi_slopes, softcap=softcap,
-                 dropout_p=dropout_p)
+    call = _Call(q, k, v, layout="bshd", names=("q", "k", "v"), causal=causal, scale=_scale(softmax_scale),
+                 q_offset=None, window=window_size, window_name="window_size", alibi_slopes=alibi_slopes,
+                 softcap=softcap, dropout_p=dropout_p)
     if not return_attn_probs:
         return call.forward(return_lse=False)
     out, lse = call.forward(return_lse=True)

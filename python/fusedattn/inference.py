@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C, _arrays, _runtime
-from .functional import _Call, _integer, _window_pair
+from .functional import _Call, _integer, _scale, _window_pair
 
 __all__ = [
     "attention_varlen",
@@ -198,7 +198,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise NotImplementedError("fusedattn: flash_attn_varlen_func(block_table=...) is not supported; "
                                   "use flash_attn_with_kvcache for paged KV caches")
     result = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                              scale=softmax_scale, window=_window_pair(window_size, "window_size"),
+                              scale=_scale(softmax_scale), window=_window_pair(window_size, "window_size"),
                               alibi_slopes=alibi_slopes, softcap=softcap,
                               dropout_p=dropout_p, return_lse=return_attn_probs)
     return result
@@ -528,7 +528,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = [capacity] * q.shape[0]
     return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, causal=causal,
-                                  scale=softmax_scale, window=_window_pair(window_size, "window_size"),
+                                  scale=_scale(softmax_scale), window=_window_pair(window_size, "window_size"),
                                   alibi_slopes=alibi_slopes, softcap=softcap,
                                   rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                                   return_lse=return_softmax_lse)
