@@ -93,6 +93,22 @@ def test_other_dlpack_producers_give_numpy(rng):
     _check_numpy(out, q, k, v, causal=True)
 
 
+def test_dlpack_index_arrays(rng):
+    """cu_seqlens and cache_seqlens behind a generic __dlpack__ are read like numpy arrays (cu_seqlens
+    with numpy q was a TypeError, 'got object')."""
+    q = _randn(rng, (10, 2, 8), np.float32)
+    cu = np.array([0, 4, 10], dtype=np.int32)
+    for reference in (q, torch.from_numpy(q)):
+        out = fusedattn.attention_varlen(reference, reference, reference, _DLPackOnly(cu), _DLPackOnly(cu), 6, 6)
+        expected = fusedattn.attention_varlen(reference, reference, reference, cu, cu, 6, 6)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+    cache = _randn(rng, (2, 8, 2, 8), np.float32)
+    query = _randn(rng, (2, 1, 2, 8), np.float32)
+    seqlens = np.array([3, 5], dtype=np.int32)
+    out = fusedattn.attention_with_kvcache(query, cache, cache, cache_seqlens=_DLPackOnly(seqlens))
+    np.testing.assert_array_equal(out, fusedattn.attention_with_kvcache(query, cache, cache, cache_seqlens=seqlens))
+
+
 def test_arrays_that_cannot_be_read_name_themselves(rng):
     """Big-endian numpy arrays (DLPack cannot carry them) and a bf16 array behind a generic
     __dlpack__ (numpy has no bfloat16) are a TypeError naming the argument (they were numpy's

@@ -54,6 +54,8 @@ def _int32(x, name, reference):
         if x.dtype != torch.int32 and x.numel():
             _check_int32(int(x.min()), int(x.max()), name)
         return x.to(device="cpu", dtype=torch.int32).contiguous()
+    if hasattr(x, "__dlpack__") and not _arrays.is_torch(x):  # (np.asarray makes them 0-d object arrays)
+        x = _arrays.as_array(x, name)
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array, got {x.dtype}")
