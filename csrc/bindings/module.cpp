@@ -39,8 +39,10 @@ ForwardViews forward_views(py::handle q, py::handle k, py::handle v, py::handle 
 BackwardViews backward_views(py::handle dout, py::handle dlse, py::handle q, py::handle k, py::handle v,
                              py::handle out, py::handle lse, py::handle dq, py::handle dk, py::handle dv,
                              const Names& names) {
-  return BackwardViews{forward_views(q, k, v, out, lse, names), view_array(dout, "dout"), view_array(dq, "dq"),
-                       view_array(dk, "dk"), view_array(dv, "dv"), optional_view(dlse, "dlse")};
+  BackwardViews views{forward_views(q, k, v, out, lse, names), view_array(dout, "dout"), view_array(dq, "dq"),
+                      view_array(dk, "dk"), view_array(dv, "dv"), optional_view(dlse, "dlse")};
+  views.forward.out_is_input = true;
+  return views;
 }
 
 // cu_seqlens views; sets the sequence count that per-sequence arguments are checked against.
@@ -100,7 +102,8 @@ void attention_varlen_forward(py::handle q, py::handle k, py::handle v, py::hand
   const ForwardOptions options = parse_variant(variant, views);
   reject_mask(views, "variable-length batches");
   AttentionParams params = make_forward_params(views, options);
-  apply_varlen(params, cu_q, cu_k);
+  IndexCopies copies;
+  apply_varlen(params, cu_q, cu_k, copies);
   run_forward(params, isa, num_threads);
 }
 
@@ -114,7 +117,8 @@ void attention_varlen_backward(py::handle dout, py::handle dlse, py::handle q, p
   const ForwardOptions options = parse_variant(variant, views.forward);
   reject_mask(views.forward, "variable-length batches");
   BackwardParams params = make_backward_params(views, options);
-  apply_varlen(params.forward, cu_q, cu_k);
+  IndexCopies copies;
+  apply_varlen(params.forward, cu_q, cu_k, copies);
   run_backward(params, isa, num_threads);
 }
 
@@ -141,7 +145,8 @@ void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_ca
   const KvCacheViews cache{view_array(cache_seqlens, "cache_seqlens"), optional_view(block_table, "block_table"),
                            optional_view(cache_batch_idx, "cache_batch_idx"),
                            optional_view(cache_leftpad, "cache_leftpad")};
-  apply_kvcache(params, cache, views.k.shape[0]);
+  IndexCopies copies;
+  apply_kvcache(params, cache, views.k.shape[0], copies);
   run_forward(params, isa, num_threads);
 }
 

@@ -16,7 +16,8 @@ namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
-const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::string& shape) {
+// The int32 array `view` of `rank` dims, copied into `copies` (see IndexCopies).
+const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::string& shape, IndexCopies& copies) {
   if (view.dtype.code != dlpack::kInt || view.dtype.bits != 32 || view.dtype.lanes != 1) {
     throw py::type_error(view.name + " must be int32, got " + view.dtype_string());
   }
@@ -25,14 +26,19 @@ const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::str
     fail(view.name + " must be a CPU array, got one on " + view.device_string());
   }
   if (!view.is_contiguous()) fail(view.name + " must be contiguous");
-  return static_cast<const int32_t*>(view.data);
+  const int32_t* data = static_cast<const int32_t*>(view.data);
+  int64_t count = 1;
+  for (const int64_t n : view.shape) count *= n;
+  copies.emplace_back(data, data + count);
+  return copies.back().data();
 }
 
 }  // namespace
 
-void apply_varlen(AttentionParams& params, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k) {
-  const int32_t* cu_q = int32_vector(cu_seqlens_q, 1, "(batch + 1,)");
-  const int32_t* cu_k = int32_vector(cu_seqlens_k, 1, "(batch + 1,)");
+void apply_varlen(AttentionParams& params, const TensorView& cu_seqlens_q, const TensorView& cu_seqlens_k,
+                  IndexCopies& copies) {
+  const int32_t* cu_q = int32_vector(cu_seqlens_q, 1, "(batch + 1,)", copies);
+  const int32_t* cu_k = int32_vector(cu_seqlens_k, 1, "(batch + 1,)", copies);
   if (cu_seqlens_q.shape[0] < 1 || cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]) {
     fail("cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got " + cu_seqlens_q.shape_string() +
          " and " + cu_seqlens_k.shape_string());
@@ -58,17 +64,17 @@ void apply_varlen(AttentionParams& params, const TensorView& cu_seqlens_q, const
   for (TensorRef* t : {&params.q, &params.k, &params.v, &params.out}) t->batch_stride = 0;
 }
 
-void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows) {
+void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows, IndexCopies& copies) {
   const int64_t batch = params.batch;
   const std::string batch_shape = "(" + std::to_string(batch) + ",)";
-  const int32_t* seqlens = int32_vector(views.cache_seqlens, 1, batch_shape);
+  const int32_t* seqlens = int32_vector(views.cache_seqlens, 1, batch_shape, copies);
   if (views.cache_seqlens.shape[0] != batch) fail("cache_seqlens must have shape " + batch_shape);
   int64_t capacity = params.seqlen_k;  // cache length S_max, or page_size when paged
   SequenceLayout& s = params.sequences;
   s.seqlens_k = seqlens;
   if (views.block_table) {
     const TensorView& table = *views.block_table;
-    s.block_table = int32_vector(table, 2, "(batch, max_pages)");
+    s.block_table = int32_vector(table, 2, "(batch, max_pages)", copies);
     if (table.shape[0] != batch) fail("block_table must have " + std::to_string(batch) + " rows, got " + table.shape_string());
     s.block_table_stride = table.shape[1];
     s.page_size = params.seqlen_k;
@@ -78,7 +84,7 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     if (views.cache_leftpad) fail("cache_leftpad cannot be combined with a paged cache (block_table)");
   }
   if (views.cache_batch_idx) {
-    s.cache_batch_idx = int32_vector(*views.cache_batch_idx, 1, batch_shape);
+    s.cache_batch_idx = int32_vector(*views.cache_batch_idx, 1, batch_shape, copies);
     if (views.cache_batch_idx->shape[0] != batch) fail("cache_batch_idx must have shape " + batch_shape);
     for (int64_t b = 0; b < batch; ++b) {
       if (s.cache_batch_idx[b] < 0 || s.cache_batch_idx[b] >= cache_rows) {
@@ -90,7 +96,7 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     fail("the cache has " + std::to_string(cache_rows) + " rows but q has batch " + std::to_string(batch));
   }
   if (views.cache_leftpad) {
-    s.k_begin = int32_vector(*views.cache_leftpad, 1, batch_shape);
+    s.k_begin = int32_vector(*views.cache_leftpad, 1, batch_shape, copies);
     if (views.cache_leftpad->shape[0] != batch) fail("cache_leftpad must have shape " + batch_shape);
   }
   int64_t max_k = 0;

@@ -37,7 +37,7 @@ struct TorchTypes {
   std::vector<std::pair<py::object, dlpack::DataType>> dtypes;
   // Attribute names, created once (a per-call string would cost as much as the lookup).
   py::str dtype{"dtype"}, is_cpu{"is_cpu"}, is_cuda{"is_cuda"}, get_device{"get_device"}, device{"device"},
-      data_ptr{"data_ptr"}, shape{"shape"}, stride{"stride"};
+      data_ptr{"data_ptr"}, shape{"shape"}, stride{"stride"}, is_neg{"is_neg"};
 };
 
 // Looked up once torch has been imported (the GIL serialises the first lookups).
@@ -48,6 +48,9 @@ const TorchTypes* torch_types() {
     py::object sys_modules = py::module_::import("sys").attr("modules");
     if (!sys_modules.contains("torch")) return nullptr;
     py::object torch = sys_modules["torch"];
+    // Not while torch's import is still running (in another thread): its dtypes are not made yet.
+    const py::object spec = py::getattr(torch, "__spec__", py::none());
+    if (!spec.is_none() && py::getattr(spec, "_initializing", py::bool_(false)).cast<bool>()) return nullptr;
     auto* t = new TorchTypes{torch.attr("Tensor"), {}};  // process lifetime, like torch's own types
     t->dtypes = {{torch.attr("float32"), {dlpack::kFloat, 32, 1}},
                  {torch.attr("bfloat16"), {dlpack::kBfloat, 16, 1}},
@@ -81,6 +84,10 @@ bool view_torch_tensor(const py::handle& array, TensorView& view) {
   } else {
     throw std::invalid_argument(view.name + " is on device '" + std::string(py::str(array.attr(types->device))) +
                                 "'; fusedattn takes cpu or cuda tensors");
+  }
+  if (array.attr(types->is_neg)().cast<bool>()) {  // its memory holds -x: the kernels would read x
+    throw py::type_error(view.name + " is a lazily negated view (torch's negative bit, as from .conj().imag); "
+                         "pass " + view.name + ".resolve_neg()");
   }
   view.data = reinterpret_cast<void*>(array.attr(types->data_ptr)().cast<uintptr_t>());
   for (const py::handle size : array.attr(types->shape)) view.shape.push_back(size.cast<int64_t>());

@@ -245,7 +245,7 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
       fail(out.name + " must have the shape of " + q.name + " " + q.shape_string() + ", got " + out.shape_string());
     }
   }
-  if (out.read_only) fail(out.name + " is read-only");
+  if (out.read_only && !views.out_is_input) fail(out.name + " is read-only");
 
   AttentionParams params;
   params.dtype = kernel_dtype(q);
@@ -277,7 +277,7 @@ AttentionParams make_forward_params(const ForwardViews& views, const ForwardOpti
       }
     }
     if (!lse.is_contiguous()) fail(lse.name + " must be contiguous");
-    if (lse.read_only) fail(lse.name + " is read-only");
+    if (lse.read_only && !views.out_is_input) fail(lse.name + " is read-only");
     if (fp64) {
       params.lse_f64 = static_cast<double*>(lse.data);
     } else {

@@ -19,6 +19,7 @@ struct ForwardViews {
   std::optional<TensorView> alibi_slopes;  // (num_heads,) or (batch, num_heads) float32
   std::optional<TensorView> sinks;         // (num_heads,) float32
   bool kv_is_cache = false;  // k/v are a KV cache: their batch dim counts cache rows or pages
+  bool out_is_input = false;  // the backward: out and lse are the forward's, only read
   int64_t sequence_count = -1;  // varlen: the number of sequences (rows of (batch, heads) alibi_slopes)
 };
 

@@ -1,5 +1,5 @@
 // Implementation of parallel_for: on PyTorch's OpenMP runtime when use_openmp_runtime() found
-// it, else one process-wide pool that grows to the largest thread count
+// it (not in a forked child), else one process-wide pool that grows to the largest thread count
 // asked for. A call publishes a job (function, task counter, number of helpers) under a mutex,
 // wakes the workers, takes tasks itself, then waits until every helper has finished.
 #include "cpu/thread_pool.h"
@@ -86,11 +86,30 @@ class ThreadPool {
 // of the parent's threads, so it starts a fresh pool (the old one is abandoned, not touched).
 std::atomic<ThreadPool*> g_pool{nullptr};
 
-void reset_pool_in_child() { g_pool.store(nullptr); }
+// The libgomp ABI that `#pragma omp parallel` compiles to, looked up in an already-loaded runtime.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpGetThreadNum = int (*)();
+struct OpenMpRuntime {
+  GompParallel parallel;
+  OmpGetThreadNum thread_num;
+};
+std::atomic<const OpenMpRuntime*> g_openmp{nullptr};
+
+// A forked child (a DataLoader worker, multiprocessing's fork) runs on a fresh private pool:
+// libgomp is not fork-safe, and a child that called GOMP_parallel with several threads hung in
+// its barrier (torch's own ops hang there too unless the child runs them on one thread).
+void reset_threads_in_child() {
+  g_pool.store(nullptr);
+  g_openmp.store(nullptr);
+}
+
+void register_fork_handler() {
+  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, &reset_threads_in_child) == 0; }();
+  (void)registered;
+}
 
 ThreadPool& pool() {
-  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, &reset_pool_in_child) == 0; }();
-  (void)registered;
+  register_fork_handler();
   ThreadPool* instance = g_pool.load();
   if (instance == nullptr) {
     ThreadPool* fresh = new ThreadPool();
@@ -102,15 +121,6 @@ ThreadPool& pool() {
   }
   return *instance;
 }
-
-// The libgomp ABI that `#pragma omp parallel` compiles to, looked up in an already-loaded runtime.
-using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-using OmpGetThreadNum = int (*)();
-struct OpenMpRuntime {
-  GompParallel parallel;
-  OmpGetThreadNum thread_num;
-};
-std::atomic<const OpenMpRuntime*> g_openmp{nullptr};
 
 struct OpenMpJob {
   const std::function<void(int64_t, int)>* fn;
@@ -135,6 +145,7 @@ bool use_openmp_runtime(const std::string& library_path) {
   auto parallel = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
   auto thread_num = reinterpret_cast<OmpGetThreadNum>(dlsym(handle, "omp_get_thread_num"));
   if (parallel == nullptr || thread_num == nullptr) return false;
+  register_fork_handler();
   g_openmp.store(new OpenMpRuntime{parallel, thread_num});  // process lifetime, like the runtime
   return true;
 }

@@ -8,8 +8,7 @@
 Inputs may be torch tensors, numpy arrays or any DLPack CPU array; the result has the caller's kind.
 """
 
-import sys
-
+from . import _arrays
 from ._runtime import get_num_threads, info, set_num_threads
 from .functional import attention, attention_backward, flash_attn_func, scaled_dot_product_attention
 from .inference import (
@@ -21,7 +20,7 @@ from .inference import (
     merge_attention_states_list,
 )
 
-if "torch" in sys.modules:  # register the torch ops now, outside any torch.compile trace
+if _arrays.torch_module() is not None:  # register the torch ops now, outside any torch.compile trace
     from . import _torch_kvcache, _torch_ops, _torch_varlen  # noqa: F401
 
 __version__ = "0.1.0"

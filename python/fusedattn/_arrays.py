@@ -12,12 +12,23 @@ import sys
 import numpy as np
 
 
+_torch = []  # [torch] once its import has completed
+
+
 def torch_module():
-    """torch if it has been imported (fusedattn never imports it for numpy callers)."""
-    return sys.modules.get("torch")
+    """torch if it has been imported (fusedattn never imports it for numpy callers). Not while
+    its import is still running in another thread: "torch" is in sys.modules from the start, and
+    numpy calls read torch.Tensor from the half-made module (AttributeError)."""
+    if _torch:
+        return _torch[0]
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None
+    _torch.append(torch)
+    return torch
 
 
-_tensor_type = []  # [torch.Tensor] once torch has been imported (a hot path: ~10 checks per call)
+_tensor_type = []  # [torch.Tensor, torch.strided] once torch has been imported (a hot path: ~10 checks per call)
 
 
 def is_torch(x) -> bool:
@@ -25,18 +36,22 @@ def is_torch(x) -> bool:
         torch = torch_module()
         if torch is None:
             return False
-        _tensor_type.append(torch.Tensor)
+        _tensor_type.extend((torch.Tensor, torch.strided))
     return isinstance(x, _tensor_type[0])
 
 
 def as_array(x, name: str):
     """x as a torch tensor or numpy array (zero-copy); TypeError naming `name` otherwise."""
-    if is_torch(x) or isinstance(x, np.ndarray):
+    if is_torch(x):
+        if x.layout is not _tensor_type[1]:  # (sparse tensors have no data pointer to read)
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+        return x
+    if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__"):
         try:
             return np.from_dlpack(x)
-        except (BufferError, RuntimeError, TypeError) as error:  # (a dtype numpy lacks, such as bfloat16)
+        except (BufferError, RuntimeError, TypeError, ValueError) as error:  # (a dtype numpy lacks, such as bfloat16)
             raise TypeError(f"{name} cannot be read as a numpy array through DLPack: {error}") from None
     raise TypeError(
         f"{name} must be a torch tensor, a numpy array or an object with __dlpack__, got {type(x).__name__}"
@@ -46,6 +61,29 @@ def as_array(x, name: str):
 def is_cuda(x) -> bool:
     """A torch tensor on a CUDA device (the CUDA kernels' inputs)."""
     return is_torch(x) and x.is_cuda
+
+
+def autocast(arrays):
+    """torch tensors as torch.autocast casts the inputs of ops such as SDPA: within an autocast
+    region for their device, floating-point ones other than float64 to its dtype (None stays
+    None); outside one, unchanged. (q, k from RoPE in fp32 beside a bf16 v were a TypeError.)"""
+    torch = torch_module()
+    device_type = arrays[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return arrays
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x is not None and x.is_floating_point() and x.dtype != torch.float64 else x
+                 for x in arrays)
+
+
+def check_same_device(arrays, names) -> None:
+    """torch tensors (None skipped) all on the first one's device: ValueError naming the odd one.
+    (The torch ops took a meta tensor among CPU ones to their fake kernels, whose outputs are
+    uninitialised, and torch's in-place append wrote nothing from one.)"""
+    device = arrays[0].device
+    for x, name in zip(arrays, names):
+        if x is not None and is_torch(x) and x.device != device:
+            raise ValueError(f"{name} is on {x.device} but {names[0]} is on {device}")
 
 
 def check_same_kind(arrays, names) -> None:
@@ -64,10 +102,11 @@ def is_compiling() -> bool:
 
 
 def needs_op(*tensors) -> bool:
-    """True where torch tensors must go through a torch.library op: inside a torch.compile
-    trace, or tensor subclasses (FakeTensor, DTensor, nn.Parameter). (About 0.2 µs for three.)"""
+    """True where torch tensors must go through a torch.library op: inside a torch.compile or
+    torch.jit.trace trace (a direct kernel call is invisible to the tracer: the traced function
+    returned its output unfilled), or tensor subclasses (FakeTensor, DTensor, nn.Parameter)."""
     torch = torch_module()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return True
     for t in tensors:
         if type(t) is not torch.Tensor:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from . import _C
+from ._arrays import torch_module
 
 __all__ = ["get_num_threads", "set_num_threads", "cpu_isa", "info"]
 
@@ -28,7 +29,7 @@ def get_num_threads() -> int:
     fusedattn's own pool, whose threads sleep between calls, each call paid about 40 µs here to
     wake them, next to torch's spinning threads).
     """
-    torch = sys.modules.get("torch")
+    torch = torch_module()
     if torch is not None and not _attached[0]:
         _attached[0] = True
         attach_torch_openmp()

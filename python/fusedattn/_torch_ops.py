@@ -189,6 +189,23 @@ torch.library.register_fake("fusedattn::attention_forward")(_forward_fake)
 torch.library.register_fake("fusedattn::attention_backward")(_backward_fake)
 torch.library.register_autograd("fusedattn::attention_forward", _backward, setup_context=_save)
 
+
+_DOUBLE_BACKWARD = "fusedattn: double backward (the gradient of a gradient, create_graph=True) is not implemented"
+
+
+def no_double_backward(op_name: str) -> None:
+    """Registers an autograd for backward op `op_name` that raises when it is differentiated in
+    turn (create_graph=True and a second backward): without one, torch took its outputs as
+    constants and second-order gradients came out wrong with no error."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(_DOUBLE_BACKWARD)
+
+    torch.library.register_autograd(op_name, backward, setup_context=lambda ctx, inputs, output: None)
+
+
+no_double_backward("fusedattn::attention_backward")
+
 attention_forward = torch.ops.fusedattn.attention_forward.default
 attention_backward = torch.ops.fusedattn.attention_backward.default
 
@@ -203,6 +220,10 @@ def eager_function(name, forward_impl, backward_impl, save, backward_args, gradi
         return output
 
     def backward(ctx, dout, dlse):
+        # Grad mode here means create_graph=True, a double backward to come (see no_double_backward;
+        # once_differentiable's error node is not on autograd.grad's path to the inputs: silent).
+        if torch.is_grad_enabled():
+            raise NotImplementedError(_DOUBLE_BACKWARD)
         return gradients(ctx, backward_impl(*backward_args(ctx, dout, dlse)))
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, _runtime
-from ._torch_ops import _VARIANT_ARGS, _variant, eager_function, lse_dtype, sink_probability
+from ._torch_ops import _VARIANT_ARGS, _variant, eager_function, lse_dtype, no_double_backward, sink_probability
 
 torch.library.define(
     "fusedattn::attention_varlen_forward",
@@ -113,6 +113,7 @@ torch.library.impl("fusedattn::attention_varlen_backward", "CPU")(_backward_cpu)
 torch.library.register_fake("fusedattn::attention_varlen_forward")(_forward_fake)
 torch.library.register_fake("fusedattn::attention_varlen_backward")(_backward_fake)
 torch.library.register_autograd("fusedattn::attention_varlen_forward", _backward, setup_context=_save)
+no_double_backward("fusedattn::attention_varlen_backward")
 
 varlen_forward = torch.ops.fusedattn.attention_varlen_forward.default
 varlen_backward = torch.ops.fusedattn.attention_varlen_backward.default

@@ -22,6 +22,9 @@ __all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "f
 _DIMS = {"bhsd": "(batch, heads, seqlen, head_dim)", "bshd": "(batch, seqlen, heads, head_dim)"}
 _MAX_SEED = 2**63
 _DRAWN_SEEDS = 2**62  # seeds drawn from torch's / numpy's generator are below this
+# Bound on |q_offset| and window sizes: the kernels add a position, a window size and 1 in int64
+# (common/variant.h), which near 2**63 wrapped around and hid every key.
+_MAX_POSITION = 2**62
 
 
 class _Call:
@@ -33,13 +36,16 @@ class _Call:
         if layout not in _DIMS:
             raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
         self.names = names
-        if arrays_checked:  # the caller has taken q, k, v as arrays of one kind and checked their rank
+        if arrays_checked:  # the caller has taken q, k, v as arrays of one kind and checked their rank (KV
+                            # caches: no autocast, their dtype is the cache's)
             self.q, self.k, self.v = q, k, v
         else:
             self.q, self.k, self.v = (_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
             for x, name in zip((self.q, self.k, self.v), names):
                 _arrays.check_rank(x, 4, name, _DIMS[layout])
             _arrays.check_same_kind((self.q, self.k, self.v), names)
+            if _arrays.is_torch(self.q):
+                self.q, self.k, self.v = _arrays.autocast((self.q, self.k, self.v))
         self.bshd = layout == "bshd"
         seq_dim, head_dim_ = (1, 2) if self.bshd else (2, 1)
         self.batch, self.num_heads = self.q.shape[0], self.q.shape[head_dim_]
@@ -52,8 +58,8 @@ class _Call:
         self.q, self.k, self.v = _pad_head_dims(self.q, self.k, self.v, names)
         self.causal = bool(causal)
         self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else _integer(q_offset, "q_offset")
-        if not -2**63 <= self.q_offset < 2**63:
-            raise ValueError(f"q_offset must fit in int64, got {q_offset!r}")
+        if not -_MAX_POSITION < self.q_offset < _MAX_POSITION:
+            raise ValueError(f"q_offset must be in (-2**62, 2**62), got {q_offset!r}")
         self.window = _window_pair(window, window_name)
         self.softcap = _number(softcap, "softcap")
         if not self.softcap >= 0.0:
@@ -86,7 +92,15 @@ class _Call:
         x = _arrays.as_array(x, name)
         _arrays.check_same_kind((self.q, x), (self.names[0], name))
         if _arrays.is_torch(x):
-            return x if x.device == self.q.device else x.to(self.q.device)
+            if x.is_complex() or x.dtype == _arrays.torch_module().bool:
+                raise TypeError(f"{name} must be real numbers, got {x.dtype}")
+            if x.device == self.q.device:
+                return x
+            if x.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"{name} is on {x.device} but {self.names[0]} is on {self.q.device}")
+            return x.to(self.q.device)
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be real numbers, got {x.dtype}")
         return np.ascontiguousarray(x, dtype=np.float64)
 
     def _seed(self, seed):
@@ -110,9 +124,15 @@ class _Call:
         return (self.mask_given, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
                 *self.window, self.softcap, self.dropout_p, self.bshd, ",".join(self.names))
 
+    def check_devices(self):
+        """The torch ops' inputs on q's device (the extension checks the direct calls' itself)."""
+        _arrays.check_same_device((self.q, self.k, self.v, self.mask_given, self.sinks),
+                                  (*self.names, "attn_mask", "sinks"))
+
     def unpad(self, out):
         """The output (or dv) at v's head_dim (see _pad_head_dims)."""
-        return _arrays.cut_last_dim(out, self.head_dims[1])
+        dim_q, dim_v = self.head_dims
+        return out if dim_q == dim_v else _arrays.cut_last_dim(out, dim_v)
 
     def bhsd(self, x):
         return _arrays.swap_seq_heads(x) if self.bshd else x
@@ -133,6 +153,7 @@ class _Call:
                 raise NotImplementedError("fusedattn: the backward pass on CUDA is not implemented yet; "
                                           "use CPU tensors for training, or call under torch.no_grad()")
             if mode != "direct":
+                self.check_devices()
                 ops = _arrays.torch_ops()
                 run = ops.attention_forward if mode == "op" else ops.EagerAttention.apply
                 out, lse = run(q, k, v, *self.op_args())
@@ -196,8 +217,8 @@ def _window_pair(window, name: str) -> tuple[int, int]:
         left, right = (operator.index(w) for w in window)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (left, right) of ints, got {window!r}") from None
-    if left < -1 or right < -1 or max(left, right) >= 2**63:
-        raise ValueError(f"{name} entries must be in [0, 2**63) or -1 (unbounded), got {window!r}")
+    if left < -1 or right < -1 or max(left, right) >= _MAX_POSITION:
+        raise ValueError(f"{name} entries must be in [0, 2**62) or -1 (unbounded), got {window!r}")
     return left, right
 
 
@@ -258,6 +279,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
     out = _arrays.as_array(out, "out")
     lse = _arrays.as_array(lse, "lse")
     _arrays.check_same_kind((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
+    if _arrays.is_torch(call.q):
+        call.check_devices()
+        _arrays.check_same_device((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
     _arrays.check_rank(dout, 4, "dout", _DIMS[layout])
     _arrays.check_rank(out, 4, "out", _DIMS[layout])
     dim_q, dim_v = call.head_dims

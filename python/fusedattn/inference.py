@@ -49,6 +49,8 @@ def _int32(x, name, reference):
         if type(x) is torch.Tensor and x.dtype == torch.int32 and x.is_cpu and x.is_contiguous():
             return x  # already what the extension reads: a decode step's lengths and block table (~1 µs each)
         x = torch.as_tensor(x)
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on {x.device}; index arrays go on the CPU (or q's GPU)")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer array, got {x.dtype}")
         if x.dtype != torch.int32 and x.numel():
@@ -95,7 +97,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
                             seed=seed, return_lse=return_lse)
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
-    if not _arrays.is_compiling():  # a host-side check; the kernel validates cu_seqlens itself
+    # A host-side check (not of fake tensors: compile traces, make_fx); the kernel validates cu_seqlens itself.
+    if not (_arrays.is_torch(q) and _arrays.needs_op(q, k, v)):
         max_seqlen_q, max_seqlen_k = _integer(max_seqlen_q, "max_seqlen_q"), _integer(max_seqlen_k, "max_seqlen_k")
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
         if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
@@ -109,6 +112,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if mode != "direct":
             from . import _torch_varlen
 
+            call.check_devices()
             run = _torch_varlen.varlen_forward if mode == "op" else _torch_varlen.EagerVarlen.apply
             out, lse = run(call.q[0], call.k[0], call.v[0], cu_q, cu_k, *call.op_args())
             out = call.unpad(out)
@@ -229,6 +233,20 @@ def _apply_rotary(x, cos, sin, positions, interleaved):
     return np.concatenate((rotated.astype(x.dtype), rest), axis=-1)
 
 
+def _check_writable(cache, name):
+    """ValueError unless the new k, v can be written into `cache` (checked for both caches before
+    either is written: a v_cache that could not be written had k_cache written already)."""
+    if not _arrays.is_torch(cache):
+        if not cache.flags.writeable:
+            raise ValueError(f"{name} is read-only; the new k, v are written into it")
+        return
+    torch = _arrays.torch_module()
+    if cache.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad; append under torch.no_grad() (the cache has no gradient)")
+    if cache.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor, which can be written only under torch.inference_mode()")
+
+
 def _append(cache, new, rows, positions, block_table):
     """Writes new (batch, n, heads, d) into cache at (rows[b], positions[b, t]) or into pages."""
     if block_table is None:
@@ -312,6 +330,8 @@ def _rotary_tables(rotary_cos, rotary_sin, q, last_position):
     2) floating point, rotary_dim <= head_dim, with a row for every position up to last_position."""
     cos, sin = _arrays.as_array(rotary_cos, "rotary_cos"), _arrays.as_array(rotary_sin, "rotary_sin")
     _arrays.check_same_kind((q, cos, sin), ("q", "rotary_cos", "rotary_sin"))
+    if _arrays.is_torch(q):
+        _arrays.check_same_device((q, cos, sin), ("q", "rotary_cos", "rotary_sin"))
     for x, name in ((cos, "rotary_cos"), (sin, "rotary_sin")):
         if not (x.is_floating_point() if _arrays.is_torch(x) else np.issubdtype(x.dtype, np.floating)):
             raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
@@ -401,6 +421,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
             raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
+        if _arrays.is_torch(q):
+            _arrays.check_same_device((k_cache, v_cache, k, v), ("k_cache", "v_cache", "k", "v"))
+        for cache, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+            _check_writable(cache, name)
         new_len = k.shape[1]
     table, rows = _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_batch_idx, cache_leftpad,
                                         q)
@@ -523,6 +547,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when appending k, v")
+        q, k_cache = _arrays.as_array(q, "q"), _arrays.as_array(k_cache, "k_cache")
+        for x, name in ((q, "q"), (k_cache, "k_cache")):
+            _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
         table_shape = None if block_table is None else np.shape(block_table)  # (any array, or a list)
         if table_shape is not None and len(table_shape) != 2:
             raise ValueError(f"block_table must have shape (batch, max_pages), got {tuple(table_shape)}")
@@ -554,8 +581,16 @@ def merge_attention_states_list(outs, lses, *, layout="bhsd"):
         raise ValueError(f"need as many outs as lses (at least one), got {len(outs)} and {len(lses)}")
     outs = [_arrays.as_array(o, f"outs[{i}]") for i, o in enumerate(outs)]
     lses = [_arrays.as_array(x, f"lses[{i}]") for i, x in enumerate(lses)]
-    _arrays.check_same_kind(outs + lses, [f"outs[{i}]" for i in range(len(outs))] + [f"lses[{i}]" for i in range(len(lses))])
+    names = [f"outs[{i}]" for i in range(len(outs))] + [f"lses[{i}]" for i in range(len(lses))]
+    _arrays.check_same_kind(outs + lses, names)
+    for x, name in zip(outs + lses, names):
+        if not (x.is_floating_point() if _arrays.is_torch(x) else np.issubdtype(x.dtype, np.floating)):
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if _arrays.is_torch(outs[0]):
+        _arrays.check_same_device(outs + lses, names)
     for i, (o, x) in enumerate(zip(outs, lses)):
+        _arrays.check_rank(o, 4, f"outs[{i}]", "(batch, heads, seqlen, head_dim)" if layout == "bhsd" else
+                           "(batch, seqlen, heads, head_dim)")
         expected = (o.shape[0], o.shape[2], o.shape[1]) if layout == "bshd" else tuple(o.shape[:-1])
         if o.shape != outs[0].shape or tuple(x.shape) != expected:
             raise ValueError(f"outs[{i}] / lses[{i}] have shapes {tuple(o.shape)} / {tuple(x.shape)}; expected "

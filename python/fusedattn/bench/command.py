@@ -87,6 +87,9 @@ def parse_shapes(text: str) -> dict[str, list[tuple]]:
                 shape = _decode_shape(spec)
             else:
                 shape = _ints(spec, len(SHAPE_FORMATS[name].split("x")), SHAPE_FORMATS[name])
+            if name == "block" and (shape[2] % shape[3] or (shape[2] // shape[3]) % 2):
+                raise argparse.ArgumentTypeError(f"block shape {spec!r}: DMODEL must be H times an even head_dim "
+                                                 "(the block's RoPE rotates pairs)")
             shapes.setdefault(name, []).append(shape)
     return shapes
 
@@ -194,8 +197,23 @@ def noise_line(switches_start, seconds: float) -> str:
     return f"{rate:.0f} involuntary context switches/s ({verdict})"
 
 
+def check_out_dir(path: str) -> None:
+    """SystemExit with a message, before the benchmark runs, unless results can be written to path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"fusedattn bench: --out {path!r} cannot be a results folder: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise SystemExit(f"fusedattn bench: --out {path!r} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     torch = require_torch()
+    check_out_dir(args.out)
+    try:
+        _runtime.cpu_isa()
+    except ValueError as error:
+        raise SystemExit(f"fusedattn bench: {error}") from None
     started = time.perf_counter()
     switches_start = involuntary_switches()
     if args.threads is not None:
@@ -230,7 +248,6 @@ def run(args: argparse.Namespace) -> int:
     noise = noise_line(switches_start, seconds)
     print(f"wall time {seconds:.0f} s; load average {load_start} -> {load_end}; {noise}")
 
-    os.makedirs(args.out, exist_ok=True)
     env = environment(torch, device, peaks, args, load_start)
     env["involuntary_context_switches"] = None if switches_start is None else involuntary_switches() - switches_start
     json_path = os.path.join(args.out, "bench.json")

@@ -39,11 +39,17 @@ class Attention(nn.Module):
                  bias: bool = False, attn_backend: str = "fusedattn", layer_idx: int = 0):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for value, name in ((hidden_size, "hidden_size"), (num_heads, "num_heads"), (num_kv_heads, "num_kv_heads")):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}"
+                             + (f" (hidden_size {hidden_size} // num_heads {num_heads})" if head_dim is None else ""))
         self.causal = causal
         self.attn_backend = check_backend(attn_backend)
         self.layer_idx = layer_idx
