@@ -347,3 +347,15 @@ def test_bench_cli_errors_are_messages(tmp_path, args, env, message):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fn", ["attention_varlen", "flash_attn_varlen_func"])
+def test_varlen_alibi_slopes_requiring_grad_raise(fn):
+    """As attention and flash_attn_func do (docs/api.md); the varlen functions left the slopes'
+    gradient None without a word."""
+    q, k, v = (torch.randn(9, 2, 8, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="alibi_slopes have no gradient"):
+        getattr(fusedattn, fn)(q, k, v, cu, cu, 5, 5, alibi_slopes=torch.rand(2, requires_grad=True))
+    with torch.no_grad():
+        getattr(fusedattn, fn)(q, k, v, cu, cu, 5, 5, alibi_slopes=torch.rand(2, requires_grad=True))

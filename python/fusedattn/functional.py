@@ -124,6 +124,13 @@ class _Call:
         return (self.mask_given, self.alibi_slopes, self.sinks, rng_seed, self.scale, self.causal, self.q_offset,
                 *self.window, self.softcap, self.dropout_p, self.bshd, ",".join(self.names))
 
+    def check_no_slope_gradient(self):
+        """NotImplementedError for ALiBi slopes that would need a gradient (rather than none)."""
+        slopes = self.alibi_slopes
+        if slopes is not None and slopes.requires_grad and _arrays.torch_module().is_grad_enabled():
+            raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi); "
+                                      "pass them detached")
+
     def check_devices(self):
         """The torch ops' inputs on q's device (the extension checks the direct calls' itself)."""
         _arrays.check_same_device((self.q, self.k, self.v, self.mask_given, self.sinks),
@@ -143,10 +150,7 @@ class _Call:
     def forward(self, return_lse: bool):
         q, k, v = self.q, self.k, self.v
         if _arrays.is_torch(q):
-            torch = _arrays.torch_module()
-            if self.alibi_slopes is not None and self.alibi_slopes.requires_grad and torch.is_grad_enabled():
-                raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi); "
-                                          "pass them detached")
+            self.check_no_slope_gradient()
             grad_inputs = (q, k, v, self.attn_mask, self.sinks)
             mode = _arrays.torch_mode(*(x for x in grad_inputs if x is not None))
             if q.is_cuda and mode == "autograd":

@@ -108,6 +108,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                  window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
                  seed=seed)
     if _arrays.is_torch(q):
+        call.check_no_slope_gradient()  # (their gradient was silently None)
         mode = _arrays.torch_mode(*(x for x in (q, k, v, call.sinks) if x is not None))
         if mode != "direct":
             from . import _torch_varlen
