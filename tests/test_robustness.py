@@ -359,3 +359,20 @@ def test_varlen_alibi_slopes_requiring_grad_raise(fn):
         getattr(fusedattn, fn)(q, k, v, cu, cu, 5, 5, alibi_slopes=torch.rand(2, requires_grad=True))
     with torch.no_grad():
         getattr(fusedattn, fn)(q, k, v, cu, cu, 5, 5, alibi_slopes=torch.rand(2, requires_grad=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seqlen_k", [1000, 4096])
+def test_split_kv_rows_hidden_by_a_finite_mask(threads, seqlen_k):
+    """A decode row whose keys a finfo.min mask hides (transformers' additive padding masks) sees
+    them all equally, as torch's math does (out = the mean of v). Its key splits' LSEs, m + log l
+    in fp32, all rounded to m, and the merge weighed splits of unequal key counts equally."""
+    fusedattn.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 64, generator=generator)
+    k, v = (torch.randn(1, 1, seqlen_k, 64, generator=generator) for _ in range(2))
+    v[:, :, : seqlen_k // 3] += 3.0  # so that splits differ
+    expected = v.double().mean(dim=2, keepdim=True)
+    mask = torch.full((1, 1, 1, seqlen_k), torch.finfo(torch.float32).min)
+    out = fusedattn.attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

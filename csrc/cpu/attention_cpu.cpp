@@ -204,7 +204,7 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
   for (const PlannedBlock& p : plan) {
     max_lanes = std::max(max_lanes, (p.block.row_end - p.block.row_begin) * p.block.head_count);
   }
-  // Partial results of split blocks: [lanes][head_dim] outputs and [lanes] LSEs each.
+  // Partial results of split blocks: [lanes][head_dim] outputs and [lanes][2] (max, log sum) each.
   std::vector<float> partials;
   std::vector<std::vector<int64_t>> parts_of(merged);
   if (merged > 0) {
@@ -212,15 +212,15 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
     for (size_t i = 0; i < plan.size(); ++i) {
       if (plan[i].merge_index < 0) continue;
       parts_of[plan[i].merge_index].push_back(static_cast<int64_t>(i));
-      offset += static_cast<size_t>(max_lanes * (params.head_dim + 1));
+      offset += static_cast<size_t>(max_lanes * (params.head_dim + 2));
     }
     partials.resize(offset);
     offset = 0;
     for (PlannedBlock& p : plan) {
       if (p.merge_index < 0) continue;
       p.block.partial_out = partials.data() + offset;
-      p.block.partial_lse = p.block.partial_out + max_lanes * params.head_dim;
-      offset += static_cast<size_t>(max_lanes * (params.head_dim + 1));
+      p.block.partial_stats = p.block.partial_out + max_lanes * params.head_dim;
+      offset += static_cast<size_t>(max_lanes * (params.head_dim + 2));
     }
   }
 
@@ -239,13 +239,13 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
     kernels.forward_block(sequence_params(params, block.batch), block, scratch[worker].get());
   });
   parallel_for(merged, run_threads, [&](int64_t m, int) {
-    std::vector<const float*> outs, lses;
+    std::vector<const float*> outs, stats;
     for (const int64_t i : parts_of[m]) {
       outs.push_back(plan[i].block.partial_out);
-      lses.push_back(plan[i].block.partial_lse);
+      stats.push_back(plan[i].block.partial_stats);
     }
     const ForwardBlock& block = plan[parts_of[m].front()].block;
-    kernels.merge_block_partials(sequence_params(params, block.batch), block, outs.data(), lses.data(),
+    kernels.merge_block_partials(sequence_params(params, block.batch), block, outs.data(), stats.data(),
                                  static_cast<int64_t>(outs.size()));
   });
 }

@@ -52,8 +52,8 @@ void decode_visit(const AttentionParams& params, const ForwardBlock& block, cons
 }
 
 void merge_block_partials(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
-                          const float* const* lses, int64_t count) {
-  dispatch_dtype(params.dtype, [&](auto tag) { merge_block_partials_t<decltype(tag)>(params, block, outs, lses, count); });
+                          const float* const* stats, int64_t count) {
+  dispatch_dtype(params.dtype, [&](auto tag) { merge_block_partials_t<decltype(tag)>(params, block, outs, stats, count); });
 }
 
 size_t backward_scratch_bytes(const AttentionParams& params) {

@@ -301,7 +301,8 @@ inline KeyRange init_lane_state(const AttentionParams& params, const ForwardBloc
 }
 
 // out = O / l and LSE = m + log(l) for every lane (rows that saw no key: 0 and -inf, or the
-// sink's logit), into params.out / params.lse or into the block's fp32 partial buffers.
+// sink's logit), into params.out / params.lse, or out and (m, log l) into the block's fp32
+// partial buffers.
 template <typename T, typename Acc>
 void write_block_output(const AttentionParams& params, const ForwardBlock& block, const BlockLanes& lanes,
                         const ForwardScratch<Acc>& s) {
@@ -314,7 +315,9 @@ void write_block_output(const AttentionParams& params, const ForwardBlock& block
     if (block.partial_out != nullptr) {
       float* out_row = block.partial_out + i * params.head_dim;
       for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = static_cast<float>(no_weight ? Acc(0) : o_row[c] * inv);
-      block.partial_lse[i] = static_cast<float>(lse);
+      const float minus_inf = -std::numeric_limits<float>::infinity();
+      block.partial_stats[2 * i] = no_weight ? minus_inf : static_cast<float>(s.row_max[i]);
+      block.partial_stats[2 * i + 1] = static_cast<float>(std::log(sum));
       continue;
     }
     const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
@@ -326,36 +329,40 @@ void write_block_output(const AttentionParams& params, const ForwardBlock& block
 }
 
 // Merges the fp32 partial results of `count` key splits of one block (split-KV) by their LSE
-// and writes out / lse: lse = log Σ exp(lse_s), out = Σ exp(lse_s - lse) · out_s; splits with
-// LSE -inf contribute nothing, and a row with none gives 0 and -inf.
+// and writes out / lse: with split s's max m_s and sum l_s (stats[s]: (m_s, log l_s) per lane)
+// and M = max m_s, weight w_s = exp(m_s - M + log l_s), out = Σ w_s · out_s / Σ w_s and
+// lse = M + log Σ w_s; splits that saw no key (m_s -inf) contribute nothing, and a row with
+// none gives 0 and -inf.
 template <typename T>
 void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
-                            const float* const* lses, int64_t count) {
+                            const float* const* stats, int64_t count) {
   using Acc = typename ComputeType<T>::type;
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   std::vector<float> merged(params.head_dim);  // one output row, summed over the splits
   for (int64_t i = 0; i < lanes.lanes; ++i) {
-    float max_lse = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < count; ++s) max_lse = lses[s][i] > max_lse ? lses[s][i] : max_lse;
+    float max_m = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < count; ++s) max_m = stats[s][2 * i] > max_m ? stats[s][2 * i] : max_m;
+    // (m_s - M first: the two may be huge and equal, log l_s is small)
+    auto weight_of = [&](int64_t s) { return std::exp((stats[s][2 * i] - max_m) + stats[s][2 * i + 1]); };
     const int64_t head = lanes.head(block, i), row = lanes.row(block, i);
     T* out_row = static_cast<T*>(params.out.data) + block.batch * params.out.batch_stride +
                  head * params.out.head_stride + row * params.out.row_stride;
     float lse = -std::numeric_limits<float>::infinity();
-    if (max_lse == -std::numeric_limits<float>::infinity()) {
+    if (max_m == -std::numeric_limits<float>::infinity()) {
       for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(Acc(0));
     } else {
       float total = 0.0f;
-      for (int64_t s = 0; s < count; ++s) total += std::exp(lses[s][i] - max_lse);
+      for (int64_t s = 0; s < count; ++s) total += weight_of(s);
       // Each split's share exp(lse_s - lse), one split after another over the row (an exp per
       // split, not per element: a pool walk's merges took 1.5% of a decode call that way).
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (int64_t s = 0; s < count; ++s) {
-        const float weight = std::exp(lses[s][i] - max_lse) / total;
+        const float weight = weight_of(s) / total;
         const float* part = outs[s] + i * params.head_dim;
         for (int64_t c = 0; c < params.head_dim; ++c) merged[c] += weight * part[c];
       }
       for (int64_t c = 0; c < params.head_dim; ++c) out_row[c] = from_float<T>(static_cast<Acc>(merged[c]));
-      lse = max_lse + std::log(total);
+      lse = max_m + std::log(total);
     }
     store_lse(params, block.batch * params.lse_batch_stride + head * params.lse_head_stride + row, lse);
   }

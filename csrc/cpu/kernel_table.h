@@ -13,8 +13,11 @@ namespace cpu {
 // The forward's unit of work: query rows [row_begin, row_end) of heads [head_begin,
 // head_begin + head_count), over keys [key_lo, key_hi) (a split of
 // the key axis for split-KV decode; [0, seqlen_k) otherwise). With partial_out set, the block
-// writes its normalised partial output (fp32, [head_count * rows][head_dim]) and partial LSE
-// ([head_count * rows]) there, to be merged by LSE, instead of into params.out / params.lse.
+// writes its normalised partial output (fp32, [head_count * rows][head_dim]) there, and each
+// row's running max m and log of its sum l into partial_stats ([head_count * rows][2]), to be
+// merged by LSE, instead of into params.out / params.lse. (m and log l are kept apart: their fp32
+// sum, the LSE, drops log l where |m| is huge, as in a row whose keys a finfo.min mask hides,
+// and the merge then weighed such splits equally whatever their key counts.)
 struct ForwardBlock {
   int64_t batch = 0;
   int64_t head_begin = 0;
@@ -24,7 +27,7 @@ struct ForwardBlock {
   int64_t key_lo = 0;
   int64_t key_hi = 0;
   float* partial_out = nullptr;
-  float* partial_lse = nullptr;
+  float* partial_stats = nullptr;
 };
 
 // One visit of a pool walk (pool_walk.h) to a decode block: keys [key_lo, key_hi) of the
@@ -84,7 +87,7 @@ struct CpuKernelTable {
                        void* scratch);
   // Merges the partial results of `count` key splits of `block` (see ForwardBlock) into out / lse.
   void (*merge_block_partials)(const AttentionParams& params, const ForwardBlock& block, const float* const* outs,
-                               const float* const* lses, int64_t count);
+                               const float* const* stats, int64_t count);
 
   // Backward (see backward_block.h). Buffers typed "Acc" hold the compute type: fp64 for fp64
   // inputs, else fp32. Row buffers have row_pitch() elements per row.

@@ -186,13 +186,13 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
       partial_count += blocks_of[b].size();
     }
   }
-  const int64_t partial_floats = lanes * (params.head_dim + 1);
+  const int64_t partial_floats = lanes * (params.head_dim + 2);
   std::vector<float> partials(partial_count * static_cast<size_t>(partial_floats));
   float* next_partial = partials.data();
   for (const int64_t b : merged) {
     for (ForwardBlock* block : blocks_of[b]) {
       block->partial_out = next_partial;
-      block->partial_lse = next_partial + lanes * params.head_dim;
+      block->partial_stats = next_partial + lanes * params.head_dim;
       next_partial += partial_floats;
     }
   }
@@ -217,12 +217,12 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
   });
   parallel_for(static_cast<int64_t>(merged.size()), num_threads, [&](int64_t m, int) {
     const int64_t b = merged[m];
-    std::vector<const float*> outs, lses;
+    std::vector<const float*> outs, stats;
     for (const ForwardBlock* block : blocks_of[b]) {
       outs.push_back(block->partial_out);
-      lses.push_back(block->partial_lse);
+      stats.push_back(block->partial_stats);
     }
-    kernels.merge_block_partials(order.sequences[b], *blocks_of[b].front(), outs.data(), lses.data(),
+    kernels.merge_block_partials(order.sequences[b], *blocks_of[b].front(), outs.data(), stats.data(),
                                  static_cast<int64_t>(outs.size()));
   });
   if (!order.no_keys.empty()) {  // a decode block that sees no key writes 0 and -inf (or the sink's LSE)
