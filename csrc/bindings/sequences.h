@@ -3,7 +3,6 @@
 // index is checked against the tensors' sizes so that no input can read outside them.
 #pragma once
 #include <cstdint>
-#include <deque>
 #include <optional>
 #include <vector>
 
@@ -15,8 +14,9 @@ namespace fusedattn {
 // The index arrays of one call, copied: they are checked here and read again by the kernels
 // with the GIL released, so they must not stay the caller's memory, which another thread may
 // change in between (a block_table entry so changed had the kernel read outside the cache).
-// Lives as long as the call's AttentionParams, which point into it.
-using IndexCopies = std::deque<std::vector<int32_t>>;
+// Lives as long as the call's AttentionParams, which point into it (the inner vectors' buffers
+// stay put when the outer one grows).
+using IndexCopies = std::vector<std::vector<int32_t>>;
 
 // cu_seqlens_q/k: int32 (batch + 1,), starting at 0, non-decreasing, ending within the packed
 // totals (params.seqlen_q/k hold the totals on entry). Sets batch, the per-sequence maxima and

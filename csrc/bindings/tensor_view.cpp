@@ -89,7 +89,12 @@ bool view_torch_tensor(const py::handle& array, TensorView& view) {
     throw py::type_error(view.name + " is a lazily negated view (torch's negative bit, as from .conj().imag); "
                          "pass " + view.name + ".resolve_neg()");
   }
-  view.data = reinterpret_cast<void*>(array.attr(types->data_ptr)().cast<uintptr_t>());
+  try {
+    view.data = reinterpret_cast<void*>(array.attr(types->data_ptr)().cast<uintptr_t>());
+  } catch (const py::error_already_set&) {  // sparse and other storage-less layouts
+    throw py::type_error(view.name + " must be a dense (strided) tensor, got layout " +
+                         std::string(py::str(array.attr("layout"))));
+  }
   for (const py::handle size : array.attr(types->shape)) view.shape.push_back(size.cast<int64_t>());
   for (const py::handle stride : array.attr(types->stride)()) view.strides.push_back(stride.cast<int64_t>());
   view.read_only = false;

@@ -28,7 +28,7 @@ def torch_module():
     return torch
 
 
-_tensor_type = []  # [torch.Tensor, torch.strided] once torch has been imported (a hot path: ~10 checks per call)
+_tensor_type = []  # [torch.Tensor] once torch has been imported (a hot path: ~10 checks per call)
 
 
 def is_torch(x) -> bool:
@@ -36,17 +36,13 @@ def is_torch(x) -> bool:
         torch = torch_module()
         if torch is None:
             return False
-        _tensor_type.extend((torch.Tensor, torch.strided))
+        _tensor_type.append(torch.Tensor)
     return isinstance(x, _tensor_type[0])
 
 
 def as_array(x, name: str):
     """x as a torch tensor or numpy array (zero-copy); TypeError naming `name` otherwise."""
-    if is_torch(x):
-        if x.layout is not _tensor_type[1]:  # (sparse tensors have no data pointer to read)
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
-        return x
-    if isinstance(x, np.ndarray):
+    if is_torch(x) or isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__dlpack__"):
         try:
@@ -68,9 +64,9 @@ def autocast(arrays):
     region for their device, floating-point ones other than float64 to its dtype (None stays
     None); outside one, unchanged. (q, k from RoPE in fp32 beside a bf16 v were a TypeError.)"""
     torch = torch_module()
-    device_type = arrays[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.is_autocast_enabled("cuda" if arrays[0].is_cuda else "cpu"):  # (x.device.type: 0.25 µs more)
         return arrays
+    device_type = arrays[0].device.type
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(x.to(dtype) if x is not None and x.is_floating_point() and x.dtype != torch.float64 else x
                  for x in arrays)
@@ -106,7 +102,7 @@ def needs_op(*tensors) -> bool:
     torch.jit.trace trace (a direct kernel call is invisible to the tracer: the traced function
     returned its output unfilled), or tensor subclasses (FakeTensor, DTensor, nn.Parameter)."""
     torch = torch_module()
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch._C._is_tracing():  # (what torch.jit.is_tracing asks, 60 ns sooner)
         return True
     for t in tensors:
         if type(t) is not torch.Tensor:

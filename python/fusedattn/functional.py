@@ -55,7 +55,8 @@ class _Call:
             raise ValueError(f"{names[0]} has head_dim {head_dim}; supported: 1..256")
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else _number(scale, "scale")
         self.head_dims = (head_dim, self.v.shape[3])  # q's and k's, v's (the output's)
-        self.q, self.k, self.v = _pad_head_dims(self.q, self.k, self.v, names)
+        if self.head_dims[1] != head_dim:
+            self.q, self.k, self.v = _pad_head_dims(self.q, self.k, self.v, names)
         self.causal = bool(causal)
         self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else _integer(q_offset, "q_offset")
         if not -_MAX_POSITION < self.q_offset < _MAX_POSITION:
@@ -186,7 +187,7 @@ def _pad_head_dims(q, k, v, names):
     sets it first). The price is a padded copy of the narrower side and products at the wider
     head_dim (benchmarks/bench_value_head_dim.py). k unlike q stays the extension's error."""
     dim_q, dim_k, dim_v = q.shape[3], k.shape[3], v.shape[3]
-    if dim_v == dim_q or dim_k != dim_q:
+    if dim_k != dim_q:
         return q, k, v
     if not 1 <= dim_v <= 256:
         raise ValueError(f"{names[2]} has head_dim {dim_v}; supported: 1..256")
