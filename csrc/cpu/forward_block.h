@@ -353,8 +353,8 @@ void merge_block_partials_t(const AttentionParams& params, const ForwardBlock& b
     } else {
       float total = 0.0f;
       for (int64_t s = 0; s < count; ++s) total += weight_of(s);
-      // Each split's share exp(lse_s - lse), one split after another over the row (an exp per
-      // split, not per element: a pool walk's merges took 1.5% of a decode call that way).
+      // Each split's share w_s / Σ w, one split after another over the row (an exp per split,
+      // not per element: a pool walk's merges took 1.5% of a decode call that way).
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (int64_t s = 0; s < count; ++s) {
         const float weight = weight_of(s) / total;

@@ -64,9 +64,9 @@ def autocast(arrays):
     region for their device, floating-point ones other than float64 to its dtype (None stays
     None); outside one, unchanged. (q, k from RoPE in fp32 beside a bf16 v were a TypeError.)"""
     torch = torch_module()
-    if not torch.is_autocast_enabled("cuda" if arrays[0].is_cuda else "cpu"):  # (x.device.type: 0.25 µs more)
+    device_type = "cuda" if arrays[0].is_cuda else "cpu"  # (x.device.type cost 0.25 µs more per call)
+    if not torch.is_autocast_enabled(device_type):
         return arrays
-    device_type = arrays[0].device.type
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(x.to(dtype) if x is not None and x.is_floating_point() and x.dtype != torch.float64 else x
                  for x in arrays)

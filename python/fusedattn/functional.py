@@ -36,9 +36,8 @@ class _Call:
         if layout not in _DIMS:
             raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
         self.names = names
-        if arrays_checked:  # the caller has taken q, k, v as arrays of one kind and checked their rank (KV
-                            # caches: no autocast, their dtype is the cache's)
-            self.q, self.k, self.v = q, k, v
+        if arrays_checked:  # the caller (the KV cache) has taken q, k, v as arrays of one kind and checked
+            self.q, self.k, self.v = q, k, v  # their rank; no autocast: the cache fixes the dtype
         else:
             self.q, self.k, self.v = (_arrays.as_array(x, name) for x, name in zip((q, k, v), names))
             for x, name in zip((self.q, self.k, self.v), names):
