@@ -88,7 +88,7 @@ def test_negative_bit_tensors_are_rejected(which):
 
 def test_sparse_tensors_name_themselves():
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(TypeError, match="k must be a dense"):
+    with pytest.raises(TypeError, match="k's data cannot be read.*dense"):
         fusedattn.attention(q, q.to_sparse(), q)
 
 
@@ -147,22 +147,33 @@ def test_append_into_an_unwritable_v_cache_leaves_k_cache_unchanged(kind):
     assert not k_cache.any()
 
 
-@pytest.mark.parametrize("kwargs", [dict(window=(-1, 2**63 - 1)), dict(window=(2**62, -1)),
-                                    dict(causal=True, q_offset=2**63 - 1), dict(q_offset=-2**62)], ids=str)
+@pytest.mark.parametrize("kwargs", [dict(window=(-1, 2**63 - 1)), dict(window=(2**61, -1)),
+                                    dict(causal=True, q_offset=2**63 - 1), dict(q_offset=-2**61)], ids=str)
 def test_positions_that_overflowed_are_rejected(kwargs):
     """Window sizes and q_offset near 2**63 wrapped around in the kernels' int64 sums (every key
-    hidden: output 0); they are now bounded by 2**62, far beyond any sequence."""
+    hidden: output 0); they are now bounded by 2**61, far beyond any sequence."""
     q = np.random.default_rng(0).standard_normal((1, 2, 4, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="window|q_offset"):
         fusedattn.attention(q, q, q, **kwargs)
 
 
 def test_large_windows_and_offsets_still_work():
+    """The largest accepted values together (2**62 - 1 each, accepted at first, still wrapped)."""
+    largest = 2**61 - 1
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, n, 8)).astype(np.float64) for n in (4, 6, 6))
     plain = fusedattn.attention(q, k, v)
-    np.testing.assert_allclose(fusedattn.attention(q, k, v, window=(2**62 - 1, 2**62 - 1)), plain, rtol=1e-12)
-    np.testing.assert_allclose(fusedattn.attention(q, k, v, causal=True, q_offset=2**62 - 1), plain, rtol=1e-12)
+    for kwargs in (dict(window=(largest, largest)), dict(causal=True, q_offset=largest),
+                   dict(q_offset=largest, window=(-1, largest)), dict(q_offset=-largest, window=(largest, -1))):
+        np.testing.assert_allclose(fusedattn.attention(q, k, v, **kwargs), plain, rtol=1e-12, err_msg=str(kwargs))
+    qt, kt, vt = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    fusedattn.attention(qt, kt, vt).square().sum().backward()
+    expected = [x.grad.clone() for x in (qt, kt, vt)]
+    for x in (qt, kt, vt):
+        x.grad = None
+    fusedattn.attention(qt, kt, vt, q_offset=-largest, window=(largest, -1)).square().sum().backward()
+    for x, want in zip((qt, kt, vt), expected):
+        torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case, error, message", [
@@ -376,3 +387,88 @@ def test_split_kv_rows_hidden_by_a_finite_mask(threads, seqlen_k):
     mask = torch.full((1, 1, 1, seqlen_k), torch.finfo(torch.float32).min)
     out = fusedattn.attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forked_child_of_a_parent_that_never_called_fusedattn():
+    """The parent set a thread count and ran torch ops, but no fusedattn call, before the fork: the
+    child's first call attached to the parent's libgomp and hung (the atfork handler had nothing
+    to reset yet)."""
+    script = """
+        import torch, fusedattn
+        from torch.utils.data import DataLoader, Dataset
+        torch.set_num_threads(2)
+        fusedattn.set_num_threads(2)
+        x = torch.randn(1, 4, 128, 64)
+        for _ in range(3):
+            x @ x.transpose(-1, -2)
+        class Items(Dataset):
+            def __len__(self):
+                return 2
+            def __getitem__(self, i):
+                return fusedattn.attention(x, x, x)
+        for item in DataLoader(Items(), batch_size=None, num_workers=1, timeout=30):
+            assert item.shape == x.shape
+        print("ok")
+    """
+    assert _run_script(script, timeout=120).strip() == "ok"
+
+
+def test_create_graph_without_a_second_backward_through_attention():
+    """First-order gradients with create_graph=True, then a penalty on a gradient whose graph does
+    not pass through attention's backward: works as with torch's SDPA (the eager path raised at
+    once; only a real double backward raises)."""
+    torch.manual_seed(0)
+    w_in, w_out = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(1, 2, 5, 8)
+    grads = []
+    for attend in (fusedattn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention):
+        h = x @ w_in
+        loss = (attend(h, h, h) @ w_out).square().sum()
+        g_in, g_out = torch.autograd.grad(loss, (w_in, w_out), create_graph=True)
+        grads.append((g_in.detach(), *torch.autograd.grad(g_out.square().sum(), (w_in, w_out))))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_max_seqlen_checked_for_parameters():
+    """nn.Parameter inputs (a tensor subclass) skipped the host-side check of max_seqlen."""
+    q = torch.nn.Parameter(torch.randn(9, 2, 8))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
+        fusedattn.attention_varlen(q, q, q, cu, cu, 5, "abc")
+    with pytest.raises(ValueError, match="smaller than the longest sequence"):
+        fusedattn.attention_varlen(q, q, q, cu, cu, 1, 5)
+
+
+def test_value_head_dim_errors_name_the_callers_shapes():
+    q, k = torch.randn(1, 2, 4, 24), torch.randn(1, 2, 6, 24)
+    with pytest.raises(ValueError, match=r"v has shape \(1, 2, 4, 16\).*k's \(1, 2, 6, 24\)"):
+        fusedattn.attention(q, k, torch.randn(1, 2, 4, 16))
+    with pytest.raises(ValueError, match="v has shape .* and dtype torch.float64"):
+        fusedattn.attention(q, k, torch.randn(1, 2, 6, 16, dtype=torch.float64))
+
+
+def test_kv_cache_of_two_head_dims_is_rejected_before_any_copy():
+    """A v_cache of another head_dim was zero-padded (a copy of the whole cache) before the
+    geometry check rejected it."""
+    q = torch.randn(1, 1, 2, 64)
+    k_cache, v_cache = torch.zeros(1, 4096, 2, 64), torch.zeros(1, 4096, 2, 32)
+    import fusedattn._arrays as arrays
+
+    padded = []
+    original = arrays.pad_last_dim
+    arrays.pad_last_dim = lambda x, width: padded.append(x.shape) or original(x, width)
+    try:
+        with pytest.raises(ValueError, match="v_cache"):
+            fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=3)
+    finally:
+        arrays.pad_last_dim = original
+    assert not padded
+
+
+@pytest.mark.parametrize("which", ["q", "attn_mask", "sinks"])
+def test_sparse_inputs_name_themselves(which):
+    args = dict(q=torch.randn(1, 2, 4, 8), attn_mask=torch.randn(1, 2, 4, 6), sinks=torch.randn(2))
+    args[which] = args[which].to_sparse()
+    with pytest.raises(TypeError, match=f"{which} must be a dense"):
+        fusedattn.attention(args.pop("q"), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), **args)

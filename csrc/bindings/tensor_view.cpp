@@ -91,9 +91,9 @@ bool view_torch_tensor(const py::handle& array, TensorView& view) {
   }
   try {
     view.data = reinterpret_cast<void*>(array.attr(types->data_ptr)().cast<uintptr_t>());
-  } catch (const py::error_already_set&) {  // sparse and other storage-less layouts
-    throw py::type_error(view.name + " must be a dense (strided) tensor, got layout " +
-                         std::string(py::str(array.attr("layout"))));
+  } catch (const py::error_already_set& error) {  // sparse tensors, torch.func's wrappers: no storage
+    throw py::type_error(view.name + "'s data cannot be read (" + error.what() +
+                         "); fusedattn takes dense (strided) tensors with storage");
   }
   for (const py::handle size : array.attr(types->shape)) view.shape.push_back(size.cast<int64_t>());
   for (const py::handle stride : array.attr(types->stride)()) view.strides.push_back(stride.cast<int64_t>());

@@ -54,6 +54,23 @@ def as_array(x, name: str):
     )
 
 
+def is_tensor_subclass(x) -> bool:
+    """A torch tensor of a subclass (FakeTensor, nn.Parameter, ...), not a plain torch.Tensor."""
+    return is_torch(x) and type(x) is not _tensor_type[0]
+
+
+def check_dense(x, name: str) -> None:
+    """TypeError naming `name` for a torch tensor without strided storage (sparse layouts), which
+    the kernels cannot read and torch cannot allocate an output like."""
+    if is_torch(x) and x.layout is not torch_module().strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+
+
+def is_floating(x) -> bool:
+    """A torch tensor or numpy array of a floating-point dtype."""
+    return x.is_floating_point() if is_torch(x) else np.issubdtype(x.dtype, np.floating)
+
+
 def is_cuda(x) -> bool:
     """A torch tensor on a CUDA device (the CUDA kernels' inputs)."""
     return is_torch(x) and x.is_cuda

@@ -13,7 +13,7 @@ signatures are documented in docs/cuda.md.
 
 from __future__ import annotations
 
-import sys
+from . import _arrays
 
 try:
     from . import _cuda
@@ -38,9 +38,8 @@ def _module():
 
 def _stream(x) -> int:
     """The current CUDA stream of x's device as an int (torch), else the legacy default stream (0)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return torch.cuda.current_stream(x.device).cuda_stream
+    if _arrays.is_torch(x):
+        return _arrays.torch_module().cuda.current_stream(x.device).cuda_stream
     return 0
 
 

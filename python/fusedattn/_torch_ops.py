@@ -210,9 +210,11 @@ attention_forward = torch.ops.fusedattn.attention_forward.default
 attention_backward = torch.ops.fusedattn.attention_backward.default
 
 
-def eager_function(name, forward_impl, backward_impl, save, backward_args, gradients):
+def eager_function(name, forward_impl, backward_impl, backward_op, save, backward_args, gradients):
     """An autograd.Function that runs an op's implementations directly, without the dispatcher
-    (eager mode): the same forward, saved tensors and gradients as the op's registered autograd."""
+    (eager mode): the same forward, saved tensors and gradients as the op's registered autograd.
+    With create_graph=True the backward goes through backward_op, whose autograd raises only if
+    a second backward reaches it (no_double_backward), as the ops' path does."""
 
     def forward(ctx, *inputs):
         output = forward_impl(*inputs)
@@ -220,13 +222,11 @@ def eager_function(name, forward_impl, backward_impl, save, backward_args, gradi
         return output
 
     def backward(ctx, dout, dlse):
-        # Grad mode here means create_graph=True, a double backward to come (see no_double_backward;
-        # once_differentiable's error node is not on autograd.grad's path to the inputs: silent).
-        if torch.is_grad_enabled():
-            raise NotImplementedError(_DOUBLE_BACKWARD)
-        return gradients(ctx, backward_impl(*backward_args(ctx, dout, dlse)))
+        run = backward_op if torch.is_grad_enabled() else backward_impl  # (grad mode: create_graph=True)
+        return gradients(ctx, run(*backward_args(ctx, dout, dlse)))
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-EagerAttention = eager_function("EagerAttention", _forward_cpu, _backward_cpu, _save, _backward_args, _gradients)
+EagerAttention = eager_function("EagerAttention", _forward_cpu, _backward_cpu, attention_backward, _save,
+                                _backward_args, _gradients)

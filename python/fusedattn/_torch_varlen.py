@@ -119,4 +119,5 @@ varlen_forward = torch.ops.fusedattn.attention_varlen_forward.default
 varlen_backward = torch.ops.fusedattn.attention_varlen_backward.default
 
 
-EagerVarlen = eager_function("EagerVarlen", _forward_cpu, _backward_cpu, _save, _backward_args, _gradients)
+EagerVarlen = eager_function("EagerVarlen", _forward_cpu, _backward_cpu, varlen_backward, _save, _backward_args,
+                             _gradients)

@@ -22,9 +22,9 @@ __all__ = ["attention", "attention_backward", "scaled_dot_product_attention", "f
 _DIMS = {"bhsd": "(batch, heads, seqlen, head_dim)", "bshd": "(batch, seqlen, heads, head_dim)"}
 _MAX_SEED = 2**63
 _DRAWN_SEEDS = 2**62  # seeds drawn from torch's / numpy's generator are below this
-# Bound on |q_offset| and window sizes: the kernels add a position, a window size and 1 in int64
-# (common/variant.h), which near 2**63 wrapped around and hid every key.
-_MAX_POSITION = 2**62
+# Bound on |q_offset| and window sizes: the kernels add up to three of them (and a row index) in
+# int64 (common/variant.h), which near 2**63 wrapped around and hid every key.
+_MAX_POSITION = 2**61
 
 
 class _Call:
@@ -44,6 +44,7 @@ class _Call:
                 _arrays.check_rank(x, 4, name, _DIMS[layout])
             _arrays.check_same_kind((self.q, self.k, self.v), names)
             if _arrays.is_torch(self.q):
+                _arrays.check_dense(self.q, names[0])  # (k and v: the extension names them)
                 self.q, self.k, self.v = _arrays.autocast((self.q, self.k, self.v))
         self.bshd = layout == "bshd"
         seq_dim, head_dim_ = (1, 2) if self.bshd else (2, 1)
@@ -54,12 +55,12 @@ class _Call:
             raise ValueError(f"{names[0]} has head_dim {head_dim}; supported: 1..256")
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else _number(scale, "scale")
         self.head_dims = (head_dim, self.v.shape[3])  # q's and k's, v's (the output's)
-        if self.head_dims[1] != head_dim:
+        if self.head_dims[1] != head_dim and not arrays_checked:  # (a KV cache is never copied)
             self.q, self.k, self.v = _pad_head_dims(self.q, self.k, self.v, names)
         self.causal = bool(causal)
         self.q_offset = self.seqlen_k - self.seqlen_q if q_offset is None else _integer(q_offset, "q_offset")
         if not -_MAX_POSITION < self.q_offset < _MAX_POSITION:
-            raise ValueError(f"q_offset must be in (-2**62, 2**62), got {q_offset!r}")
+            raise ValueError(f"q_offset must be in (-2**61, 2**61), got {q_offset!r}")
         self.window = _window_pair(window, window_name)
         self.softcap = _number(softcap, "softcap")
         if not self.softcap >= 0.0:
@@ -78,6 +79,7 @@ class _Call:
         """attn_mask as a (batch, heads, Lq, Lk) view; broadcast dims get stride 0 (no copy)."""
         mask = _arrays.as_array(attn_mask, "attn_mask")
         _arrays.check_same_kind((self.q, mask), (self.names[0], "attn_mask"))
+        _arrays.check_dense(mask, "attn_mask")
         shape = (self.batch, self.num_heads, self.seqlen_q, self.seqlen_k)
         if mask.ndim > 4:
             raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(mask.shape)}")
@@ -92,6 +94,7 @@ class _Call:
         x = _arrays.as_array(x, name)
         _arrays.check_same_kind((self.q, x), (self.names[0], name))
         if _arrays.is_torch(x):
+            _arrays.check_dense(x, name)
             if x.is_complex() or x.dtype == _arrays.torch_module().bool:
                 raise TypeError(f"{name} must be real numbers, got {x.dtype}")
             if x.device == self.q.device:
@@ -190,8 +193,12 @@ def _pad_head_dims(q, k, v, names):
         return q, k, v
     if not 1 <= dim_v <= 256:
         raise ValueError(f"{names[2]} has head_dim {dim_v}; supported: 1..256")
+    # (checked here: after the pad, the extension's errors would show the padded shapes)
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.dtype != k.dtype:
+        raise ValueError(f"{names[2]} has shape {tuple(v.shape)} and dtype {v.dtype}; it must match "
+                         f"{names[1]}'s {tuple(k.shape)} and {k.dtype} but for its head_dim")
     width = max(dim_q, dim_v)
-    return (_arrays.pad_last_dim(x, width) for x in (q, k, v))
+    return tuple(_arrays.pad_last_dim(x, width) for x in (q, k, v))
 
 
 def _number(x, name: str) -> float:
@@ -222,7 +229,7 @@ def _window_pair(window, name: str) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (left, right) of ints, got {window!r}") from None
     if left < -1 or right < -1 or max(left, right) >= _MAX_POSITION:
-        raise ValueError(f"{name} entries must be in [0, 2**62) or -1 (unbounded), got {window!r}")
+        raise ValueError(f"{name} entries must be in [0, 2**61) or -1 (unbounded), got {window!r}")
     return left, right
 
 

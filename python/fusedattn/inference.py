@@ -97,8 +97,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                             window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, dropout_p=dropout_p,
                             seed=seed, return_lse=return_lse)
     cu_q, cu_k = _int32(cu_seqlens_q, "cu_seqlens_q", q), _int32(cu_seqlens_k, "cu_seqlens_k", q)
-    # A host-side check (not of fake tensors: compile traces, make_fx); the kernel validates cu_seqlens itself.
-    if not (_arrays.is_torch(q) and _arrays.needs_op(q, k, v)):
+    # A host-side check, not of cu_seqlens without data (compile traces, fake tensors: make_fx); the
+    # kernel validates cu_seqlens itself.
+    if not _arrays.is_compiling() and not _arrays.is_tensor_subclass(cu_q):
         max_seqlen_q, max_seqlen_k = _integer(max_seqlen_q, "max_seqlen_q"), _integer(max_seqlen_k, "max_seqlen_k")
         lengths_q, lengths_k = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
         if len(lengths_q) and (lengths_q.max() > max_seqlen_q or lengths_k.max() > max_seqlen_k):
@@ -334,7 +335,7 @@ def _rotary_tables(rotary_cos, rotary_sin, q, last_position):
     if _arrays.is_torch(q):
         _arrays.check_same_device((q, cos, sin), ("q", "rotary_cos", "rotary_sin"))
     for x, name in ((cos, "rotary_cos"), (sin, "rotary_sin")):
-        if not (x.is_floating_point() if _arrays.is_torch(x) else np.issubdtype(x.dtype, np.floating)):
+        if not _arrays.is_floating(x):
             raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
     _check_rotary_shapes(cos, sin, q.shape[3])
     if last_position >= cos.shape[0]:
@@ -375,6 +376,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     for x, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
         _arrays.check_rank(x, 4, name, "(batch, seqlen, heads, head_dim)")
     _arrays.check_same_kind((q, k_cache, v_cache), ("q", "k_cache", "v_cache"))
+    _arrays.check_dense(q, "q")
     _arrays.check_no_grad(q, "attention_with_kvcache (inference only)")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (new entries), or neither")
@@ -471,7 +473,8 @@ def _kvcache_cuda(q, k_cache, v_cache, k, v, *, cache_seqlens, block_table, cach
 
     torch = _arrays.torch_module()
     call = _Call(q, k_cache[:1], v_cache[:1], layout="bshd", names=("q", "k_cache", "v_cache"), causal=causal,
-                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks)
+                 scale=scale, q_offset=0, window=window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
+                 arrays_checked=True)
     _check_cache_geometry(q, k_cache, v_cache, block_table, cache_batch_idx, cache_leftpad)
 
     seqlens = _index_on_device(cache_seqlens, "cache_seqlens", q)
@@ -585,7 +588,7 @@ def merge_attention_states_list(outs, lses, *, layout="bhsd"):
     names = [f"outs[{i}]" for i in range(len(outs))] + [f"lses[{i}]" for i in range(len(lses))]
     _arrays.check_same_kind(outs + lses, names)
     for x, name in zip(outs + lses, names):
-        if not (x.is_floating_point() if _arrays.is_torch(x) else np.issubdtype(x.dtype, np.floating)):
+        if not _arrays.is_floating(x):
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if _arrays.is_torch(outs[0]):
         _arrays.check_same_device(outs + lses, names)
