@@ -162,6 +162,8 @@ def test_errors():
     q, k, v = _qkv((64, 32), torch.float32)
     with pytest.raises(ValueError, match="v has head_dim 300"):
         fusedattn.attention(q, k, torch.randn(2, 2, 29, 300))
+    with pytest.raises(ValueError, match="v must be contiguous in its last dim"):  # as with one head_dim
+        fusedattn.attention(q, k, torch.randn(2, 2, 29, 64)[..., ::2])
     with pytest.raises(ValueError, match="head_dim"):  # k must keep q's head_dim
         fusedattn.attention(q, torch.randn(2, 2, 29, 32), v)
     k_cache, v_cache = torch.zeros(2, 32, 2, 64), torch.zeros(2, 32, 2, 32)

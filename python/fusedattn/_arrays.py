@@ -66,6 +66,12 @@ def check_dense(x, name: str) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
 
 
+def last_dim_contiguous(x) -> bool:
+    """Whether x's last dim is contiguous (stride one element; any stride for a size of 0 or 1)."""
+    step = x.stride(-1) if is_torch(x) else x.strides[-1] // x.itemsize
+    return x.shape[-1] <= 1 or step == 1
+
+
 def is_floating(x) -> bool:
     """A torch tensor or numpy array of a floating-point dtype."""
     return x.is_floating_point() if is_torch(x) else np.issubdtype(x.dtype, np.floating)

@@ -193,10 +193,14 @@ def _pad_head_dims(q, k, v, names):
         return q, k, v
     if not 1 <= dim_v <= 256:
         raise ValueError(f"{names[2]} has head_dim {dim_v}; supported: 1..256")
-    # (checked here: after the pad, the extension's errors would show the padded shapes)
+    # (checked here: after the pad, the extension's errors would show the padded shapes, and the
+    # copy would hide a last dim that is not contiguous, which the contract rejects)
     if tuple(v.shape[:3]) != tuple(k.shape[:3]) or v.dtype != k.dtype:
         raise ValueError(f"{names[2]} has shape {tuple(v.shape)} and dtype {v.dtype}; it must match "
                          f"{names[1]}'s {tuple(k.shape)} and {k.dtype} but for its head_dim")
+    for x, name in zip((q, k, v), names):
+        if not _arrays.last_dim_contiguous(x):
+            raise ValueError(f"{name} must be contiguous in its last dim")
     width = max(dim_q, dim_v)
     return tuple(_arrays.pad_last_dim(x, width) for x in (q, k, v))
 
