@@ -472,3 +472,20 @@ def test_sparse_inputs_name_themselves(which):
     args[which] = args[which].to_sparse()
     with pytest.raises(TypeError, match=f"{which} must be a dense"):
         fusedattn.attention(args.pop("q"), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), **args)
+
+
+@pytest.mark.parametrize("sink", [float("inf"), 1e39])
+def test_sinks_beyond_the_compute_range_are_rejected(sink):
+    """A +inf sink (or a float64 one past float32's range, for float32 compute) started the
+    running max at inf and gave NaN; now a ValueError. Within the range they work."""
+    q, k, v = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match=r"sinks\[0\] = .* a sink must be a finite logit or -inf"):
+        fusedattn.attention(q, k, v, sinks=torch.tensor([sink, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"sinks\[0\]"):
+        fusedattn.attention_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=5,
+                                         sinks=torch.tensor([sink, 0.5], dtype=torch.float64))
+    out, lse = fusedattn.attention(q, k, v, sinks=torch.tensor([3e38, 0.5], dtype=torch.float64), return_lse=True)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])) and torch.isfinite(lse).all()
+    if sink == 1e39:  # float64 compute takes it
+        out64 = fusedattn.attention(q.double(), k.double(), v.double(), sinks=torch.tensor([sink, 0.5], dtype=torch.float64))
+        assert torch.equal(out64[:, 0], torch.zeros_like(out64[:, 0]))

@@ -129,6 +129,16 @@ void fill_variant(const ForwardViews& views, AttentionParams& params) {
     check_cpu(sinks, q);
     check_float64_vector(sinks, {{params.num_heads}}, "(" + std::to_string(params.num_heads) + ",)");
     params.sinks = static_cast<const double*>(sinks.data);
+    // A sink starts its row's running max: above the compute type's range (+inf, or a float64
+    // logit past 3.4e38 for float32 compute) the online softmax subtracted inf from inf (NaN).
+    const double largest = params.dtype == DType::kFloat64 ? std::numeric_limits<double>::max()
+                                                           : static_cast<double>(std::numeric_limits<float>::max());
+    for (int64_t h = 0; h < params.num_heads; ++h) {
+      if (params.sinks[h] > largest) {
+        fail("sinks[" + std::to_string(h) + "] = " + std::to_string(params.sinks[h]) +
+             " is beyond the compute type's range: a sink must be a finite logit or -inf");
+      }
+    }
   }
 }
 
