@@ -95,21 +95,22 @@ struct OpenMpRuntime {
 };
 std::atomic<const OpenMpRuntime*> g_openmp{nullptr};
 
-// A forked child (a DataLoader worker, multiprocessing's fork) runs on a fresh private pool:
-// libgomp is not fork-safe, and a child that called GOMP_parallel with several threads hung in
-// its barrier (torch's own ops hang there too unless the child runs them on one thread).
+// A forked child (a DataLoader worker, multiprocessing's fork) runs on a fresh private pool and
+// never on libgomp, which is not fork-safe: a child that called GOMP_parallel with several
+// threads hung in its barrier (torch's own ops hang there too unless the child runs them on one
+// thread). The handler, registered when the extension is loaded, drops the parent's hand-over
+// and pool, and use_openmp_runtime refuses a new hand-over in the child.
+std::atomic<bool> g_forked{false};
+
 void reset_threads_in_child() {
   g_pool.store(nullptr);
   g_openmp.store(nullptr);
+  g_forked.store(true);
 }
 
-void register_fork_handler() {
-  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, &reset_threads_in_child) == 0; }();
-  (void)registered;
-}
+const bool g_fork_handler_registered = pthread_atfork(nullptr, nullptr, &reset_threads_in_child) == 0;
 
 ThreadPool& pool() {
-  register_fork_handler();
   ThreadPool* instance = g_pool.load();
   if (instance == nullptr) {
     ThreadPool* fresh = new ThreadPool();
@@ -140,12 +141,12 @@ void run_openmp_job(void* data) {
 }  // namespace
 
 bool use_openmp_runtime(const std::string& library_path) {
+  if (g_forked.load()) return false;
   void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_NOLOAD);
   if (handle == nullptr) return false;
   auto parallel = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
   auto thread_num = reinterpret_cast<OmpGetThreadNum>(dlsym(handle, "omp_get_thread_num"));
   if (parallel == nullptr || thread_num == nullptr) return false;
-  register_fork_handler();
   g_openmp.store(new OpenMpRuntime{parallel, thread_num});  // process lifetime, like the runtime
   return true;
 }

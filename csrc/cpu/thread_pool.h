@@ -24,7 +24,7 @@ int64_t serial_work_macs();
 // already loaded it (PyTorch's bundled libgomp): fusedattn's work then runs on torch's own
 // OpenMP threads instead of a second pool that would compete with them while they spin after
 // a torch op. Returns false (and changes nothing) when the library is not loaded or lacks the
-// GOMP entry points.
+// GOMP entry points, and in a forked child (libgomp is not fork-safe: thread_pool.cpp).
 bool use_openmp_runtime(const std::string& library_path);
 
 }  // namespace cpu

@@ -19,9 +19,6 @@ __all__ = ["get_num_threads", "set_num_threads", "cpu_isa", "info"]
 _num_threads: int | None = None
 _forced_isa: str | None = os.environ.get("FUSEDATTN_CPU_ISA") or None
 _attached = [False]  # whether attach_torch_openmp() has run (once torch is loaded)
-# A forked child never attaches: libgomp is not fork-safe (the extension's own atfork handler
-# drops an attachment made before the fork; this one stops the child's first call making one).
-os.register_at_fork(after_in_child=lambda: _attached.__setitem__(0, True))
 _AVAILABLE_ISAS = tuple(_C.available_isas())  # fixed for the process: read once, not per call
 
 

@@ -75,9 +75,9 @@ class _Call:
             raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
         self.seed = self._seed(seed) if self.dropout_p > 0.0 else 0
 
-    def _broadcast_mask(self, attn_mask):
-        """attn_mask as a (batch, heads, Lq, Lk) view; broadcast dims get stride 0 (no copy)."""
-        mask = _arrays.as_array(attn_mask, "attn_mask")
+    def _broadcast_mask(self, mask):
+        """attn_mask (an array already) as a (batch, heads, Lq, Lk) view; broadcast dims get
+        stride 0 (no copy)."""
         _arrays.check_same_kind((self.q, mask), (self.names[0], "attn_mask"))
         _arrays.check_dense(mask, "attn_mask")
         shape = (self.batch, self.num_heads, self.seqlen_q, self.seqlen_k)
@@ -134,10 +134,11 @@ class _Call:
             raise NotImplementedError("fusedattn: alibi_slopes have no gradient (they are fixed in ALiBi); "
                                       "pass them detached")
 
-    def check_devices(self):
-        """The torch ops' inputs on q's device (the extension checks the direct calls' itself)."""
-        _arrays.check_same_device((self.q, self.k, self.v, self.mask_given, self.sinks),
-                                  (*self.names, "attn_mask", "sinks"))
+    def check_devices(self, **more):
+        """The torch ops' inputs (and `more`, by name) on q's device (the extension checks the
+        direct calls' itself)."""
+        _arrays.check_same_device((self.q, self.k, self.v, self.mask_given, self.sinks, *more.values()),
+                                  (*self.names, "attn_mask", "sinks", *more))
 
     def unpad(self, out):
         """The output (or dv) at v's head_dim (see _pad_head_dims)."""
@@ -295,8 +296,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, scale=None, lay
     lse = _arrays.as_array(lse, "lse")
     _arrays.check_same_kind((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
     if _arrays.is_torch(call.q):
-        call.check_devices()
-        _arrays.check_same_device((call.q, dout, out, lse), ("q", "dout", "out", "lse"))
+        call.check_devices(dout=dout, out=out, lse=lse)
     _arrays.check_rank(dout, 4, "dout", _DIMS[layout])
     _arrays.check_rank(out, 4, "out", _DIMS[layout])
     dim_q, dim_v = call.head_dims
