@@ -467,7 +467,7 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 //   P·V     kDecodeValueRows rows at a time, each kv head's part of them in turn.
 // The P·V walk reads kDecodeValueRows rows side by side, which the hardware prefetchers do not
 // follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
-// block's K and V rows fit in L2 together (kDecodeStagingBytes), the score pass fetches V row j
+// block's K and V rows fit in L2 together (decode_staging_bytes), the score pass fetches V row j
 // along with K row j (every line), and P·V reads V from L2 (see prefetch_ahead for the rest).
 // benchmarks/ab_decode.py, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
@@ -550,7 +550,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || kv_heads_side_by_side(t, head_dim); };
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
   const bool stage_values =
-      (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= kDecodeStagingBytes;
+      (v_side_by_side || kv_count <= kDecodeStagedParts) && 2 * kBlockN * row_bytes <= decode_staging_bytes();
   const int64_t query_row_bytes =
       pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them

@@ -137,12 +137,33 @@ constexpr int64_t kDecodeValueRows = 8;
 // 36.2-36.6 GB/s, contiguous unchanged.
 constexpr int64_t kDecodePairValueRows = 16;
 // The decode kernel's score pass fetches each V row along with its K row when a key block's K
-// and V rows (2 x kBlockN rows of all the block's kv heads) take at most this many bytes, about
-// this machine's L2 (1 MiB per core), so P·V finds them there. ab_decode.py, % of a torch.sum
-// timed alongside, against no such fetch: MHA bf16 (1 MiB) 79-80% -> 88-91%, GQA fp32 (512 KiB)
-// 71-75% -> 79-85%, GQA bf16 (256 KiB) 64-66% -> 81-82%. MHA fp32 (2 MiB) lost 3-7 points with
-// it (its rows leave L2 before P·V reaches them), and smaller key blocks for it lost 6-10.
+// and V rows (2 x kBlockN rows of all the block's kv heads) take at most this many bytes
+// (decode_staging_bytes below picks one by the CPU's vendor), so P·V finds them in L2.
+// AMD EPYC (1 MiB of L2 per core): ab_decode.py, % of a torch.sum timed alongside, against no
+// such fetch: MHA bf16 (1 MiB) 79-80% -> 88-91%, GQA fp32 (512 KiB) 71-75% -> 79-85%, GQA bf16
+// (256 KiB) 64-66% -> 81-82%. MHA fp32 (2 MiB) lost 3-7 points with it (its rows leave L2
+// before P·V reaches them), and smaller key blocks for it lost 6-10.
+// Intel Xeon with AMX (2 MiB of L2 per core, about 29 GB/s for 2 threads): the same fetch cost
+// the larger blocks what it gained on AMD (its hardware prefetchers follow P·V's side-by-side
+// rows, and a score pass that also fetches a whole V row per K row reads K slower). ab_decode.py
+// with 1 MiB / 256 KiB / none, 11 rounds: MHA bf16 68% / 82% / 82%, GQA fp32 70% / 77% / 77%,
+// paged (16) MHA bf16 68% / 72% / 74%, GQA fp32 72% / 76% / 75%; GQA bf16 (256 KiB) kept it:
+// 60% / 61% / 51%. So 256 KiB there.
 constexpr int64_t kDecodeStagingBytes = 1 << 20;
+constexpr int64_t kDecodeStagingBytesIntel = 256 << 10;
+// kDecodeStagingBytes for the running CPU: kDecodeStagingBytesIntel on Intel's, else the
+// default (measured on AMD's). Per ISA, as all code here (an inline function built
+// with different ISA flags must not be shared between the ISAs' objects).
+inline int64_t decode_staging_bytes() {
+  static const int64_t bytes = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) return kDecodeStagingBytesIntel;
+#endif
+    return kDecodeStagingBytes;
+  }();
+  return bytes;
+}
 // Caches whose kv heads' parts of a row do not lie side by side ((B, Hkv, L, D) storage seen as
 // (B, L, Hkv, D), as Hugging Face's caches) stage V part by part, and only for blocks of at most
 // this many kv heads: ab_decode.py --head-major, one token, bf16: Hkv 4 17.6 -> 21.0 GB/s, 8
