@@ -426,8 +426,8 @@ def test_create_graph_without_a_second_backward_through_attention():
         loss = (attend(h, h, h) @ w_out).square().sum()
         g_in, g_out = torch.autograd.grad(loss, (w_in, w_out), create_graph=True)
         grads.append((g_in.detach(), *torch.autograd.grad(g_out.square().sum(), (w_in, w_out))))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(*grads):  # fp32 rounding, relative to each gradient's scale (elements near 0 too)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 def test_varlen_max_seqlen_checked_for_parameters():
