@@ -1,5 +1,5 @@
-// The CPU kernels of one ISA. CMake compiles this file once per ISA (scalar, AVX2+FMA, AVX-512)
-// with -DFUSEDATTN_ISA=<name> and that ISA's flags; everything it instantiates lives in the
+// The CPU kernels of one ISA. CMake compiles this file once per ISA (scalar, AVX2+FMA, AVX-512,
+// AVX512-BF16, AMX) with -DFUSEDATTN_ISA=<name> and that ISA's flags; everything it instantiates lives in the
 // namespace fusedattn::cpu::<name>, so the linker never mixes code built for different ISAs.
 #include "cpu/backward_block.h"
 #include "cpu/decode_block.h"

@@ -21,12 +21,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "common/kv_layout.h"
 #include "common/params.h"
 #include "common/variant.h"
+#include "cpu/amx_gemm.h"
 #include "cpu/bf16_pairs.h"
 #include "cpu/convert.h"
 #include "cpu/gemm_tile.h"
@@ -467,8 +469,20 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // --queries 4, GQA bf16 (16 lanes), % of a torch.sum timed alongside: 27% -> 31%; fp32 lost
   // 3 points the same way, and prefill (wide blocks, each key block reused) 2-3%, so they do not.
   const bool gather_keys = kBf16Pairs<T> && s.ldq <= W;
+  // The avx512amx ISA: both products on AMX tiles (amx_gemm.h) where head_dim is whole tiles of
+  // 32, O then kept transposed (see the P·V step).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  const bool amx = kBf16Pairs<T> && head_dim % 32 == 0;
+  std::optional<AmxTileScope> amx_scope;
+  if (amx) amx_scope.emplace();
+#endif
 
   for (int64_t e = 0; e < lanes.lanes * s.ldo; e += W) vec_store<Acc>(s.o + e, vec_set1<Acc>(Acc(0)));
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  // AMX: O kept transposed, Oᵀ [head_dim x ldq] in q_rows (unused by the forward), until the end.
+  float* const o_t = reinterpret_cast<float*>(s.q_rows);
+  if (amx) std::memset(static_cast<void*>(o_t), 0, head_dim * s.ldq * sizeof(float));
+#endif
   // Key blocks start at multiples of kBlockN, so a row's summation order (and result) does not
   // depend on which q-block, hence which thread count, it was computed in.
   for (int64_t j0 = keys.begin / kBlockN * kBlockN; j0 < keys.end; j0 += kBlockN) {
@@ -508,8 +522,33 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       int64_t k_stride;
       const uint32_t* k_blk = key_pairs(params, block.batch, kv_head, j0, n, gather_keys,
                                         reinterpret_cast<uint32_t*>(s.k_rows), &k_stride);
-      gemm_op<Bf16PairOp>(n, width, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1},
-                          q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      if (amx) {
+        // Whole 16-key tiles from K in place; a last partial one from a zero-padded copy (in
+        // v_rows, free until P·V), so that every score comes from the tiles whatever the key
+        // block's length, which follows the block's rows (and so the thread count).
+        const int64_t pairs = head_dim / 2, whole = n / kAmxTile * kAmxTile;
+        if (whole > 0) {
+          amx_gemm_pairs(whole, width, pairs, k_blk, k_stride, q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
+        }
+        if (whole < n) {
+          uint32_t* tail = reinterpret_cast<uint32_t*>(s.v_rows);  // [16 x pairs]
+          for (int64_t j = 0; j < kAmxTile; ++j) {
+            if (whole + j < n) {
+              std::memcpy(tail + j * pairs, k_blk + (whole + j) * k_stride, pairs * sizeof(uint32_t));
+            } else {
+              std::memset(static_cast<void*>(tail + j * pairs), 0, pairs * sizeof(uint32_t));
+            }
+          }
+          amx_gemm_pairs(kAmxTile, width, pairs, tail, pairs, q_pairs + active.begin, s.ldq, s_active + whole * s.ldq,
+                         s.ldq, false);
+        }
+      } else
+#endif
+      {
+        gemm_op<Bf16PairOp>(n, width, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1},
+                            q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
+      }
       for (int64_t j = 0; j < n; ++j) {
         Acc* row = s_active + j * s.ldq;
         for (int64_t i = 0; i < width; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) * scale);
@@ -533,6 +572,39 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
         for (int64_t i = active.begin; i < lane_end; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
       }
     }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if constexpr (kBf16Pairs<T>) {
+      if (amx) {  // Oᵀ = Oᵀ · diag(rescale) + Vᵀ · P over the active lanes
+        // (Vectors of lanes whose max stayed put have factors of 1: skipped. Row by row, so that
+        // the walk is in address order: column by column it ran 14% of the block's time.)
+        int64_t rescaled_begin = active.end, rescaled_end = active.begin;
+        for (int64_t i = active.begin; i < active.end; i += W) {
+          if (_mm512_cmpneq_ps_mask(_mm512_loadu_ps(s.row_rescale + i), _mm512_set1_ps(1.0f)) != 0) {
+            rescaled_begin = std::min(rescaled_begin, i);
+            rescaled_end = i + W;
+          }
+        }
+        for (int64_t d = 0; d < head_dim && rescaled_begin < rescaled_end; ++d) {
+          float* row = o_t + d * s.ldq;
+          for (int64_t i = rescaled_begin; i < rescaled_end; i += W) {
+            _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(s.row_rescale + i)));
+          }
+        }
+        const int64_t pairs = round_up((n + 1) / 2, kAmxTile);
+        uint32_t* v_t = reinterpret_cast<uint32_t*>(s.v_rows);  // [head_dim x kBlockN / 2]
+        const BFloat16* v_base = static_cast<const BFloat16*>(params.v.data);
+        transpose_value_pairs([&](int64_t j) { return v_base + kv_row_offset(params, params.v, block.batch, kv_head, j0 + j); },
+                              n, pairs, head_dim, v_t, kBlockN / 2);
+        pack_float_row_pairs(s_active, n, width, s.ldq, s.p_pairs + active.begin);
+        for (int64_t t = (n + 1) / 2; t < pairs; ++t) {
+          std::memset(static_cast<void*>(s.p_pairs + t * s.ldq + active.begin), 0, width * sizeof(uint32_t));
+        }
+        amx_gemm_pairs(head_dim, width, pairs, v_t, kBlockN / 2, s.p_pairs + active.begin, s.ldq, o_t + active.begin,
+                       s.ldq, true);
+        continue;
+      }
+    }
+#endif
     for (int64_t i = active.begin; i < lane_end; ++i) {
       const Acc rescale = s.row_rescale[i];
       if (rescale == Acc(1)) continue;
@@ -557,6 +629,18 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       gemm<Acc>(rows, s.ldo, n, StridedA<Acc>{s_active, 1, s.ldq}, v_blk, v_stride, o_active, s.ldo, true);
     }
   }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (amx) {  // Oᵀ back into O's rows, 16 x 16 at a time (O has ldq rows, head_dim <= ldo)
+    for (int64_t i = 0; i < lanes.lanes; i += 16) {
+      for (int64_t d = 0; d < head_dim; d += 16) {
+        __m512i tile[16];
+        for (int r = 0; r < 16; ++r) tile[r] = _mm512_loadu_si512(o_t + (d + r) * s.ldq + i);
+        transpose_16x16_u32(tile);
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(s.o + (i + r) * s.ldo + d, tile[r]);
+      }
+    }
+  }
+#endif
   write_block_output<T>(params, block, lanes, s);
 }
 

@@ -1,8 +1,15 @@
 // CPU ISA detection by cpuid (__builtin_cpu_supports also checks that the OS saves the
-// AVX/AVX-512 register state) and lookup of the matching kernel table.
+// AVX/AVX-512 register state; AMX is checked by hand, cpu_has_amx) and lookup of the matching
+// kernel table.
 #include "cpu/isa.h"
 
 #include <stdexcept>
+
+#if defined(FUSEDATTN_HAVE_AMX)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fusedattn {
 namespace cpu {
@@ -22,6 +29,26 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+#if defined(FUSEDATTN_HAVE_AMX)
+// AMX-TILE and AMX-BF16 (cpuid leaf 7, EDX bits 24 and 22), the tile state enabled by the OS
+// (XCR0 bits 17 and 18), and this process allowed to use it: Linux asks each process to request
+// the tile data state once (arch_prctl ARCH_REQ_XCOMP_PERM), else the first tile instruction
+// faults. The request is process-wide and idempotent (PyTorch's oneDNN makes the same one).
+bool cpu_has_amx() {
+  static const bool usable = [] {
+    if (!cpu_has_avx512bf16()) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+    unsigned xcr0_low = 0, xcr0_high = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+  }();
+  return usable;
+}
+#endif
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -32,6 +59,9 @@ bool always() { return true; }
 
 const std::vector<IsaEntry>& isa_entries() {  // best first
   static const std::vector<IsaEntry> entries{
+#if defined(FUSEDATTN_HAVE_AMX)
+      {"avx512amx", &cpu_has_amx, &avx512amx::kernel_table},
+#endif
 #if defined(FUSEDATTN_HAVE_AVX512BF16)
       {"avx512bf16", &cpu_has_avx512bf16, &avx512bf16::kernel_table},
 #endif

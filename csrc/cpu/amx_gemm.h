@@ -1,0 +1,168 @@
+// bf16-pair products on AMX tiles (TDPBF16PS), for the avx512amx ISA: the forward's Sᵀ = K·Qᵀ,
+// whose operands are already in the pair layout the tiles read (K rows in place, Qᵀ packed as
+// bf16 pairs; forward_block.h), and Oᵀ += Vᵀ · P, O kept transposed so that P's pairs (packed
+// as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs). All eight tiles are 16 rows x 64 bytes
+// (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16 pairs (32 bf16), B as 16 pairs x 16
+// columns. amx_gemm_pairs walks C in 32 x 32 blocks (four C tiles, two A, two B), then the
+// 16-wide edges. The tile configuration belongs to the thread: AmxTileScope loads it and
+// releases the tiles at the end of its scope (Linux saves them with the thread's state).
+#pragma once
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fusedattn {
+namespace cpu {
+namespace FUSEDATTN_ISA {
+
+constexpr int64_t kAmxTile = 16;  // rows of every tile, fp32 columns of C, pairs of A
+
+class AmxTileScope {
+ public:
+  AmxTileScope() {
+    std::memset(&config_, 0, sizeof(config_));
+    config_.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      config_.rows[t] = kAmxTile;
+      config_.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config_);
+  }
+  ~AmxTileScope() { _tile_release(); }
+  AmxTileScope(const AmxTileScope&) = delete;
+  AmxTileScope& operator=(const AmxTileScope&) = delete;
+
+ private:
+  struct alignas(64) Config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config_;
+};
+
+// One block of MI x NJ C tiles (MI, NJ in {1, 2}): C[i0 .., j0 ..] (+)= A[i0 .., :] · B[:, j0 ..].
+// C tiles 0-3 (tile 2 * i + j), A tiles 4-5, B tiles 6-7.
+template <int MI, int NJ>
+inline void amx_block(int64_t pairs, const uint32_t* a, int64_t a_stride, const uint32_t* b, int64_t b_stride,
+                      float* c, int64_t c_stride, bool accumulate) {
+  const int64_t a_bytes = a_stride * 4, b_bytes = b_stride * 4, c_bytes = c_stride * 4;
+  auto c_tile = [&](int i, int j) { return c + i * kAmxTile * c_stride + j * kAmxTile; };
+  if (accumulate) {
+    _tile_loadd(0, c_tile(0, 0), c_bytes);
+    if constexpr (NJ == 2) _tile_loadd(1, c_tile(0, 1), c_bytes);
+    if constexpr (MI == 2) _tile_loadd(2, c_tile(1, 0), c_bytes);
+    if constexpr (MI == 2 && NJ == 2) _tile_loadd(3, c_tile(1, 1), c_bytes);
+  } else {
+    _tile_zero(0);
+    if constexpr (NJ == 2) _tile_zero(1);
+    if constexpr (MI == 2) _tile_zero(2);
+    if constexpr (MI == 2 && NJ == 2) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < pairs; k += kAmxTile) {
+    _tile_loadd(4, a + k, a_bytes);
+    _tile_loadd(6, b + k * b_stride, b_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NJ == 2) {
+      _tile_loadd(7, b + k * b_stride + kAmxTile, b_bytes);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MI == 2) {
+      _tile_loadd(5, a + kAmxTile * a_stride + k, a_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NJ == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c_tile(0, 0), c_bytes);
+  if constexpr (NJ == 2) _tile_stored(1, c_tile(0, 1), c_bytes);
+  if constexpr (MI == 2) _tile_stored(2, c_tile(1, 0), c_bytes);
+  if constexpr (MI == 2 && NJ == 2) _tile_stored(3, c_tile(1, 1), c_bytes);
+}
+
+// C[m x n] (+)= A[m x pairs] · B[pairs x n] in bf16 pairs (uint32: two bf16 of the reduction
+// axis), fp32 C; A's rows a_stride uint32 apart, B's rows b_stride apart, C's c_stride floats.
+// m, n and pairs multiples of 16. Needs an AmxTileScope on this thread.
+inline void amx_gemm_pairs(int64_t m, int64_t n, int64_t pairs, const uint32_t* a, int64_t a_stride,
+                           const uint32_t* b, int64_t b_stride, float* c, int64_t c_stride, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 2 * kAmxTile <= m; i += 2 * kAmxTile) {
+    int64_t j = 0;
+    for (; j + 2 * kAmxTile <= n; j += 2 * kAmxTile) {
+      amx_block<2, 2>(pairs, a + i * a_stride, a_stride, b + j, b_stride, c + i * c_stride + j, c_stride, accumulate);
+    }
+    if (j < n) amx_block<2, 1>(pairs, a + i * a_stride, a_stride, b + j, b_stride, c + i * c_stride + j, c_stride, accumulate);
+  }
+  if (i < m) {
+    int64_t j = 0;
+    for (; j + 2 * kAmxTile <= n; j += 2 * kAmxTile) {
+      amx_block<1, 2>(pairs, a + i * a_stride, a_stride, b + j, b_stride, c + i * c_stride + j, c_stride, accumulate);
+    }
+    if (j < n) amx_block<1, 1>(pairs, a + i * a_stride, a_stride, b + j, b_stride, c + i * c_stride + j, c_stride, accumulate);
+  }
+}
+
+// Transposes 16 rows of 16 uint32 (r[t] is row t) in place: r[c] becomes column c.
+inline void transpose_16x16_u32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + m], 128-bit lane L: rows 4i..4i+3 of column 4L + m
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x88), c1 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xDD);
+    const __m512i d0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x88), d1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_i32x4(c0, d0, 0x88);
+    r[4 + m] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+    r[8 + m] = _mm512_shuffle_i32x4(c0, d0, 0xDD);
+    r[12 + m] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+  }
+}
+
+// A key block's V rows as Vᵀ in pairs of keys, the A operand of Oᵀ += Vᵀ · P: vt[d * ld + t] =
+// (V[2t][d], V[2t + 1][d]) for t < pairs (a multiple of 16), rows past n zero. row(j) is key j's
+// V row (bf16, head_dim a multiple of 32). Pairs of rows are interleaved 32 columns at a time
+// (VPUNPCKLWD / VPUNPCKHWD: columns {0-3, 8-11, 16-19, 24-27} and {+4}), and each 16 pairs x 16
+// columns transposed.
+template <typename RowOf>
+inline void transpose_value_pairs(RowOf&& row, int64_t n, int64_t pairs, int64_t head_dim, uint32_t* vt, int64_t ld) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t t0 = 0; t0 < pairs; t0 += 16) {
+    const uint16_t* even[16];
+    const uint16_t* odd[16];
+    for (int t = 0; t < 16; ++t) {
+      const int64_t j = 2 * (t0 + t);
+      even[t] = j < n ? reinterpret_cast<const uint16_t*>(row(j)) : nullptr;
+      odd[t] = j + 1 < n ? reinterpret_cast<const uint16_t*>(row(j + 1)) : nullptr;
+    }
+    for (int64_t c = 0; c < head_dim; c += 32) {
+      __m512i low[16], high[16];
+      for (int t = 0; t < 16; ++t) {
+        const __m512i a = even[t] ? _mm512_loadu_si512(even[t] + c) : zero;
+        const __m512i b = odd[t] ? _mm512_loadu_si512(odd[t] + c) : zero;
+        low[t] = _mm512_unpacklo_epi16(a, b);
+        high[t] = _mm512_unpackhi_epi16(a, b);
+      }
+      transpose_16x16_u32(low);
+      transpose_16x16_u32(high);
+      for (int slot = 0; slot < 16; ++slot) {  // slot s of a half: column 8 (s / 4) + s % 4 (+ 4)
+        const int64_t d = c + 8 * (slot / 4) + slot % 4;
+        _mm512_storeu_si512(vt + d * ld + t0, low[slot]);
+        _mm512_storeu_si512(vt + (d + 4) * ld + t0, high[slot]);
+      }
+    }
+  }
+}
+
+}  // namespace FUSEDATTN_ISA
+}  // namespace cpu
+}  // namespace fusedattn
+#endif

@@ -1,0 +1,100 @@
+"""The avx512amx ISA (CPUs with AMX-BF16, e.g. Intel Xeon 4th generation and later): bf16 forward
+products on AMX tiles (csrc/cpu/amx_gemm.h). Against the fp64 reference over head_dims that are
+whole tiles, key counts with tails that are not, strided rows, GQA and causal/window blocks; against
+the avx512bf16 ISA (same function, VDPBF16PS products) for the score variants, a paged KV cache and
+threads. Skipped where the CPU or the OS does not give AMX.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import fusedattn
+from conftest import ISAS, check_attention, force_isa, make_qkv
+
+pytestmark = pytest.mark.skipif("avx512amx" not in ISAS, reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
+
+CASES = [  # head_dim, (Lq, Lk), causal, window, (Hq, Hkv), layout, strides
+    (32, (33, 1000), True, (-1, -1), (4, 2), "bhsd", "contiguous"),
+    (64, (129, 129), False, (-1, -1), (8, 2), "bshd", "slice"),
+    (96, (200, 77), True, (40, -1), (2, 2), "bhsd", "permuted"),
+    (128, (1, 16), False, (-1, -1), (8, 1), "bshd", "contiguous"),
+    (128, (17, 31), False, (-1, 5), (4, 4), "bhsd", "slice"),
+    (160, (300, 300), True, (-1, -1), (2, 1), "bshd", "contiguous"),
+    (256, (64, 130), False, (-1, -1), (2, 2), "bhsd", "contiguous"),
+    (80, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # not whole tiles: VDPBF16PS
+]
+
+
+@pytest.mark.parametrize("head_dim,seqlens,causal,window,heads,layout,strides", CASES)
+def test_amx_forward_matches_reference(head_dim, seqlens, causal, window, heads, layout, strides):
+    q, k, v = make_qkv(2, heads[0], heads[1], seqlens[0], seqlens[1], head_dim, torch.bfloat16, layout, strides,
+                       k_scale=2.0)
+    with force_isa("avx512amx"):
+        result = fusedattn.attention(q, k, v, causal=causal, window=window, layout=layout, return_lse=True)
+    check_attention(result, q, k, v, causal=causal, window=window, layout=layout, return_lse=True)
+
+
+def _both_isas(call):
+    with force_isa("avx512amx"):
+        amx = call()
+    with force_isa("avx512bf16"):
+        pairs = call()
+    return amx, pairs
+
+
+def _assert_same_function(amx, pairs):
+    """Same function, products summed in another order: bf16 output rounding apart at most."""
+    torch.testing.assert_close(amx.double(), pairs.double(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["mask", "alibi", "softcap", "sinks", "q_offset"])
+def test_amx_score_variants_match_vdpbf16ps(variant):
+    torch.manual_seed(0)
+    q, k, v = make_qkv(2, 8, 2, 70, 150, 64, torch.bfloat16)
+    kwargs = {
+        "mask": {"attn_mask": torch.randn(2, 1, 70, 150)},
+        "alibi": {"alibi_slopes": torch.rand(8), "causal": True},
+        "softcap": {"softcap": 5.0},
+        "sinks": {"sinks": torch.randn(8)},
+        "q_offset": {"q_offset": 80, "causal": True},
+    }[variant]
+    amx, pairs = _both_isas(lambda: fusedattn.attention(q, k, v, **kwargs))
+    _assert_same_function(amx, pairs)
+
+
+@pytest.mark.parametrize("page_size", [5, 16])
+def test_amx_chunked_prefill_over_paged_cache(page_size):
+    """Several new tokens over a paged cache run the forward's tiles on gathered key rows."""
+    torch.manual_seed(1)
+    batch, cached, new, heads, heads_kv, head_dim = 2, 90, 40, 8, 2, 128
+    pages_per_seq = (cached + new + page_size - 1) // page_size
+    k_cache = torch.randn(batch * pages_per_seq, page_size, heads_kv, head_dim).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(batch * pages_per_seq).to(torch.int32).reshape(batch, pages_per_seq)
+    q = torch.randn(batch, new, heads, head_dim).bfloat16()
+    seqlens = torch.full((batch,), cached + new, dtype=torch.int32)
+    amx, pairs = _both_isas(lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                                                      block_table=table))
+    _assert_same_function(amx, pairs)
+
+
+def test_amx_from_several_threads():
+    """Each thread loads its own tile configuration: concurrent calls give the single-thread answers."""
+    inputs = [make_qkv(1, 4, 2, 100, 300, 128, torch.bfloat16) for _ in range(4)]
+    with force_isa("avx512amx"):
+        expected = [fusedattn.attention(*qkv, causal=True) for qkv in inputs]
+        results = [None] * len(inputs)
+
+        def run(i):
+            for _ in range(3):
+                results[i] = fusedattn.attention(*inputs[i], causal=True)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
