@@ -192,6 +192,13 @@ inline void modify_scores(const AttentionParams& params, const ForwardScratch<Ac
   }
 }
 
+// How far (natural log) a row's scores may rise above its running max before softmax_step
+// moves the max: below it the probabilities stay against the old max (at most e^8, about 3000,
+// far from fp32's range), the rescale factor is 1 and O is left alone (lazy rescaling, as the
+// decode kernel's softmax_lanes). On the avx512amx ISA the rescale of O (kept transposed, a
+// pass over all of it per key block) took 7% of a bf16 forward.
+constexpr float kForwardMaxSlack = 8.0f;
+
 // Online-softmax step over the active lanes of the n x ldq block of scores in s_t (in place:
 // scores -> P). Updates row_max and row_sum and leaves the O rescale factor in row_rescale.
 template <typename Acc>
@@ -200,10 +207,14 @@ inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t
   constexpr int W = Vec<Acc>::kWidth;
   const V minus_inf = vec_set1<Acc>(-std::numeric_limits<Acc>::infinity());
   const V zero = vec_set1<Acc>(Acc(0));
+  const V slack = vec_set1<Acc>(static_cast<Acc>(kForwardMaxSlack));
   for (int64_t i = active.begin; i < active.end; i += W) {
     const V old_max = vec_load<Acc>(s.row_max + i);
-    V new_max = old_max;
-    for (int64_t j = 0; j < n; ++j) new_max = vec_max<Acc>(new_max, vec_load<Acc>(s.s_t + j * s.ldq + i));
+    V block_max = minus_inf;
+    for (int64_t j = 0; j < n; ++j) block_max = vec_max<Acc>(block_max, vec_load<Acc>(s.s_t + j * s.ldq + i));
+    // The max moves only where the block rises more than the slack above it (a row that has
+    // seen no key yet, max -inf, always; a NaN score too, as before).
+    const V new_max = block_max <= old_max + slack ? old_max : vec_max<Acc>(old_max, block_max);
     // A row that has seen only masked keys keeps max -inf; subtracting 0 then gives P = 0.
     const V shift = new_max == minus_inf ? zero : new_max;
     const V rescale = exp_vec<Acc>(old_max - shift);
