@@ -1,11 +1,12 @@
 // bf16-pair products on AMX tiles (TDPBF16PS), for the avx512amx ISA: the forward's Sᵀ = K·Qᵀ,
 // whose operands are already in the pair layout the tiles read (K rows in place, Qᵀ packed as
 // bf16 pairs; forward_block.h), and Oᵀ += Vᵀ · P, O kept transposed so that P's pairs (packed
-// as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs). All eight tiles are 16 rows x 64 bytes
-// (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16 pairs (32 bf16), B as 16 pairs x 16
-// columns. amx_gemm_pairs walks C in 32 x 32 blocks (four C tiles, two A, two B), then the
-// 16-wide edges. The tile configuration belongs to the thread: AmxTileScope loads it and
-// releases the tiles at the end of its scope (Linux saves them with the thread's state).
+// as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs).
+// All eight tiles are 16 rows x 64 bytes (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16
+// pairs (32 bf16), B as 16 pairs x 16 columns. amx_gemm_pairs walks C in 32 x 32 blocks (four
+// C tiles, two A, two B), then the 16-wide edges. The tile configuration belongs to the
+// thread: AmxTileScope loads it and releases the tiles at the end of its scope (Linux saves
+// them with the thread's state).
 #pragma once
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <immintrin.h>

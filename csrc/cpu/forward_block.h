@@ -586,8 +586,8 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if constexpr (kBf16Pairs<T>) {
       if (amx) {  // Oᵀ = Oᵀ · diag(rescale) + Vᵀ · P over the active lanes
-        // (Vectors of lanes whose max stayed put have factors of 1: skipped. Row by row, so that
-        // the walk is in address order: column by column it ran 14% of the block's time.)
+        // (Vectors of lanes whose factors are all 1, their max unmoved, as the lazy max leaves
+        // most, are skipped; the rest row by row, in address order.)
         int64_t rescaled_begin = active.end, rescaled_end = active.begin;
         for (int64_t i = active.begin; i < active.end; i += W) {
           if (_mm512_cmpneq_ps_mask(_mm512_loadu_ps(s.row_rescale + i), _mm512_set1_ps(1.0f)) != 0) {
