@@ -1,8 +1,9 @@
 """The avx512amx ISA (CPUs with AMX-BF16, e.g. Intel Xeon 4th generation and later): bf16 forward
-products on AMX tiles (csrc/cpu/amx_gemm.h). Against the fp64 reference over head_dims that are
-whole tiles, key counts with tails that are not, strided rows, GQA and causal/window blocks; against
-the avx512bf16 ISA (same function, VDPBF16PS products) for the score variants, a paged KV cache and
-threads. Skipped where the CPU or the OS does not give AMX.
+and backward products on AMX tiles (csrc/cpu/amx_gemm.h). Against the fp64 reference over
+head_dims that are whole tiles, key and query counts with tails that are not, strided rows, GQA
+and causal/window blocks; against the avx512bf16 ISA (same function, VDPBF16PS products) for the
+score variants, dropout, a paged KV cache and threads. Skipped where the CPU or the OS does not
+give AMX.
 """
 
 import threading
@@ -12,6 +13,7 @@ import torch
 
 import fusedattn
 from conftest import ISAS, check_attention, force_isa, make_qkv
+from test_backward import check_backward
 
 pytestmark = pytest.mark.skipif("avx512amx" not in ISAS, reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
 
@@ -98,3 +100,40 @@ def test_amx_from_several_threads():
             t.join()
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
+
+
+BACKWARD_CASES = [  # head_dim, (Lq, Lk), causal, (Hq, Hkv), layout, strides
+    (32, (100, 70), True, (4, 2), "bhsd", "contiguous"),
+    (64, (129, 129), False, (2, 2), "bshd", "slice"),
+    (96, (17, 200), False, (4, 1), "bhsd", "permuted"),
+    (128, (65, 63), True, (2, 2), "bhsd", "contiguous"),
+    (256, (40, 33), False, (2, 1), "bshd", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("head_dim,seqlens,causal,heads,layout,strides", BACKWARD_CASES)
+def test_amx_backward_matches_reference(head_dim, seqlens, causal, heads, layout, strides):
+    with force_isa("avx512amx"):
+        check_backward(torch.bfloat16, head_dim, seqlens, causal, heads, layout, strides)
+
+
+@pytest.mark.parametrize("variant", ["dropout", "mask", "softcap", "alibi"])
+def test_amx_backward_variants_match_vdpbf16ps(variant):
+    torch.manual_seed(2)
+    q, k, v = make_qkv(1, 4, 2, 90, 110, 64, torch.bfloat16)
+    dout = torch.randn_like(q)
+    kwargs = {
+        "dropout": {"dropout_p": 0.3, "seed": 7},
+        "mask": {"attn_mask": torch.randn(1, 1, 90, 110)},
+        "softcap": {"softcap": 4.0},
+        "alibi": {"alibi_slopes": torch.rand(4), "causal": True},
+    }[variant]
+
+    def grads():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = fusedattn.attention(*leaves, **kwargs)
+        return torch.autograd.grad(out, leaves, dout)
+
+    amx, pairs = _both_isas(grads)
+    for a, b in zip(amx, pairs):
+        torch.testing.assert_close(a.double(), b.double(), atol=3e-2 * b.abs().max().item(), rtol=3e-2)

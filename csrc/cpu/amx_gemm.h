@@ -1,7 +1,9 @@
 // bf16-pair products on AMX tiles (TDPBF16PS), for the avx512amx ISA: the forward's Sᵀ = K·Qᵀ,
 // whose operands are already in the pair layout the tiles read (K rows in place, Qᵀ packed as
 // bf16 pairs; forward_block.h), and Oᵀ += Vᵀ · P, O kept transposed so that P's pairs (packed
-// as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs).
+// as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs); the
+// backward's five products over its VDPBF16PS buffers, Pᵀ and dSᵀ transposed (transpose_u32)
+// where the tiles want them as A (backward_block.h).
 // All eight tiles are 16 rows x 64 bytes (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16
 // pairs (32 bf16), B as 16 pairs x 16 columns. amx_gemm_pairs walks C in 32 x 32 blocks (four
 // C tiles, two A, two B), then the 16-wide edges. The tile configuration belongs to the
@@ -125,6 +127,19 @@ inline void transpose_16x16_u32(__m512i r[16]) {
     r[4 + m] = _mm512_shuffle_i32x4(c1, d1, 0x88);
     r[8 + m] = _mm512_shuffle_i32x4(c0, d0, 0xDD);
     r[12 + m] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+  }
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (both multiples of 16).
+inline void transpose_u32(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
+                          int64_t ld_dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512i tile[16];
+      for (int r = 0; r < 16; ++r) tile[r] = _mm512_loadu_si512(src + (r0 + r) * ld_src + c0);
+      transpose_16x16_u32(tile);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + (c0 + c) * ld_dst + r0, tile[c]);
+    }
   }
 }
 

@@ -16,11 +16,14 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "common/params.h"
 #include "common/variant.h"
+#include "cpu/amx_gemm.h"
 #include "cpu/bf16_pairs.h"
 #include "cpu/convert.h"
 #include "cpu/forward_block.h"
@@ -56,13 +59,14 @@ struct BackwardScratch {
   uint32_t* ds_rows;   // [kBwdBlockM x ldn / 2]  dS paired along the keys (bf16 rows)
   uint32_t* q_pairs;   // [kBwdBlockM / 2 x ldo]  Q paired along the query rows
   uint32_t* do_pairs;  // [kBwdBlockM / 2 x ldo]  dO paired along the query rows
+  uint32_t* pairs_t;   // [ldn x kBwdBlockM / 2]  p_t or ds_t transposed (the avx512amx path)
 
   static int64_t elements(int64_t head_dim) {
     constexpr int W = Vec<Acc>::kWidth;
     const int64_t ldn = round_up(kBwdBlockN, W);
     const int64_t ldo = round_up(head_dim, W);
     return 2 * head_dim * ldn + 3 * kBwdBlockN * ldo + 2 * kBwdBlockM * ldo + 6 * kBwdBlockM * ldn +
-           kBwdBlockM / 2 * (3 * ldn + 2 * ldo);
+           kBwdBlockM / 2 * (4 * ldn + 2 * ldo);
   }
 
   static BackwardScratch carve(void* base, int64_t head_dim) {
@@ -89,7 +93,8 @@ struct BackwardScratch {
     s.ds_t = pairs;     pairs += kBwdBlockM / 2 * s.ldn;
     s.ds_rows = pairs;  pairs += kBwdBlockM / 2 * s.ldn;
     s.q_pairs = pairs;  pairs += kBwdBlockM / 2 * s.ldo;
-    s.do_pairs = pairs;
+    s.do_pairs = pairs; pairs += kBwdBlockM / 2 * s.ldo;
+    s.pairs_t = pairs;
     return s;
   }
 };
@@ -227,6 +232,36 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
     pack_row_pairs(k, p.k.row_stride, n, head_dim, k_pairs, s.ldo);
   }
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  // The avx512amx ISA: the five products on AMX tiles where head_dim is whole tiles of 32 (the
+  // last q-block's rows past a multiple of 16 on VDPBF16PS). Reductions over keys run over all
+  // ldn / 2 key pairs, so K's pairs past the block are zero.
+  const bool amx = kBf16Pairs<T> && head_dim % 32 == 0;
+  std::optional<AmxTileScope> amx_scope;
+  if (amx) {
+    amx_scope.emplace();
+    std::memset(static_cast<void*>(k_pairs + (n + 1) / 2 * s.ldo), 0, (s.ldn / 2 - (n + 1) / 2) * s.ldo * sizeof(uint32_t));
+  }
+  // C[rows x cols] (+)= A · B for A's whole 16-row tiles (A's rows a_stride apart, B's b_stride);
+  // returns the rows done, the rest being the caller's (VDPBF16PS).
+  auto tiled_rows = [&](int64_t rows, int64_t cols, int64_t pairs, const uint32_t* a, int64_t a_stride,
+                        const uint32_t* b, int64_t b_stride, float* c, int64_t ldc, bool accumulate) -> int64_t {
+    const int64_t whole = amx ? rows / kAmxTile * kAmxTile : 0;
+    if (whole > 0) amx_gemm_pairs(whole, cols, pairs, a, a_stride, b, b_stride, c, ldc, accumulate);
+    return whole;
+  };
+  // C[ldn x head_dim] += Aᵀ · B for A = pairs of query rows [query_pairs x ldn] (p_t or ds_t) and
+  // B = q_pairs or do_pairs [query_pairs x ldo], both zero past the q-block's (m + 1) / 2 pairs.
+  auto keys_times = [&](int64_t m, uint32_t* a, uint32_t* b, float* c) {
+    const int64_t used = (m + 1) / 2, query_pairs = round_up(used, kAmxTile);
+    for (int64_t t = used; t < query_pairs; ++t) {
+      std::memset(static_cast<void*>(a + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
+      std::memset(static_cast<void*>(b + t * s.ldo), 0, s.ldo * sizeof(uint32_t));
+    }
+    transpose_u32(a, s.ldn, query_pairs, s.ldn, s.pairs_t, kBwdBlockM / 2);
+    amx_gemm_pairs(s.ldn, head_dim, query_pairs, s.pairs_t, kBwdBlockM / 2, b, s.ldo, c, s.ldo, true);
+  };
+#endif
   if constexpr (!kBf16Pairs<T>) {
     convert_rows(k, p.k.row_stride, n, head_dim, s.k_rows, s.ldo);
     for (int64_t j = n; j < kBwdBlockN; ++j) {
@@ -271,8 +306,15 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
                                      reinterpret_cast<uint32_t*>(s.do_rows), &do_stride);
         pack_row_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_pairs, s.ldo);
         pack_row_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_pairs, s.ldo);
-        gemm_op<Bf16PairOp>(m, s.ldn, (head_dim + 1) / 2, StridedA<uint32_t>{q_row_pairs, q_stride, 1}, k_t_pairs,
-                            s.ldn, s.p, s.ldn, false);
+        int64_t tiled = 0;  // rows of S the AMX tiles make
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        tiled = tiled_rows(m, s.ldn, head_dim / 2, q_row_pairs, q_stride, k_t_pairs, s.ldn, s.p, s.ldn, false);
+#endif
+        if (tiled < m) {
+          gemm_op<Bf16PairOp>(m - tiled, s.ldn, (head_dim + 1) / 2,
+                              StridedA<uint32_t>{q_row_pairs + tiled * q_stride, q_stride, 1}, k_t_pairs, s.ldn,
+                              s.p + tiled * s.ldn, s.ldn, false);
+        }
 #endif
       } else {
         q_blk = operand_rows(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_rows, s.ldo, &q_stride);
@@ -292,10 +334,24 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
       if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
         pack_float_row_pairs(weights, m, s.ldn, s.ldn, s.p_t);
-        gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.p_t, 1, s.ldn}, s.do_pairs, s.ldo, s.dv,
-                            s.ldo, true);
-        gemm_op<Bf16PairOp>(m, s.ldn, (head_dim + 1) / 2, StridedA<uint32_t>{do_row_pairs, do_stride, 1}, v_t_pairs,
-                            s.ldn, s.ds, s.ldn, false);
+        int64_t tiled = 0;     // rows of dP the AMX tiles make
+        bool dv_done = false;  // dV by the AMX tiles
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) {
+          keys_times(m, s.p_t, s.do_pairs, s.dv);
+          dv_done = true;
+          tiled = tiled_rows(m, s.ldn, head_dim / 2, do_row_pairs, do_stride, v_t_pairs, s.ldn, s.ds, s.ldn, false);
+        }
+#endif
+        if (!dv_done) {
+          gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.p_t, 1, s.ldn}, s.do_pairs, s.ldo, s.dv,
+                              s.ldo, true);
+        }
+        if (tiled < m) {
+          gemm_op<Bf16PairOp>(m - tiled, s.ldn, (head_dim + 1) / 2,
+                              StridedA<uint32_t>{do_row_pairs + tiled * do_stride, do_stride, 1}, v_t_pairs, s.ldn,
+                              s.ds + tiled * s.ldn, s.ldn, false);
+        }
 #endif
       } else {
         gemm<Acc>(n, s.ldo, m, StridedA<Acc>{weights, 1, s.ldn}, do_blk, do_stride, s.dv, s.ldo, true);
@@ -322,10 +378,24 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
 #if defined(__AVX512BF16__)
         pack_float_row_pairs(s.ds, m, s.ldn, s.ldn, s.ds_t);
         round_rows_to_pairs(s.ds, m, s.ldn, s.ds_rows);
-        gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.ds_t, 1, s.ldn}, s.q_pairs, s.ldo, s.dk,
-                            s.ldo, true);
-        gemm_op<Bf16PairOp>(m, s.ldo, (n + 1) / 2, StridedA<uint32_t>{s.ds_rows, s.ldn / 2, 1}, k_pairs, s.ldo,
-                            dq + i0 * s.ldo, s.ldo, true);
+        int64_t tiled = 0;     // rows of dQ the AMX tiles make
+        bool dk_done = false;  // dK by the AMX tiles
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) {
+          keys_times(m, s.ds_t, s.q_pairs, s.dk);
+          dk_done = true;
+          tiled = tiled_rows(m, head_dim, s.ldn / 2, s.ds_rows, s.ldn / 2, k_pairs, s.ldo, dq + i0 * s.ldo, s.ldo, true);
+        }
+#endif
+        if (!dk_done) {
+          gemm_op<Bf16PairOp>(n, s.ldo, (m + 1) / 2, StridedA<uint32_t>{s.ds_t, 1, s.ldn}, s.q_pairs, s.ldo, s.dk,
+                              s.ldo, true);
+        }
+        if (tiled < m) {
+          gemm_op<Bf16PairOp>(m - tiled, s.ldo, (n + 1) / 2,
+                              StridedA<uint32_t>{s.ds_rows + tiled * (s.ldn / 2), s.ldn / 2, 1}, k_pairs, s.ldo,
+                              dq + (i0 + tiled) * s.ldo, s.ldo, true);
+        }
 #endif
       } else {
         gemm<Acc>(n, s.ldo, m, StridedA<Acc>{s.ds, 1, s.ldn}, q_blk, q_stride, s.dk, s.ldo, true);
