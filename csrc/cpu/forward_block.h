@@ -200,18 +200,25 @@ inline void modify_scores(const AttentionParams& params, const ForwardScratch<Ac
 constexpr float kForwardMaxSlack = 8.0f;
 
 // Online-softmax step over the active lanes of the n x ldq block of scores in s_t (in place:
-// scores -> P). Updates row_max and row_sum and leaves the O rescale factor in row_rescale.
-template <typename Acc>
-inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t n) {
+// scores -> P), each score times `scale` as it is read where kScaled (the bf16 products leave
+// the scale out; see forward_block_t). Updates row_max and row_sum and leaves the O rescale
+// factor in row_rescale.
+template <typename Acc, bool kScaled>
+inline void softmax_step_t(const ForwardScratch<Acc>& s, LaneRange active, int64_t n, Acc scale) {
   using V = VecT<Acc>;
   constexpr int W = Vec<Acc>::kWidth;
   const V minus_inf = vec_set1<Acc>(-std::numeric_limits<Acc>::infinity());
   const V zero = vec_set1<Acc>(Acc(0));
   const V slack = vec_set1<Acc>(static_cast<Acc>(kForwardMaxSlack));
+  const V scales = vec_set1<Acc>(scale);
+  auto score = [&](const Acc* p) {
+    if constexpr (kScaled) return vec_load<Acc>(p) * scales;
+    else return vec_load<Acc>(p);
+  };
   for (int64_t i = active.begin; i < active.end; i += W) {
     const V old_max = vec_load<Acc>(s.row_max + i);
     V block_max = minus_inf;
-    for (int64_t j = 0; j < n; ++j) block_max = vec_max<Acc>(block_max, vec_load<Acc>(s.s_t + j * s.ldq + i));
+    for (int64_t j = 0; j < n; ++j) block_max = vec_max<Acc>(block_max, score(s.s_t + j * s.ldq + i));
     // The max moves only where the block rises more than the slack above it (a row that has
     // seen no key yet, max -inf, always; a NaN score too, as before).
     const V new_max = block_max <= old_max + slack ? old_max : vec_max<Acc>(old_max, block_max);
@@ -221,7 +228,7 @@ inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t
     V sum = zero;
     for (int64_t j = 0; j < n; ++j) {
       Acc* p = s.s_t + j * s.ldq + i;
-      const V prob = exp_vec<Acc>(vec_load<Acc>(p) - shift);
+      const V prob = exp_vec<Acc>(score(p) - shift);
       vec_store<Acc>(p, prob);
       sum += prob;
     }
@@ -229,6 +236,12 @@ inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t
     vec_store<Acc>(s.row_sum + i, vec_load<Acc>(s.row_sum + i) * rescale + sum);
     vec_store<Acc>(s.row_rescale + i, rescale);
   }
+}
+
+template <typename Acc>
+inline void softmax_step(const ForwardScratch<Acc>& s, LaneRange active, int64_t n, Acc scale = Acc(1)) {
+  if (scale == Acc(1)) softmax_step_t<Acc, false>(s, active, n, scale);
+  else softmax_step_t<Acc, true>(s, active, n, scale);
 }
 
 // Prefetches one cache line. On x86 an asm statement: GCC 12 deleted __builtin_prefetch loops of
@@ -528,6 +541,10 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     const int64_t width = active.end - active.begin;
     // Sᵀ = K_blk · Qᵀ
     Acc* const s_active = s.s_t + active.begin;
+    // bf16 pairs leave the scale out of the product: the softmax applies it as it reads the
+    // scores where nothing else reads them first (a pass over Sᵀ saved), else a pass does.
+    const bool fold_scale = kBf16Pairs<T> && params.softcap <= 0.0f && params.alibi_slopes == nullptr &&
+                            tile_mask == TileMask::kNone && scale > Acc(0);
     if constexpr (kBf16Pairs<T>) {
 #if defined(__AVX512BF16__)
       int64_t k_stride;
@@ -560,9 +577,11 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
         gemm_op<Bf16PairOp>(n, width, (head_dim + 1) / 2, StridedA<uint32_t>{k_blk, k_stride, 1},
                             q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
       }
-      for (int64_t j = 0; j < n; ++j) {
-        Acc* row = s_active + j * s.ldq;
-        for (int64_t i = 0; i < width; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) * scale);
+      if (!fold_scale) {
+        for (int64_t j = 0; j < n; ++j) {
+          Acc* row = s_active + j * s.ldq;
+          for (int64_t i = 0; i < width; i += W) vec_store<Acc>(row + i, vec_load<Acc>(row + i) * scale);
+        }
       }
 #endif
     } else {
@@ -574,7 +593,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
     }
     modify_scores(params, s, active, j0, n, tile_mask);
     if (!fully_visible) mask_scores(s, active, j0, n);
-    softmax_step(s, active, n);
+    softmax_step(s, active, n, fold_scale ? scale : Acc(1));
     const int64_t lane_end = active.end < lanes.lanes ? active.end : lanes.lanes;
     if (params.dropout_p > 0.0f) {
       dropout_tile(params, block.batch, block.head_begin, block.row_begin, lanes.lanes, j0, n, s.drop_tile,
