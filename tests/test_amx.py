@@ -1,6 +1,7 @@
 """The avx512amx ISA (CPUs with AMX-BF16, e.g. Intel Xeon 4th generation and later): bf16 forward
 and backward products on AMX tiles (csrc/cpu/amx_gemm.h). Against the fp64 reference over
-head_dims that are whole tiles, key and query counts with tails that are not, strided rows, GQA
+head_dims that are whole tiles and forward head_dims padded to them, key and query counts with
+tails that are not, strided rows, GQA
 and causal/window blocks; against the avx512bf16 ISA (same function, VDPBF16PS products) for the
 score variants, dropout, a paged KV cache and threads. Skipped where the CPU or the OS does not
 give AMX.
@@ -25,7 +26,10 @@ CASES = [  # head_dim, (Lq, Lk), causal, window, (Hq, Hkv), layout, strides
     (128, (17, 31), False, (-1, 5), (4, 4), "bhsd", "slice"),
     (160, (300, 300), True, (-1, -1), (2, 1), "bshd", "contiguous"),
     (256, (64, 130), False, (-1, -1), (2, 2), "bhsd", "contiguous"),
-    (80, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # not whole tiles: VDPBF16PS
+    (80, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # pairs padded to whole tiles
+    (48, (130, 200), False, (20, 20), (4, 2), "bshd", "slice"),
+    (16, (33, 70), True, (-1, -1), (2, 1), "bhsd", "permuted"),
+    (40, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # not a multiple of 16: VDPBF16PS
 ]
 
 

@@ -145,9 +145,9 @@ inline void transpose_u32(const uint32_t* src, int64_t ld_src, int64_t rows, int
 
 // A key block's V rows as Vᵀ in pairs of keys, the A operand of Oᵀ += Vᵀ · P: vt[d * ld + t] =
 // (V[2t][d], V[2t + 1][d]) for t < pairs (a multiple of 16), rows past n zero. row(j) is key j's
-// V row (bf16, head_dim a multiple of 32). Pairs of rows are interleaved 32 columns at a time
-// (VPUNPCKLWD / VPUNPCKHWD: columns {0-3, 8-11, 16-19, 24-27} and {+4}), and each 16 pairs x 16
-// columns transposed.
+// V row (bf16, head_dim a multiple of 16: a last half chunk is read masked). Pairs of rows are
+// interleaved 32 columns at a time (VPUNPCKLWD / VPUNPCKHWD: columns {0-3, 8-11, 16-19, 24-27}
+// and {+4}), and each 16 pairs x 16 columns transposed.
 template <typename RowOf>
 inline void transpose_value_pairs(RowOf&& row, int64_t n, int64_t pairs, int64_t head_dim, uint32_t* vt, int64_t ld) {
   const __m512i zero = _mm512_setzero_si512();
@@ -160,10 +160,11 @@ inline void transpose_value_pairs(RowOf&& row, int64_t n, int64_t pairs, int64_t
       odd[t] = j + 1 < n ? reinterpret_cast<const uint16_t*>(row(j + 1)) : nullptr;
     }
     for (int64_t c = 0; c < head_dim; c += 32) {
+      const __mmask32 columns = c + 32 <= head_dim ? ~__mmask32{0} : __mmask32{0xFFFF};
       __m512i low[16], high[16];
       for (int t = 0; t < 16; ++t) {
-        const __m512i a = even[t] ? _mm512_loadu_si512(even[t] + c) : zero;
-        const __m512i b = odd[t] ? _mm512_loadu_si512(odd[t] + c) : zero;
+        const __m512i a = even[t] ? _mm512_maskz_loadu_epi16(columns, even[t] + c) : zero;
+        const __m512i b = odd[t] ? _mm512_maskz_loadu_epi16(columns, odd[t] + c) : zero;
         low[t] = _mm512_unpacklo_epi16(a, b);
         high[t] = _mm512_unpackhi_epi16(a, b);
       }
@@ -171,6 +172,7 @@ inline void transpose_value_pairs(RowOf&& row, int64_t n, int64_t pairs, int64_t
       transpose_16x16_u32(high);
       for (int slot = 0; slot < 16; ++slot) {  // slot s of a half: column 8 (s / 4) + s % 4 (+ 4)
         const int64_t d = c + 8 * (slot / 4) + slot % 4;
+        if (d >= head_dim) break;  // (a half chunk: slots 8-15 are past it)
         _mm512_storeu_si512(vt + d * ld + t0, low[slot]);
         _mm512_storeu_si512(vt + (d + 4) * ld + t0, high[slot]);
       }

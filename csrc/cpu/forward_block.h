@@ -493,12 +493,20 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // --queries 4, GQA bf16 (16 lanes), % of a torch.sum timed alongside: 27% -> 31%; fp32 lost
   // 3 points the same way, and prefill (wide blocks, each key block reused) 2-3%, so they do not.
   const bool gather_keys = kBf16Pairs<T> && s.ldq <= W;
-  // The avx512amx ISA: both products on AMX tiles (amx_gemm.h) where head_dim is whole tiles of
-  // 32, O then kept transposed (see the P·V step).
+  // The avx512amx ISA: both products on AMX tiles (amx_gemm.h) where head_dim is a multiple of
+  // 16, O then kept transposed (see the P·V step). A head_dim that is not whole tiles of 32
+  // (48, 80, ...) has its pairs zero-padded to amx_pairs: Qᵀ's extra rows, and K copied per key
+  // block into padded rows.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  const bool amx = kBf16Pairs<T> && head_dim % 32 == 0;
+  const bool amx = kBf16Pairs<T> && head_dim % 16 == 0;
+  const int64_t amx_pairs = round_up(head_dim / 2, kAmxTile);
   std::optional<AmxTileScope> amx_scope;
-  if (amx) amx_scope.emplace();
+  if (amx) {
+    amx_scope.emplace();
+    for (int64_t t = head_dim / 2; t < amx_pairs; ++t) {
+      std::memset(static_cast<void*>(q_pairs + t * s.ldq), 0, s.ldq * sizeof(uint32_t));
+    }
+  }
 #endif
 
   for (int64_t e = 0; e < lanes.lanes * s.ldo; e += W) vec_store<Acc>(s.o + e, vec_set1<Acc>(Acc(0)));
@@ -552,24 +560,26 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
                                         reinterpret_cast<uint32_t*>(s.k_rows), &k_stride);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
       if (amx) {
-        // Whole 16-key tiles from K in place; a last partial one from a zero-padded copy (in
-        // v_rows, free until P·V), so that every score comes from the tiles whatever the key
-        // block's length, which follows the block's rows (and so the thread count).
-        const int64_t pairs = head_dim / 2, whole = n / kAmxTile * kAmxTile;
+        // Whole 16-key tiles from K in place; the rest (a last partial tile, or every row where
+        // head_dim's pairs are padded) from zero-padded copies (in v_rows, free until P·V), so
+        // that every score comes from the tiles whatever the key block's length, which follows
+        // the block's rows (and so the thread count).
+        const int64_t pairs = head_dim / 2;
+        const int64_t whole = amx_pairs == pairs ? n / kAmxTile * kAmxTile : 0;
         if (whole > 0) {
           amx_gemm_pairs(whole, width, pairs, k_blk, k_stride, q_pairs + active.begin, s.ldq, s_active, s.ldq, false);
         }
         if (whole < n) {
-          uint32_t* tail = reinterpret_cast<uint32_t*>(s.v_rows);  // [16 x pairs]
-          for (int64_t j = 0; j < kAmxTile; ++j) {
-            if (whole + j < n) {
-              std::memcpy(tail + j * pairs, k_blk + (whole + j) * k_stride, pairs * sizeof(uint32_t));
-            } else {
-              std::memset(static_cast<void*>(tail + j * pairs), 0, pairs * sizeof(uint32_t));
-            }
+          const int64_t copied = round_up(n - whole, kAmxTile);
+          uint32_t* rest = reinterpret_cast<uint32_t*>(s.v_rows);  // [copied x amx_pairs]
+          for (int64_t j = 0; j < copied; ++j) {
+            uint32_t* row = rest + j * amx_pairs;
+            const int64_t have = whole + j < n ? pairs : 0;
+            if (have > 0) std::memcpy(row, k_blk + (whole + j) * k_stride, pairs * sizeof(uint32_t));
+            std::memset(static_cast<void*>(row + have), 0, (amx_pairs - have) * sizeof(uint32_t));
           }
-          amx_gemm_pairs(kAmxTile, width, pairs, tail, pairs, q_pairs + active.begin, s.ldq, s_active + whole * s.ldq,
-                         s.ldq, false);
+          amx_gemm_pairs(copied, width, amx_pairs, rest, amx_pairs, q_pairs + active.begin, s.ldq,
+                         s_active + whole * s.ldq, s.ldq, false);
         }
       } else
 #endif
