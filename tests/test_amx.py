@@ -1,6 +1,6 @@
 """The avx512amx ISA (CPUs with AMX-BF16, e.g. Intel Xeon 4th generation and later): bf16 forward
 and backward products on AMX tiles (csrc/cpu/amx_gemm.h). Against the fp64 reference over
-head_dims that are whole tiles and forward head_dims padded to them, key and query counts with
+head_dims that are whole tiles and head_dims (multiples of 16) padded to them, key and query counts with
 tails that are not, strided rows, GQA
 and causal/window blocks; against the avx512bf16 ISA (same function, VDPBF16PS products) for the
 score variants, dropout, a paged KV cache and threads. Skipped where the CPU or the OS does not
@@ -112,6 +112,8 @@ BACKWARD_CASES = [  # head_dim, (Lq, Lk), causal, (Hq, Hkv), layout, strides
     (96, (17, 200), False, (4, 1), "bhsd", "permuted"),
     (128, (65, 63), True, (2, 2), "bhsd", "contiguous"),
     (256, (40, 33), False, (2, 1), "bshd", "contiguous"),
+    (80, (70, 90), True, (4, 2), "bhsd", "slice"),  # pairs padded to whole tiles
+    (48, (33, 17), False, (2, 2), "bshd", "permuted"),
 ]
 
 

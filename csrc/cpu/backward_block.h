@@ -233,15 +233,32 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
   }
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  // The avx512amx ISA: the five products on AMX tiles where head_dim is whole tiles of 32 (the
+  // The avx512amx ISA: the five products on AMX tiles where head_dim is a multiple of 16 (the
   // last q-block's rows past a multiple of 16 on VDPBF16PS). Reductions over keys run over all
-  // ldn / 2 key pairs, so K's pairs past the block are zero.
-  const bool amx = kBf16Pairs<T> && head_dim % 32 == 0;
+  // ldn / 2 key pairs, so K's pairs past the block are zero; reductions over head_dim over
+  // amx_pairs pairs, so Kᵀ's and Vᵀ's pair rows past head_dim / 2 are zero, and Q's and dO's rows
+  // are copied into rows of amx_pairs pairs where that is more (see the q-block loop).
+  const bool amx = kBf16Pairs<T> && head_dim % 16 == 0;
+  const int64_t amx_pairs = round_up(head_dim / 2, kAmxTile);
   std::optional<AmxTileScope> amx_scope;
   if (amx) {
     amx_scope.emplace();
     std::memset(static_cast<void*>(k_pairs + (n + 1) / 2 * s.ldo), 0, (s.ldn / 2 - (n + 1) / 2) * s.ldo * sizeof(uint32_t));
+    for (int64_t t = head_dim / 2; t < amx_pairs; ++t) {
+      std::memset(static_cast<void*>(k_t_pairs + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
+      std::memset(static_cast<void*>(v_t_pairs + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
+    }
   }
+  // Rows [0, m) of q-block rows `rows` (bf16, row_stride apart) as rows of amx_pairs pairs, zero
+  // past head_dim / 2, into buffer (the tiles read whole tiles of pairs).
+  auto padded_pairs = [&](const auto* rows, int64_t row_stride, int64_t m, uint32_t* buffer) {
+    for (int64_t r = 0; r < m; ++r) {
+      uint32_t* row = buffer + r * amx_pairs;
+      copy_row_as_pairs(rows + r * row_stride, head_dim, row);
+      std::memset(static_cast<void*>(row + head_dim / 2), 0, (amx_pairs - head_dim / 2) * sizeof(uint32_t));
+    }
+    return static_cast<const uint32_t*>(buffer);
+  };
   // C[rows x cols] (+)= A · B for A's whole 16-row tiles (A's rows a_stride apart, B's b_stride);
   // returns the rows done, the rest being the caller's (VDPBF16PS).
   auto tiled_rows = [&](int64_t rows, int64_t cols, int64_t pairs, const uint32_t* a, int64_t a_stride,
@@ -308,7 +325,13 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         pack_row_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_pairs, s.ldo);
         int64_t tiled = 0;  // rows of S the AMX tiles make
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-        tiled = tiled_rows(m, s.ldn, head_dim / 2, q_row_pairs, q_stride, k_t_pairs, s.ldn, s.p, s.ldn, false);
+        if (amx && amx_pairs != head_dim / 2) {  // (the VDPBF16PS rows read the same copies)
+          q_row_pairs = padded_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, reinterpret_cast<uint32_t*>(s.q_rows));
+          do_row_pairs = padded_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m,
+                                      reinterpret_cast<uint32_t*>(s.do_rows));
+          q_stride = do_stride = amx_pairs;
+        }
+        tiled = tiled_rows(m, s.ldn, amx_pairs, q_row_pairs, q_stride, k_t_pairs, s.ldn, s.p, s.ldn, false);
 #endif
         if (tiled < m) {
           gemm_op<Bf16PairOp>(m - tiled, s.ldn, (head_dim + 1) / 2,
@@ -340,7 +363,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         if (amx) {
           keys_times(m, s.p_t, s.do_pairs, s.dv);
           dv_done = true;
-          tiled = tiled_rows(m, s.ldn, head_dim / 2, do_row_pairs, do_stride, v_t_pairs, s.ldn, s.ds, s.ldn, false);
+          tiled = tiled_rows(m, s.ldn, amx_pairs, do_row_pairs, do_stride, v_t_pairs, s.ldn, s.ds, s.ldn, false);
         }
 #endif
         if (!dv_done) {
