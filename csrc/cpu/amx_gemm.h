@@ -11,6 +11,7 @@
 // them with the thread's state).
 #pragma once
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FUSEDATTN_AMX 1  // the kernels' guard for their AMX paths (the avx512amx ISA only)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -21,6 +22,22 @@ namespace cpu {
 namespace FUSEDATTN_ISA {
 
 constexpr int64_t kAmxTile = 16;  // rows of every tile, fp32 columns of C, pairs of A
+
+// The head_dims the tiles take (a multiple of 16), and their pairs padded to whole tiles.
+inline bool amx_takes_head_dim(int64_t head_dim) { return head_dim % 16 == 0; }
+inline int64_t amx_head_dim_pairs(int64_t head_dim) { return (head_dim / 2 + kAmxTile - 1) / kAmxTile * kAmxTile; }
+
+// Zeroes `width` pairs of rows [first, last) of a pair matrix whose rows are ld apart.
+inline void zero_pair_rows(uint32_t* rows, int64_t first, int64_t last, int64_t ld, int64_t width) {
+  for (int64_t r = first; r < last; ++r) std::memset(static_cast<void*>(rows + r * ld), 0, width * sizeof(uint32_t));
+}
+
+// `pairs` pairs from src (none where src is null) into a row of `padded` pairs, zero past them.
+inline void copy_padded_pair_row(const void* src, int64_t pairs, int64_t padded, uint32_t* dst) {
+  const int64_t have = src != nullptr ? pairs : 0;
+  if (have > 0) std::memcpy(dst, src, have * sizeof(uint32_t));
+  std::memset(static_cast<void*>(dst + have), 0, (padded - have) * sizeof(uint32_t));
+}
 
 class AmxTileScope {
  public:

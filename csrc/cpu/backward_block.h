@@ -16,7 +16,6 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -232,31 +231,25 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
     pack_row_pairs(k, p.k.row_stride, n, head_dim, k_pairs, s.ldo);
   }
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
   // The avx512amx ISA: the five products on AMX tiles where head_dim is a multiple of 16 (the
   // last q-block's rows past a multiple of 16 on VDPBF16PS). Reductions over keys run over all
   // ldn / 2 key pairs, so K's pairs past the block are zero; reductions over head_dim over
   // amx_pairs pairs, so Kᵀ's and Vᵀ's pair rows past head_dim / 2 are zero, and Q's and dO's rows
   // are copied into rows of amx_pairs pairs where that is more (see the q-block loop).
-  const bool amx = kBf16Pairs<T> && head_dim % 16 == 0;
-  const int64_t amx_pairs = round_up(head_dim / 2, kAmxTile);
+  const bool amx = kBf16Pairs<T> && amx_takes_head_dim(head_dim);
+  const int64_t amx_pairs = amx_head_dim_pairs(head_dim);
   std::optional<AmxTileScope> amx_scope;
   if (amx) {
     amx_scope.emplace();
-    std::memset(static_cast<void*>(k_pairs + (n + 1) / 2 * s.ldo), 0, (s.ldn / 2 - (n + 1) / 2) * s.ldo * sizeof(uint32_t));
-    for (int64_t t = head_dim / 2; t < amx_pairs; ++t) {
-      std::memset(static_cast<void*>(k_t_pairs + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
-      std::memset(static_cast<void*>(v_t_pairs + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
-    }
+    zero_pair_rows(k_pairs, (n + 1) / 2, s.ldn / 2, s.ldo, s.ldo);
+    zero_pair_rows(k_t_pairs, head_dim / 2, amx_pairs, s.ldn, s.ldn);
+    zero_pair_rows(v_t_pairs, head_dim / 2, amx_pairs, s.ldn, s.ldn);
   }
-  // Rows [0, m) of q-block rows `rows` (bf16, row_stride apart) as rows of amx_pairs pairs, zero
-  // past head_dim / 2, into buffer (the tiles read whole tiles of pairs).
+  // Rows [0, m) of q-block rows `rows` (bf16, row_stride apart, head_dim even) as rows of
+  // amx_pairs pairs, zero past head_dim / 2, into buffer (the tiles read whole tiles of pairs).
   auto padded_pairs = [&](const auto* rows, int64_t row_stride, int64_t m, uint32_t* buffer) {
-    for (int64_t r = 0; r < m; ++r) {
-      uint32_t* row = buffer + r * amx_pairs;
-      copy_row_as_pairs(rows + r * row_stride, head_dim, row);
-      std::memset(static_cast<void*>(row + head_dim / 2), 0, (amx_pairs - head_dim / 2) * sizeof(uint32_t));
-    }
+    for (int64_t r = 0; r < m; ++r) copy_padded_pair_row(rows + r * row_stride, head_dim / 2, amx_pairs, buffer + r * amx_pairs);
     return static_cast<const uint32_t*>(buffer);
   };
   // C[rows x cols] (+)= A · B for A's whole 16-row tiles (A's rows a_stride apart, B's b_stride);
@@ -271,10 +264,8 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
   // B = q_pairs or do_pairs [query_pairs x ldo], both zero past the q-block's (m + 1) / 2 pairs.
   auto keys_times = [&](int64_t m, uint32_t* a, uint32_t* b, float* c) {
     const int64_t used = (m + 1) / 2, query_pairs = round_up(used, kAmxTile);
-    for (int64_t t = used; t < query_pairs; ++t) {
-      std::memset(static_cast<void*>(a + t * s.ldn), 0, s.ldn * sizeof(uint32_t));
-      std::memset(static_cast<void*>(b + t * s.ldo), 0, s.ldo * sizeof(uint32_t));
-    }
+    zero_pair_rows(a, used, query_pairs, s.ldn, s.ldn);
+    zero_pair_rows(b, used, query_pairs, s.ldo, s.ldo);
     transpose_u32(a, s.ldn, query_pairs, s.ldn, s.pairs_t, kBwdBlockM / 2);
     amx_gemm_pairs(s.ldn, head_dim, query_pairs, s.pairs_t, kBwdBlockM / 2, b, s.ldo, c, s.ldo, true);
   };
@@ -324,7 +315,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         pack_row_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, head_dim, s.q_pairs, s.ldo);
         pack_row_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m, head_dim, s.do_pairs, s.ldo);
         int64_t tiled = 0;  // rows of S the AMX tiles make
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
         if (amx && amx_pairs != head_dim / 2) {  // (the VDPBF16PS rows read the same copies)
           q_row_pairs = padded_pairs(q + i0 * p.q.row_stride, p.q.row_stride, m, reinterpret_cast<uint32_t*>(s.q_rows));
           do_row_pairs = padded_pairs(dout + i0 * bp.dout.row_stride, bp.dout.row_stride, m,
@@ -359,7 +350,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         pack_float_row_pairs(weights, m, s.ldn, s.ldn, s.p_t);
         int64_t tiled = 0;     // rows of dP the AMX tiles make
         bool dv_done = false;  // dV by the AMX tiles
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
         if (amx) {
           keys_times(m, s.p_t, s.do_pairs, s.dv);
           dv_done = true;
@@ -403,7 +394,7 @@ void backward_kv_block_t(const BackwardParams& bp, int64_t batch, int64_t kv_hea
         round_rows_to_pairs(s.ds, m, s.ldn, s.ds_rows);
         int64_t tiled = 0;     // rows of dQ the AMX tiles make
         bool dk_done = false;  // dK by the AMX tiles
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
         if (amx) {
           keys_times(m, s.ds_t, s.q_pairs, s.dk);
           dk_done = true;

@@ -497,20 +497,18 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
   // 16, O then kept transposed (see the P·V step). A head_dim that is not whole tiles of 32
   // (48, 80, ...) has its pairs zero-padded to amx_pairs: Qᵀ's extra rows, and K copied per key
   // block into padded rows.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  const bool amx = kBf16Pairs<T> && head_dim % 16 == 0;
-  const int64_t amx_pairs = round_up(head_dim / 2, kAmxTile);
+#if defined(FUSEDATTN_AMX)
+  const bool amx = kBf16Pairs<T> && amx_takes_head_dim(head_dim);
+  const int64_t amx_pairs = amx_head_dim_pairs(head_dim);
   std::optional<AmxTileScope> amx_scope;
   if (amx) {
     amx_scope.emplace();
-    for (int64_t t = head_dim / 2; t < amx_pairs; ++t) {
-      std::memset(static_cast<void*>(q_pairs + t * s.ldq), 0, s.ldq * sizeof(uint32_t));
-    }
+    zero_pair_rows(q_pairs, head_dim / 2, amx_pairs, s.ldq, s.ldq);
   }
 #endif
 
   for (int64_t e = 0; e < lanes.lanes * s.ldo; e += W) vec_store<Acc>(s.o + e, vec_set1<Acc>(Acc(0)));
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
   // AMX: O kept transposed, Oᵀ [head_dim x ldq] in q_rows (unused by the forward), until the end.
   float* const o_t = reinterpret_cast<float*>(s.q_rows);
   if (amx) std::memset(static_cast<void*>(o_t), 0, head_dim * s.ldq * sizeof(float));
@@ -558,7 +556,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       int64_t k_stride;
       const uint32_t* k_blk = key_pairs(params, block.batch, kv_head, j0, n, gather_keys,
                                         reinterpret_cast<uint32_t*>(s.k_rows), &k_stride);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
       if (amx) {
         // Whole 16-key tiles from K in place; the rest (a last partial tile, or every row where
         // head_dim's pairs are padded) from zero-padded copies (in v_rows, free until P·V), so
@@ -573,10 +571,8 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
           const int64_t copied = round_up(n - whole, kAmxTile);
           uint32_t* rest = reinterpret_cast<uint32_t*>(s.v_rows);  // [copied x amx_pairs]
           for (int64_t j = 0; j < copied; ++j) {
-            uint32_t* row = rest + j * amx_pairs;
-            const int64_t have = whole + j < n ? pairs : 0;
-            if (have > 0) std::memcpy(row, k_blk + (whole + j) * k_stride, pairs * sizeof(uint32_t));
-            std::memset(static_cast<void*>(row + have), 0, (amx_pairs - have) * sizeof(uint32_t));
+            copy_padded_pair_row(whole + j < n ? k_blk + (whole + j) * k_stride : nullptr, pairs, amx_pairs,
+                                 rest + j * amx_pairs);
           }
           amx_gemm_pairs(copied, width, amx_pairs, rest, amx_pairs, q_pairs + active.begin, s.ldq,
                          s_active + whole * s.ldq, s.ldq, false);
@@ -612,7 +608,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
         for (int64_t i = active.begin; i < lane_end; ++i) s.s_t[j * s.ldq + i] *= s.drop_tile[j * s.ldq + i];
       }
     }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
     if constexpr (kBf16Pairs<T>) {
       if (amx) {  // Oᵀ = Oᵀ · diag(rescale) + Vᵀ · P over the active lanes
         // (Vectors of lanes whose factors are all 1, their max unmoved, as the lazy max leaves
@@ -636,9 +632,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
         transpose_value_pairs([&](int64_t j) { return v_base + kv_row_offset(params, params.v, block.batch, kv_head, j0 + j); },
                               n, pairs, head_dim, v_t, kBlockN / 2);
         pack_float_row_pairs(s_active, n, width, s.ldq, s.p_pairs + active.begin);
-        for (int64_t t = (n + 1) / 2; t < pairs; ++t) {
-          std::memset(static_cast<void*>(s.p_pairs + t * s.ldq + active.begin), 0, width * sizeof(uint32_t));
-        }
+        zero_pair_rows(s.p_pairs + active.begin, (n + 1) / 2, pairs, s.ldq, width);
         amx_gemm_pairs(head_dim, width, pairs, v_t, kBlockN / 2, s.p_pairs + active.begin, s.ldq, o_t + active.begin,
                        s.ldq, true);
         continue;
@@ -669,7 +663,7 @@ void forward_block_t(const AttentionParams& params, const ForwardBlock& block, v
       gemm<Acc>(rows, s.ldo, n, StridedA<Acc>{s_active, 1, s.ldq}, v_blk, v_stride, o_active, s.ldo, true);
     }
   }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDATTN_AMX)
   if (amx) {  // Oᵀ back into O's rows, 16 x 16 at a time (O has ldq rows, head_dim <= ldo)
     for (int64_t i = 0; i < lanes.lanes; i += 16) {
       for (int64_t d = 0; d < head_dim; d += 16) {
