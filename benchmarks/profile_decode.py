@@ -1,7 +1,7 @@
 """What limits CPU decode: the decode kernel's speed with its K/V in L2 against its speed from DRAM.
 
 Compiles benchmarks/profile_decode.cpp (see its header) into a temporary directory with the flags
-CMakeLists.txt gives the best AVX-512 ISA this CPU has (avx512bf16, else avx512), runs it
+CMakeLists.txt gives the best AVX-512 ISA this CPU has (avx512amx, avx512bf16, else avx512), runs it
 single-threaded and prints one Markdown table: for the inference issue's decode shapes (one token,
 32 query heads, head_dim 128, Hkv 32 or 8, fp32 and bf16) the GB/s of K/V the kernel consumes
 when they are cached, and when they stream from DRAM, next to the single-thread streaming-read
@@ -42,7 +42,8 @@ def main() -> int:
     if args.perf and (not args.perf[0].isdigit() or args.perf[1] not in ("fp32", "bf16")):
         parser.error("--perf takes HKV (a number dividing 32) and DTYPE (fp32 or bf16)")
     flags = cpu_flags()
-    runnable = [isa for isa in ("avx512bf16", "avx512") if ISAS[isa][0] <= flags]
+    isas = dict(ISAS, avx512amx=(ISAS["avx512bf16"][0] | {"amx_tile", "amx_bf16"}, ["bf16"]))
+    runnable = [isa for isa in ("avx512amx", "avx512bf16", "avx512") if isas[isa][0] <= flags]
     if not runnable:
         print("profile_decode: this CPU has no AVX-512 (the profile covers the avx512 kernels only)")
         return 1
