@@ -383,6 +383,105 @@ inline void pair_columns_in_order(float* o, int64_t ld, int64_t lanes) {
 }
 #endif
 
+// Whether this ISA's decode may multiply bf16 K/V rows as split floats on FMA (below) instead
+// of as pairs on VDPBF16PS: on AVX-512 without AVX512-BF16 (where the generic path widened 16
+// at a time), and on the avx512amx ISA, whose CPUs (Intel Xeon) issue a VDPBF16PS every two
+// cycles at a latency of 8 where two 512-bit FMAs issue per cycle at a latency of 4
+// (benchmarks/cpu_rates.py). There kv heads of kDecodeLanes lanes or more split: ab_decode.py
+// pairs -> split, % of a torch.sum timed alongside, one token of GQA bf16 83% -> 91%, paged
+// 72% -> 77%; two tokens of GQA 59% / 58%. Fewer lanes keep the pairs: one token of MHA bf16
+// 83% -> 79%, two tokens 91% -> 86% when split. The avx512bf16 ISA keeps the pairs (measured
+// on AMD).
+#if defined(__AVX512F__) && (defined(FUSEDATTN_AMX) || !defined(__AVX512BF16__))
+constexpr bool kDecodeSplitsBf16 = true;
+#else
+constexpr bool kDecodeSplitsBf16 = false;
+#endif
+
+#if defined(__AVX512F__)
+// bf16 rows read in place as floats, 32 elements per load: a bf16 is the high half of its
+// float, so the even elements of the 32 are the vector's 32-bit lanes shifted left by 16 and the
+// odd ones those lanes with the low half cleared, one instruction each (widening 16 elements
+// took two). q and O rows hold each 32 columns in that split order (even columns, then odd:
+// split_slot), so the products pair them without shuffles.
+inline void split_bf16(const BFloat16* p, __m512& even, __m512& odd) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Where column d of a row sits in the split order: within its 32 columns, the even ones first.
+inline int64_t split_slot(int64_t d) { return d / 32 * 32 + d % 2 * 16 + d % 32 / 2; }
+
+// dot_heads for bf16 K rows split on FMA (head_dim a multiple of 32): q rows (ld apart, floats in
+// split order, scaled) against kv head h's part of the row at key + h * head_stride; the even
+// and odd halves accumulate apart (two chains per lane) and the four lanes share one reduction.
+template <int HEADS, int LPK>
+inline void dot_heads_split(const float* q, int64_t ld, const BFloat16* key, int64_t head_stride, int64_t head_dim,
+                            float* s, int64_t ld_s) {
+  static_assert(HEADS * LPK <= 4, "four lanes per reduction");
+  __m512 acc_even[4], acc_odd[4];
+  for (int i = 0; i < 4; ++i) acc_even[i] = acc_odd[i] = _mm512_setzero_ps();
+  for (int h = 0; h < HEADS; ++h) {  // heads outer: the row is read in address order
+    for (int64_t d = 0; d < head_dim; d += 32) {
+      __m512 even, odd;
+      split_bf16(key + h * head_stride + d, even, odd);
+      for (int l = 0; l < LPK; ++l) {
+        const int i = h * LPK + l;
+        acc_even[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * ld + d), even, acc_even[i]);
+        acc_odd[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * ld + d + 16), odd, acc_odd[i]);
+      }
+    }
+  }
+  float sums[4];
+  vec_sum4<float>(acc_even[0] + acc_odd[0], acc_even[1] + acc_odd[1], acc_even[2] + acc_odd[2],
+                  acc_even[3] + acc_odd[3], sums);
+  for (int i = 0; i < HEADS * LPK; ++i) s[i * ld_s] = sums[i];
+}
+
+// accumulate_rows for bf16 V rows split on FMA: o_l += Σ_t p_l[t] · v_t for LANES lanes (o rows
+// ld apart in split order, ld a multiple of 32; p_l = p + l * ld_p, floats) and ROWS rows
+// rows[t] + offset, each 32 columns of a row loaded once for all lanes.
+template <int LANES, int ROWS>
+inline void accumulate_rows_split(float* o, const float* p, int64_t ld_p, const BFloat16* const* rows, int64_t offset,
+                                  int64_t ld) {
+  const BFloat16* value_rows[ROWS];
+  for (int t = 0; t < ROWS; ++t) value_rows[t] = rows[t] + offset;
+  for (int64_t c = 0; c < ld; c += 32) {
+    __m512 even_acc[LANES], odd_acc[LANES];
+    for (int l = 0; l < LANES; ++l) {
+      even_acc[l] = _mm512_loadu_ps(o + l * ld + c);
+      odd_acc[l] = _mm512_loadu_ps(o + l * ld + c + 16);
+    }
+    for (int t = 0; t < ROWS; ++t) {
+      __m512 even, odd;
+      split_bf16(value_rows[t] + c, even, odd);
+      for (int l = 0; l < LANES; ++l) {
+        const __m512 prob = _mm512_set1_ps(p[l * ld_p + t]);
+        even_acc[l] = _mm512_fmadd_ps(prob, even, even_acc[l]);
+        odd_acc[l] = _mm512_fmadd_ps(prob, odd, odd_acc[l]);
+      }
+    }
+    for (int l = 0; l < LANES; ++l) {
+      _mm512_storeu_ps(o + l * ld + c, even_acc[l]);
+      _mm512_storeu_ps(o + l * ld + c + 16, odd_acc[l]);
+    }
+  }
+}
+
+// O rows in split order (accumulate_rows_split) back in column order.
+inline void split_columns_in_order(float* o, int64_t ld, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    for (int64_t c = 0; c < ld; c += 32) {
+      float* chunk = o + l * ld + c;
+      float held[32];
+      std::memcpy(held, chunk, sizeof(held));
+      for (int64_t d = 0; d < 32; ++d) chunk[d] = held[split_slot(d)];
+    }
+  }
+}
+#endif
+
 // o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes (o rows ld apart, p_l = p + l * ld_p)
 // and ROWS value rows v_t = rows[t] + offset (each row from its own pointer, so rows on different
 // cache pages step together), ld a multiple of W: each V vector is loaded (and widened) once for
@@ -492,8 +591,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const Orientation row_major{ldn, 1};
   int64_t j0 = 0, n = 0;  // the current key block
   // bf16 K rows in place on VDPBF16PS: q kept as raw bf16 rows, the scale applied to the sums.
+  // Or split into floats on FMA (kDecodeSplitsBf16): q scaled, q and O rows in split order.
   constexpr bool kPairDots = kBf16Pairs<T> && kDirect;
-  const bool pair_dots = kPairDots && head_dim % 32 == 0;
+  constexpr bool kSplitDots = kDecodeSplitsBf16 && std::is_same_v<T, BFloat16> && kDirect;
+  const bool split_dots = kSplitDots && head_dim % 32 == 0 && (!kPairDots || lanes_per_kv >= kDecodeLanes);
+  const bool pair_dots = kPairDots && head_dim % 32 == 0 && !split_dots;
 
   // Row j of the key block's first kv head, for K and for V (kv head g is g head strides
   // further): one page lookup per page the key block touches, once per key block
@@ -635,6 +737,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     Acc* q_row = s.q_rows + l * s.ldo;
     if (pair_dots) {
       std::memcpy(reinterpret_cast<T*>(s.q_rows) + l * s.ldo, q, head_dim * sizeof(T));
+    } else if (split_dots) {
+#if defined(__AVX512F__)
+      for (int64_t d = 0; d < head_dim; ++d) q_row[split_slot(d)] = static_cast<Acc>(to_float(q[d])) * scale;
+#endif
     } else {
       for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
     }
@@ -659,6 +765,40 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       } else {
         for (int64_t h = 0; h < kv_count; ++h) prefetch_line(reinterpret_cast<const char*>(row + h * t->head_stride));
       }
+    }
+  };
+
+  // Kv heads of several lanes (GQA, or several tokens), one row at a time (the score pass's
+  // common case): the prefetches go with the scores instead of prefetch_ahead's, each kv head's
+  // part of K row j + k_rows_ahead and, where V is staged, of V row j just before that head's
+  // scores of row j. On the Intel machine the hardware prefetchers run little ahead of a kernel
+  // that computes between its loads (benchmarks/cpu_rates.py), so memory and arithmetic took
+  // turns; fetches spread over the arithmetic keep lines in flight all along. ab_decode.py,
+  // % of a torch.sum timed alongside, before -> after: GQA bf16 54% -> 64%, fp32 71% -> 83%;
+  // paged (16) GQA bf16 49% -> 58%, fp32 81% -> 95%. MHA one token (one lane per kv head,
+  // little arithmetic per byte) keeps prefetch_ahead: with these, fp32 lost 5 points (90% -> 85%).
+  const int64_t k_rows_ahead = std::max<int64_t>(1, (kDecodeKeyAheadBytes + row_bytes - 1) / row_bytes);
+  // K row j + k_rows_ahead of the block's first kv head, past the key block too: the sequence's
+  // next rows, or past a visit's keys the next visit's first rows (null past them all).
+  auto key_row_ahead = [&](int64_t j) -> const T* {
+    if (j + k_rows_ahead < n) return k_row[j + k_rows_ahead];
+    const int64_t key = j0 + j + k_rows_ahead;
+    if (visit == nullptr || key < std::min(keys.end, visit->key_hi)) {
+      if (key >= keys.end) return nullptr;
+      return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
+    }
+    if (visit->next_params == nullptr) return nullptr;
+    const AttentionParams& next = *visit->next_params;
+    const int64_t next_key = visit->next_key_lo + key - std::min(keys.end, visit->key_hi);
+    if (next_key >= visit->next_key_hi) return nullptr;
+    const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin);
+    return static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, next_key);
+  };
+  const bool fetch_with_scores = lanes_per_kv > 1;
+  auto fetch_heads = [&](const T* k_ahead, int64_t kv, int64_t count, int64_t j) __attribute__((always_inline)) {
+    for (int64_t h = kv; h < kv + count; ++h) {
+      if (k_ahead != nullptr) prefetch_row(k_ahead + h * params.k.head_stride, head_dim);
+      if (stage_values) prefetch_row(v_row[j] + h * params.v.head_stride, head_dim);
     }
   };
 
@@ -724,6 +864,15 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
           }
 #endif
         }
+        if constexpr (kSplitDots) {
+#if defined(__AVX512F__)
+          if (split_dots) {
+            dot_heads_split<kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, k_row[j] + kv * params.k.head_stride,
+                                            params.k.head_stride, head_dim, s.s_t + l * ldn + j, ldn);
+            return;
+          }
+#endif
+        }
         int64_t stride = 0;
         const S* key = heads_of(params.k, k_row[j], kv, kCount, s.k_rows, &stride);
         dot_heads<Acc, S, kCount, kLanes>(s.q_rows + l * s.ldo, s.ldo, key, stride, s.s_t + l * ldn + j, ldn);
@@ -760,9 +909,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       if (chunk == 1) {  // the rows in address order (a loop of its own: as one with the
                          // chunks' below, MHA bf16 2-token decode lost 15%)
         for (int64_t j = 0; j < n; ++j) {
-          fetch_ahead(j);
-          each_group([&](int64_t kv, int64_t l, auto heads, auto group)
-                         __attribute__((always_inline)) { score(kv, l, heads, group, j); });
+          const T* k_ahead = nullptr;
+          if (!fetch_with_scores) {
+            fetch_ahead(j);
+          } else {
+            if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
+            k_ahead = key_row_ahead(j);
+          }
+          each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
+            if (fetch_with_scores && l == kv * lanes_per_kv) fetch_heads(k_ahead, kv, decltype(heads)::value, j);
+            score(kv, l, heads, group, j);
+          });
         }
         return;
       }
@@ -862,6 +1019,19 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         }
 #endif
         const Acc* p = s.s_t + l * ldn + j;
+        if constexpr (kSplitDots) {
+#if defined(__AVX512F__)
+          if (split_dots) {
+            const int64_t offset = kv * params.v.head_stride;
+            if (step) {
+              accumulate_rows_split<kLanes, kRows>(o, p, ldn, v_row + j, offset, s.ldo);
+            } else {
+              accumulate_rows_split<kLanes, 1>(o, p, ldn, v_row + j, offset, s.ldo);
+            }
+            return;
+          }
+#endif
+        }
         if constexpr (kDirect) {  // (S is T)
           if (step) {
             accumulate_rows<Acc, S, kLanes, kRows>(o, p, ldn, v_row + j, kv * params.v.head_stride, s.ldo);
@@ -895,6 +1065,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 #if defined(__AVX512BF16__)
     if constexpr (kPairDots) {
       if (pair_dots) pair_columns_in_order(s.o, s.ldo, lanes.lanes);
+    }
+#endif
+#if defined(__AVX512F__)
+    if constexpr (kSplitDots) {
+      if (split_dots) split_columns_in_order(s.o, s.ldo, lanes.lanes);
     }
 #endif
     write_block_output<T>(params, block, lanes, s);

@@ -41,6 +41,12 @@ struct DecodeVisit {
   int64_t key_hi = 0;
   bool first = false;
   bool last = false;
+  // The walk's next visit (next_params null after a part's last): its sequence's params and
+  // block, and its keys. The kernel prefetches that visit's first K rows as it ends this one.
+  const AttentionParams* next_params = nullptr;
+  const ForwardBlock* next_block = nullptr;
+  int64_t next_key_lo = 0;
+  int64_t next_key_hi = 0;
 };
 
 // A block's heads read one kv head, or (decode blocks only) whole GQA groups of several.

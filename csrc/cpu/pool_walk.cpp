@@ -212,6 +212,13 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
       visit.key_hi = run.key_hi;
       visit.first = i == walk.first_visit[slot];
       visit.last = i == walk.last_visit[slot];
+      if (i + 1 < static_cast<int64_t>(walk.visits.size())) {
+        const KeyRun& next = walk.visits[i + 1];
+        visit.next_params = &order.sequences[next.batch];
+        visit.next_block = &walk.blocks[walk.slot_of[next.batch]];
+        visit.next_key_lo = next.key_lo;
+        visit.next_key_hi = next.key_hi;
+      }
       kernels.decode_visit(order.sequences[run.batch], walk.blocks[slot], visit, scratch.get());
     }
   });
