@@ -6,7 +6,9 @@
 //                               time sharing one reduction tree, the max moved only when a
 //                               block's scores rise well above it (softmax_lanes)
 //   o[l] += Σ_j p[l][j] · v_j   one pass over each V row for all lanes (bf16: two rows per
-//                               VDPBF16PS, P rounded to bf16; accumulate_pairs_bf16)
+//                               VDPBF16PS, P rounded to bf16, accumulate_pairs_bf16; or where
+//                               VDPBF16PS is slow, rows split into floats on FMA,
+//                               accumulate_rows_split)
 // Each K/V row is read from memory once per block (a kv head of two lane groups reads its part
 // of a K row twice, the second time from L1), so the kernel runs at memory bandwidth. Blocks whose
 // q rows outgrow L1 (several query tokens) or whose kv heads have two lane groups take the score
@@ -318,7 +320,7 @@ inline void dot_rows_bf16(const BFloat16* q, int64_t ld_q, const BFloat16* const
 // (columns {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31} of the 32), and each lane's
 // probability pair (p[2t], p[2t + 1], bf16) multiplies them: half the multiply-adds of widening
 // V to fp32, and no widening. O rows therefore hold each 32 columns in that order (see
-// pair_columns_in_order). o_l += Σ_t p_l[t] · v_t for LANES lanes (o rows ld apart, ld a
+// pair_slot). o_l += Σ_t p_l[t] · v_t for LANES lanes (o rows ld apart, ld a
 // multiple of 32; the probability pairs of lane l at pp + l * ld_pp, broadcast from memory as
 // each product needs them) and rows rows[t] + offset; with kOddMissing the last pair's second
 // row is zero (an odd tail).
@@ -367,20 +369,9 @@ inline void probability_pairs(const float* p, int64_t ld, int64_t n_vectors, int
   }
 }
 
-// O rows written by accumulate_pairs_bf16 (each 32 columns in its order) back in column order.
-inline void pair_columns_in_order(float* o, int64_t ld, int64_t lanes) {
-  for (int64_t l = 0; l < lanes; ++l) {
-    for (int64_t c = 0; c < ld; c += 32) {
-      float* chunk = o + l * ld + c;
-      float held[32];
-      std::memcpy(held, chunk, sizeof(held));
-      for (int i = 0; i < 16; ++i) {  // slot i of the low / high half: column 8 (i / 4) + i % 4 (+ 4)
-        chunk[8 * (i / 4) + i % 4] = held[i];
-        chunk[8 * (i / 4) + i % 4 + 4] = held[16 + i];
-      }
-    }
-  }
-}
+// Where column d (of 32) sits in accumulate_pairs_bf16's order: slot i of the low / high half
+// holds column 8 (i / 4) + i % 4 (+ 4).
+inline int64_t pair_slot(int64_t d) { return d % 8 / 4 * 16 + d / 8 * 4 + d % 4; }
 #endif
 
 // Whether this ISA's decode may multiply bf16 K/V rows as split floats on FMA (below) instead
@@ -469,18 +460,21 @@ inline void accumulate_rows_split(float* o, const float* p, int64_t ld_p, const 
   }
 }
 
-// O rows in split order (accumulate_rows_split) back in column order.
-inline void split_columns_in_order(float* o, int64_t ld, int64_t lanes) {
+#endif
+
+// O rows whose 32-column chunks hold column d at slot(d) (pair_slot, split_slot) back in column
+// order.
+template <typename Slot>
+inline void columns_in_order(float* o, int64_t ld, int64_t lanes, Slot slot) {
   for (int64_t l = 0; l < lanes; ++l) {
     for (int64_t c = 0; c < ld; c += 32) {
       float* chunk = o + l * ld + c;
       float held[32];
       std::memcpy(held, chunk, sizeof(held));
-      for (int64_t d = 0; d < 32; ++d) chunk[d] = held[split_slot(d)];
+      for (int64_t d = 0; d < 32; ++d) chunk[d] = held[slot(d)];
     }
   }
 }
-#endif
 
 // o_l[0, ld) += Σ_t p_l[t] · v_t[0, ld) for LANES lanes (o rows ld apart, p_l = p + l * ld_p)
 // and ROWS value rows v_t = rows[t] + offset (each row from its own pointer, so rows on different
@@ -567,7 +561,8 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 // The P·V walk reads kDecodeValueRows rows side by side, which the hardware prefetchers do not
 // follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
 // block's K and V rows fit in L2 together (decode_staging_bytes), the score pass fetches V row j
-// along with K row j (every line), and P·V reads V from L2 (see prefetch_ahead for the rest).
+// along with K row j (every line), and P·V reads V from L2 (see prefetch_ahead and
+// fetch_with_scores for the rest).
 // benchmarks/ab_decode.py, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
@@ -789,13 +784,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   auto key_row_ahead = [&](int64_t j) -> const T* {
     if (j + k_rows_ahead < n) return k_row[j + k_rows_ahead];
     const int64_t key = j0 + j + k_rows_ahead;
-    if (visit == nullptr || key < std::min(keys.end, visit->key_hi)) {
-      if (key >= keys.end) return nullptr;
-      return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
-    }
-    if (visit->next_params == nullptr) return nullptr;
+    const int64_t end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);  // this block's keys
+    if (key < end) return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
+    if (visit == nullptr || visit->next_params == nullptr) return nullptr;
     const AttentionParams& next = *visit->next_params;
-    const int64_t next_key = visit->next_key_lo + key - std::min(keys.end, visit->key_hi);
+    const int64_t next_key = visit->next_key_lo + key - end;
     if (next_key >= visit->next_key_hi) return nullptr;
     const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin);
     return static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, next_key);
@@ -1070,12 +1063,12 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   if (visit == nullptr || visit->last) {
 #if defined(__AVX512BF16__)
     if constexpr (kPairDots) {
-      if (pair_dots) pair_columns_in_order(s.o, s.ldo, lanes.lanes);
+      if (pair_dots) columns_in_order(s.o, s.ldo, lanes.lanes, pair_slot);
     }
 #endif
 #if defined(__AVX512F__)
     if constexpr (kSplitDots) {
-      if (split_dots) split_columns_in_order(s.o, s.ldo, lanes.lanes);
+      if (split_dots) columns_in_order(s.o, s.ldo, lanes.lanes, split_slot);
     }
 #endif
     write_block_output<T>(params, block, lanes, s);
