@@ -87,7 +87,7 @@ bool heads_packable(const AttentionParams& params) {
 
 }  // namespace
 
-bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q) {
+bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q, const CpuKernelTable& kernels) {
   // Where the kv heads lie side by side in a cache row. In caches stored (B, Hkv, L, D) and seen
   // as (B, L, Hkv, D) (Hugging Face's), each kv head's rows run on by themselves, and a block per
   // group reads one stream: ab_decode.py --head-major, GB/s, one token MHA / GQA fp32 36.7 ->
@@ -95,7 +95,7 @@ bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q) {
   const bool rows_side_by_side = params.num_heads_kv == 1 || (kv_heads_side_by_side(params.k, params.head_dim) &&
                                                                kv_heads_side_by_side(params.v, params.head_dim));
   const int64_t group = params.num_heads / params.num_heads_kv;
-  return heads_packable(params) && rows_side_by_side && runs_decode_kernel(params, seqlen_q * group);
+  return heads_packable(params) && rows_side_by_side && runs_decode_kernel(params, seqlen_q * group, kernels);
 }
 
 namespace {
@@ -106,7 +106,7 @@ int64_t max_key_splits(const AttentionParams& params, int64_t span) {
   return params.dtype == DType::kFloat64 ? 1 : span / kMinSplitKeys;
 }
 
-std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_threads) {
+std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_threads, const CpuKernelTable& kernels) {
   std::vector<PlannedBlock> plan;
   const int64_t group = params.num_heads / params.num_heads_kv;
   const int64_t block_rows = std::max<int64_t>(1, forward_block_rows(params, num_threads));
@@ -117,7 +117,7 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
     const bool pack = group > 1 && seq.seqlen_q * group <= kPackedLanes && packable;
     // Decode: whole groups, up to kDecodeBlockLanes lanes, so cache rows are read front to back
     // (decodes_whole_rows).
-    const bool all_heads = decodes_whole_rows(params, seq.seqlen_q);
+    const bool all_heads = decodes_whole_rows(params, seq.seqlen_q, kernels);
     int64_t heads_per_block = pack ? group : 1;
     if (all_heads) {  // ... but at least 2 blocks per thread: from key splits (split_keys) where
       // the cache is long enough, which keep each cache row read whole, else from the heads
@@ -152,7 +152,8 @@ std::vector<PlannedBlock> plan_blocks(const AttentionParams& params, int num_thr
 // blocks that carry more than a share (half a thread's) of the work: a long sequence decoded
 // next to short ones (its heads stay in one block, see plan_blocks) is still spread over the
 // threads.
-int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads) {
+int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& params, int num_threads,
+                   const CpuKernelTable& kernels) {
   const int64_t blocks = static_cast<int64_t>(plan.size());
   if (blocks == 0) return 0;
   int64_t total_cost = 0;
@@ -165,7 +166,7 @@ int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& param
     const KeyRange keys = visible_keys_of_rows(seq, planned.block.row_begin, planned.block.row_end);
     const int64_t span = keys.end - keys.begin;
     int64_t want = blocks < 2 * num_threads ? (2 * num_threads + blocks - 1) / blocks : 1;
-    if (runs_decode_kernel(params, lanes_per_kv_head(params, planned.block))) {
+    if (runs_decode_kernel(params, lanes_per_kv_head(params, planned.block), kernels)) {
       want = std::max(want, (planned.cost + share - 1) / share);
     }
     const int64_t splits = std::min<int64_t>(want, max_key_splits(params, span));
@@ -194,8 +195,8 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
   const CpuKernelTable& kernels = kernels_for_isa(isa);
   if (params.batch == 0 || params.num_heads == 0) return;
   if (decode_in_pool_order(params, kernels, num_threads)) return;
-  std::vector<PlannedBlock> plan = plan_blocks(params, num_threads);
-  const int64_t merged = split_keys(plan, params, num_threads);
+  std::vector<PlannedBlock> plan = plan_blocks(params, num_threads, kernels);
+  const int64_t merged = split_keys(plan, params, num_threads, kernels);
   std::stable_sort(plan.begin(), plan.end(),
                    [](const PlannedBlock& a, const PlannedBlock& b) { return a.cost > b.cost; });
 

@@ -32,11 +32,13 @@ void attention_backward(const BackwardParams& params, const std::string& isa, in
 // keep using b for dropout and ALiBi). Returns params unchanged for plain batches.
 AttentionParams sequence_params(const AttentionParams& params, int64_t b);
 
+struct CpuKernelTable;  // kernel_table.h
+
 // Whether a sequence of seqlen_q query rows decodes in blocks of whole GQA groups that read each
 // cache row (all its kv heads) in one sweep, as plan_blocks makes them: no dropout or per-head
 // mask, kv heads side by side in a cache row, and few enough lanes per kv head for the decode
-// kernel.
-bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q);
+// kernel (runs_decode_kernel with the ISA's kernels).
+bool decodes_whole_rows(const AttentionParams& params, int64_t seqlen_q, const CpuKernelTable& kernels);
 
 // Query rows per task: the largest of 256, 128, 64, 32 (capped by seqlen_q) that still gives
 // every thread about four tasks, so dynamic scheduling can balance causal work.

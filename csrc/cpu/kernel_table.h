@@ -64,23 +64,6 @@ inline int64_t lanes_per_kv_head(const AttentionParams& params, const ForwardBlo
 // The decode planner and kernel choose their walk by it.
 inline bool kv_heads_side_by_side(const TensorRef& t, int64_t head_dim) { return t.head_stride == head_dim; }
 
-// Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes
-// in one lane group, up to twice that many in two (5-8 lanes); more (see tiles.h) as groups of
-// kDecodeLanes and a last one of the rest, up to kDecodeMaxLanesPerKv for GQA (not fp64) and for
-// bf16/fp16 MHA in whole groups, and up to kDecodeMaxBf16LanesPerKv for bf16 GQA whose q rows
-// dot_rows_bf16 holds in registers.
-inline bool runs_decode_kernel(const AttentionParams& params, int64_t lanes_per_kv) {
-  if (lanes_per_kv <= 2 * kDecodeLanes) return true;
-  const bool gqa = params.num_heads != params.num_heads_kv;
-  const bool two_byte = params.dtype == DType::kBFloat16 || params.dtype == DType::kFloat16;
-  if (lanes_per_kv <= kDecodeMaxLanesPerKv) {
-    return gqa ? params.dtype != DType::kFloat64 : two_byte && lanes_per_kv % kDecodeLanes == 0;
-  }
-  const bool bf16_in_registers =
-      params.dtype == DType::kBFloat16 && params.head_dim % 32 == 0 && params.head_dim <= 128;
-  return lanes_per_kv <= kDecodeMaxBf16LanesPerKv && gqa && bf16_in_registers;
-}
-
 struct CpuKernelTable {
   const char* isa_name;
   // Bytes of per-thread scratch that forward_block needs for q-blocks of block_rows rows.
@@ -108,7 +91,31 @@ struct CpuKernelTable {
 
   // y[i] = exp(x[i]) through the kernels' vector exp (exp_vec), for its accuracy test.
   void (*exp_floats)(const float* x, float* y, int64_t n);
+
+  // Whether blocks of more than 2 * kDecodeLanes lanes per kv head that the decode kernel could
+  // take run faster on forward_block's tile (see runs_decode_kernel).
+  bool (*decode_prefers_tiles)(const AttentionParams& params, int64_t lanes_per_kv);
 };
+
+// Whether blocks with `lanes_per_kv` lanes per kv head run the decode kernel: up to kDecodeLanes
+// in one lane group, up to twice that many in two (5-8 lanes); more (see tiles.h) as groups of
+// kDecodeLanes and a last one of the rest, up to kDecodeMaxLanesPerKv for GQA (not fp64) and for
+// bf16/fp16 MHA in whole groups, and up to kDecodeMaxBf16LanesPerKv for bf16 GQA whose q rows
+// dot_rows_bf16 holds in registers; fewer where the ISA's forward tile kernel is faster
+// (CpuKernelTable::decode_prefers_tiles: bf16 on AMX tiles past two lane groups).
+inline bool runs_decode_kernel(const AttentionParams& params, int64_t lanes_per_kv, const CpuKernelTable& kernels) {
+  if (lanes_per_kv <= 2 * kDecodeLanes) return true;
+  if (kernels.decode_prefers_tiles(params, lanes_per_kv)) return false;
+  const bool gqa = params.num_heads != params.num_heads_kv;
+  const bool two_byte = params.dtype == DType::kBFloat16 || params.dtype == DType::kFloat16;
+  if (lanes_per_kv <= kDecodeMaxLanesPerKv) {
+    return gqa ? params.dtype != DType::kFloat64 : two_byte && lanes_per_kv % kDecodeLanes == 0;
+  }
+  const bool bf16_in_registers =
+      params.dtype == DType::kBFloat16 && params.head_dim % 32 == 0 && params.head_dim <= 128;
+  return lanes_per_kv <= kDecodeMaxBf16LanesPerKv && gqa && bf16_in_registers;
+}
+
 
 #define FUSEDATTN_DECLARE_ISA(isa) \
   namespace isa {                  \

@@ -42,10 +42,10 @@ struct KeyRun {
 // (ab_decode.py --cases 4-float32-paged,4-bfloat16-paged,... and --queries 2). Not kv heads of
 // more lane groups (kManyLaneGroups): a 16-row visit of 4 tokens of 32 / 8 bf16 heads would
 // carry 96 KiB of q and O for its 64 KiB of K and V (not measured).
-bool walkable(const AttentionParams& params) {
+bool walkable(const AttentionParams& params, const CpuKernelTable& kernels) {
   const SequenceLayout& layout = params.sequences;
   if (layout.block_table == nullptr || layout.k_begin != nullptr || layout.cu_seqlens_q != nullptr) return false;
-  if (params.dtype == DType::kFloat64 || !decodes_whole_rows(params, params.seqlen_q)) return false;
+  if (params.dtype == DType::kFloat64 || !decodes_whole_rows(params, params.seqlen_q, kernels)) return false;
   const int64_t lanes_per_kv = params.seqlen_q * (params.num_heads / params.num_heads_kv);
   const bool lane_groups_walk = lanes_per_kv <= kDecodeLanes ||
                                 (lanes_per_kv <= 2 * kDecodeLanes && params.dtype == DType::kBFloat16);
@@ -159,7 +159,7 @@ std::vector<WalkPart> cut_into_parts(const AttentionParams& params, const PoolOr
 }  // namespace
 
 bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& kernels, int num_threads) {
-  if (!walkable(params)) return false;
+  if (!walkable(params, kernels)) return false;
   PoolOrder order;
   if (!plan_pool_order(params, order)) return false;
   std::vector<WalkPart> parts = cut_into_parts(params, order, std::max(1, num_threads));
