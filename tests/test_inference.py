@@ -14,7 +14,7 @@ import torch
 import fusedattn
 from fusedattn import reference
 
-from conftest import assert_close_to_reference, torch_attention  # noqa: F401  (shared tolerance helpers)
+from conftest import ISAS, assert_close_to_reference, force_isa, torch_attention  # noqa: F401  (shared tolerance helpers)
 
 
 def _packed(lengths, heads, head_dim, dtype=torch.float32, grad=False):
@@ -688,11 +688,26 @@ def test_decode_many_lane_groups(shape, page_size, dtype):
     kernel as lane groups of 4 and a last one of the rest, each over the whole key block; bf16 at
     head_dim 32-128 keeps each group's q rows in registers (dot_rows_bf16), head_dim 72 converts
     each K row. 10 tokens of MHA and the fp32/fp16 21-32-lane shapes take the transposed tile,
-    checked here as well. Lengths that are not a multiple of the value steps, pages of 3 rows.
-    Against the fp64 reference, per sequence."""
+    checked here as well, as do the bf16 shapes of 9+ lanes on the avx512amx ISA (AMX products;
+    the next test pins the decode kernel's bf16 groups there). Lengths that are not a multiple
+    of the value steps, pages of 3 rows. Against the fp64 reference, per sequence."""
     num_heads, num_heads_kv, queries, head_dim = shape
     _check_decode(num_heads, num_heads_kv, queries, [16, 19, 70, 133], 144, page_size, dtype,
                   seed=num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)
+
+
+@pytest.mark.skipif("avx512bf16" not in ISAS, reason="no AVX512-BF16 on this CPU")
+@pytest.mark.parametrize("page_size", [None, 3], ids=["contiguous", "pages-of-3"])
+@pytest.mark.parametrize("shape", [(8, 2, 3, 128), (8, 2, 8, 128), (28, 4, 3, 64), (4, 4, 16, 32), (8, 2, 4, 72)],
+                         ids=lambda s: f"h{s[0]}-kv{s[1]}-q{s[2]}-d{s[3]}")
+def test_decode_many_lane_groups_bf16_on_vdpbf16ps(shape, page_size):
+    """The bf16 shapes of 9-32 lanes per kv head under the avx512bf16 ISA, whose decode kernel
+    takes them (dot_rows_bf16's q in registers, 12 and 16 tokens of MHA, head_dim 72 converted),
+    where the avx512amx ISA would give them to the AMX tile: so CPUs with AMX test them too."""
+    num_heads, num_heads_kv, queries, head_dim = shape
+    with force_isa("avx512bf16"):
+        _check_decode(num_heads, num_heads_kv, queries, [16, 19, 70, 133], 144, page_size, torch.bfloat16,
+                      seed=num_heads * 100 + num_heads_kv * 10 + queries, head_dim=head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
