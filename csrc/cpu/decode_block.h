@@ -566,7 +566,7 @@ inline void with_lane_groups(int64_t lanes_per_kv, F&& f) {
 // follow: from DRAM it ran at what memory and arithmetic take one after the other. So where a
 // block's K and V rows fit in L2 together (decode_staging_bytes), the score pass fetches V row j
 // along with K row j (every line), and P·V reads V from L2 (see prefetch_ahead and
-// fetch_with_scores for the rest).
+// fetch_heads for the rest).
 // benchmarks/ab_decode.py, 2 threads, % of a torch.sum timed alongside: GQA bf16 49-55% ->
 // 61-71%, GQA fp32 66-67% -> 71-72% against 16 (then 4) rows per kv head before the next head.
 // kDirect: K/V rows are read in place (a whole number of vectors wide), else each row is first
@@ -652,7 +652,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
   // A visit of a pool walk (one run of pages: its key blocks end with the run) stages by its own
   // rows where the score pass spreads its fetches (kv heads of several lanes, see
-  // fetch_with_scores): ab_decode.py, pages of 16, GQA fp32 (64 KiB pages, 128 KiB of K+V per
+  // fetch_heads): ab_decode.py, pages of 16, GQA fp32 (64 KiB pages, 128 KiB of K+V per
   // visit) 74% -> 78% of a torch.sum; MHA bf16 (one lane, a fetch per row) lost 71% -> 66%.
   const int64_t staged_rows =
       visit == nullptr || lanes_per_kv == 1 ? kBlockN : std::min(kBlockN, visit->key_hi - visit->key_lo);
@@ -773,21 +773,26 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
-  // Kv heads of several lanes (GQA, or several tokens), one row at a time (the score pass's
-  // common case): the prefetches go with the scores instead of prefetch_ahead's, each kv head's
-  // part of K row j + k_rows_ahead and, where V is staged, of V row j just before that head's
-  // scores of row j. On the Intel machine the hardware prefetchers run little ahead of a kernel
-  // that computes between its loads (benchmarks/cpu_rates.py), so memory and arithmetic took
-  // turns; fetches spread over the arithmetic keep lines in flight all along. ab_decode.py,
-  // % of a torch.sum timed alongside, before -> after: GQA bf16 54% -> 64%, fp32 71% -> 83%;
-  // paged (16) GQA bf16 49% -> 58%, fp32 81% -> 95%. MHA one token (one lane per kv head,
-  // little arithmetic per byte) keeps prefetch_ahead: with these, fp32 lost 5 points (90% -> 85%).
+  // One row at a time (the score pass's common case), the prefetches go with the scores instead
+  // of prefetch_ahead's: just before a kv head's scores of row j, the K lines
+  // kDecodeKeyAheadBytes further on in the cache's rows (where the block's kv heads lie side by
+  // side, the rows read as one stream; else that head's part of row j + k_rows_ahead) and,
+  // where V is staged, the head's part of V row j. On the Intel machine the hardware
+  // prefetchers run little ahead of a kernel that computes between its loads
+  // (benchmarks/cpu_rates.py), so memory and arithmetic took turns; fetches spread over the
+  // arithmetic keep lines in flight all along. ab_decode.py, % of a torch.sum timed alongside,
+  // before -> after (one row ahead): GQA bf16 54% -> 64%, fp32 71% -> 83%; paged (16) GQA bf16
+  // 49% -> 58%, fp32 81% -> 95%. MHA, whose rows of 8-16 KiB put one row too far ahead, lost
+  // with whole rows (fp32 90% -> 85%) and gains with the stream's bytes (see
+  // kDecodeKeyAheadBytes).
+  const int64_t row_elements = row_bytes / static_cast<int64_t>(sizeof(T));
   const int64_t k_rows_ahead = std::max<int64_t>(1, (kDecodeKeyAheadBytes + row_bytes - 1) / row_bytes);
-  // K row j + k_rows_ahead of the block's first kv head, past the key block too: the sequence's
-  // next rows, or past a visit's keys the next visit's first rows (null past them all).
-  auto key_row_ahead = [&](int64_t j) -> const T* {
-    if (j + k_rows_ahead < n) return k_row[j + k_rows_ahead];
-    const int64_t key = j0 + j + k_rows_ahead;
+  // Row jj (from the key block's start, jj >= 0) of the block's first kv head, past the key block
+  // too: the sequence's next rows, or past a visit's keys the next visit's first rows (null past
+  // them all).
+  auto key_row = [&](int64_t jj) -> const T* {
+    if (jj < n) return k_row[jj];
+    const int64_t key = j0 + jj;
     const int64_t end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);  // this block's keys
     if (key < end) return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
     if (visit == nullptr || visit->next_params == nullptr) return nullptr;
@@ -797,12 +802,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin);
     return static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, next_key);
   };
-  const bool fetch_with_scores = lanes_per_kv > 1;
-  auto fetch_heads = [&](const T* k_ahead, int64_t kv, int64_t count, int64_t j) __attribute__((always_inline)) {
-    for (int64_t h = kv; h < kv + count; ++h) {
-      if (k_ahead != nullptr) prefetch_row(k_ahead + h * params.k.head_stride, head_dim);
-      if (stage_values) prefetch_row(v_row[j] + h * params.v.head_stride, head_dim);
+  constexpr int64_t kKeyAheadElements = kDecodeKeyAheadBytes / static_cast<int64_t>(sizeof(T));
+  auto fetch_heads = [&](int64_t kv, int64_t count, int64_t j) __attribute__((always_inline)) {
+    if (k_side_by_side) {  // the lines kKeyAheadElements past head kv's part of row j, within a row
+      const int64_t target = kv * head_dim + kKeyAheadElements;
+      const int64_t within = target % row_elements;
+      const T* row = key_row(j + target / row_elements);
+      if (row != nullptr) prefetch_row(row + within, std::min(count * head_dim, row_elements - within));
+    } else if (const T* row = key_row(j + k_rows_ahead); row != nullptr) {
+      for (int64_t h = kv; h < kv + count; ++h) prefetch_row(row + h * params.k.head_stride, head_dim);
     }
+    for (int64_t h = kv; h < kv + count && stage_values; ++h) prefetch_row(v_row[j] + h * params.v.head_stride, head_dim);
   };
 
   // Key blocks: kBlockN-aligned from the first visible key, or a visit's keys cut at the same
@@ -912,15 +922,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       if (chunk == 1) {  // the rows in address order (a loop of its own: as one with the
                          // chunks' below, MHA bf16 2-token decode lost 15%)
         for (int64_t j = 0; j < n; ++j) {
-          const T* k_ahead = nullptr;
-          if (!fetch_with_scores) {
-            fetch_ahead(j);
-          } else {
-            if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
-            k_ahead = key_row_ahead(j);
-          }
+          if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
           each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
-            if (fetch_with_scores && l == kv * lanes_per_kv) fetch_heads(k_ahead, kv, decltype(heads)::value, j);
+            if (l == kv * lanes_per_kv) fetch_heads(kv, decltype(heads)::value, j);
             score(kv, l, heads, group, j);
           });
         }

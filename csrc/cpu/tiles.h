@@ -205,13 +205,14 @@ constexpr int64_t kSmallPagePrefetchBytes = 49152;
 // 15.9 -> 22.3, MHA fp32 27.6 -> 35.7 (sum about 70 GB/s); pages of 4 rows +5-10%; of 16 rows
 // +1-6% at about 70 GB/s, nothing at 45. 64 and 192 rows measured alike.
 constexpr int64_t kTranslationAheadRows = 64;
-// Where kv heads have several lanes, the decode kernel's score pass (one row at a time)
-// prefetches each kv head's part of the K row at least this far ahead (one row of 2 KiB or
-// more; the fetches spread over the row's heads, see decode_block.h). benchmarks/cpu_rates.py on
-// the Intel machine, one thread, two streams with arithmetic between the loads: 11.6 GB/s with
-// the hardware prefetchers alone, 14.4 / 14.7 / 14.2 / 14.0 with K 1 / 2 / 4 / 16 KiB ahead;
-// ab_decode.py, one and two rows ahead measured alike.
-constexpr int64_t kDecodeKeyAheadBytes = 2048;
+// The decode kernel's score pass (one row at a time) prefetches the K lines this far ahead of
+// each kv head's part of the row it scores, spread over the row's heads (see decode_block.h).
+// benchmarks/cpu_rates.py on the Intel machine, one thread, two streams with arithmetic between
+// the loads: 11.6 GB/s with the hardware prefetchers alone, 14.4 / 14.7 / 14.2 / 14.0 with K
+// 1 / 2 / 4 / 16 KiB ahead. profile_decode.py-style, MHA bf16 (8 KiB rows) from DRAM, one
+// thread, % of the stream: 73-77% with prefetch_ahead, 78% with 1-2 KiB ahead, 80-86% with 4,
+// 71-76% with 8 (one row), 68-72% with 16.
+constexpr int64_t kDecodeKeyAheadBytes = 4096;
 
 }  // namespace FUSEDATTN_ISA
 }  // namespace cpu
