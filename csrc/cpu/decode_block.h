@@ -626,8 +626,9 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
-  // Software prefetch besides the V rows fetched by the score pass (benchmarks/ab_decode.py, % of
-  // a torch.sum timed alongside):
+  // Software prefetch besides the V rows fetched by the score pass, for the score pass in chunks
+  // of rows (one row at a time it fetches K with the scores instead: fetch_heads below) and for
+  // P·V (benchmarks/ab_decode.py, % of a torch.sum timed alongside):
   //  - paged caches whose pages hold kSmallPageBytes or less: the cache jumps elsewhere every few
   //    rows and the hardware prefetchers restart at each jump, so every line of the row
   //    kSmallPagePrefetchBytes ahead is fetched (the K pass reaching into the block's V rows,
