@@ -774,6 +774,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     }
   };
 
+  // Key blocks: kBlockN-aligned from the first visible key, or a visit's keys cut at the same
+  // multiples of kBlockN.
+  const int64_t walk_begin = visit == nullptr ? keys.begin / kBlockN * kBlockN : std::max(keys.begin, visit->key_lo);
+  const int64_t walk_end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);
+
   // One row at a time (the score pass's common case), the prefetches go with the scores instead
   // of prefetch_ahead's: just before a kv head's scores of row j, the K lines
   // kDecodeKeyAheadBytes further on in the cache's rows (where the block's kv heads lie side by
@@ -794,21 +799,22 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   auto key_row = [&](int64_t jj) -> const T* {
     if (jj < n) return k_row[jj];
     const int64_t key = j0 + jj;
-    const int64_t end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);  // this block's keys
-    if (key < end) return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
+    if (key < walk_end) return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
     if (visit == nullptr || visit->next_params == nullptr) return nullptr;
     const AttentionParams& next = *visit->next_params;
-    const int64_t next_key = visit->next_key_lo + key - end;
+    const int64_t next_key = visit->next_key_lo + key - walk_end;
     if (next_key >= visit->next_key_hi) return nullptr;
     const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin);
     return static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, next_key);
   };
+  // kDecodeKeyAheadBytes as whole rows and elements into the next: from kv head 0's part of a row.
   constexpr int64_t kKeyAheadElements = kDecodeKeyAheadBytes / static_cast<int64_t>(sizeof(T));
+  const int64_t ahead_rows = kKeyAheadElements / row_elements, ahead_within = kKeyAheadElements % row_elements;
   auto fetch_heads = [&](int64_t kv, int64_t count, int64_t j) __attribute__((always_inline)) {
     if (k_side_by_side) {  // the lines kKeyAheadElements past head kv's part of row j, within a row
-      const int64_t target = kv * head_dim + kKeyAheadElements;
-      const int64_t within = target % row_elements;
-      const T* row = key_row(j + target / row_elements);
+      int64_t rows = ahead_rows, within = ahead_within + kv * head_dim;  // (kv * head_dim < row_elements)
+      if (within >= row_elements) within -= row_elements, ++rows;
+      const T* row = key_row(j + rows);
       if (row != nullptr) prefetch_row(row + within, std::min(count * head_dim, row_elements - within));
     } else if (const T* row = key_row(j + k_rows_ahead); row != nullptr) {
       for (int64_t h = kv; h < kv + count; ++h) prefetch_row(row + h * params.k.head_stride, head_dim);
@@ -816,10 +822,6 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     for (int64_t h = kv; h < kv + count && stage_values; ++h) prefetch_row(v_row[j] + h * params.v.head_stride, head_dim);
   };
 
-  // Key blocks: kBlockN-aligned from the first visible key, or a visit's keys cut at the same
-  // multiples of kBlockN.
-  const int64_t walk_begin = visit == nullptr ? keys.begin / kBlockN * kBlockN : std::max(keys.begin, visit->key_lo);
-  const int64_t walk_end = visit == nullptr ? keys.end : std::min(keys.end, visit->key_hi);
   for (j0 = walk_begin; j0 < walk_end; j0 += n) {
     n = std::min(walk_end - j0, kBlockN - j0 % kBlockN);
     if (params.mask.type != MaskType::kNone) {
