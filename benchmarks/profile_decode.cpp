@@ -96,6 +96,7 @@ std::string profile_case(const char* dtype, int64_t heads_kv, int reps) {
 }
 
 int main(int argc, char** argv) {
+  request_amx_tiles();
   if (argc == 5 && std::string(argv[1]) == "perf") {
     const int64_t heads_kv = std::atoi(argv[2]);
     const bool bf16 = std::string(argv[3]) == "bf16";

@@ -8,8 +8,20 @@
 #include <new>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #define PROFILE_STRINGIFY_(x) #x
 #define PROFILE_STRINGIFY(x) PROFILE_STRINGIFY_(x)
+
+// Linux lets a process use AMX tiles only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM, as
+// fusedattn's cpu_has_amx does); kernels built for the avx512amx ISA fault without it.
+inline void request_amx_tiles() {
+#if defined(__AMX_TILE__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+  syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData);
+#endif
+}
 
 volatile float g_sink;  // keeps the results of timed loops alive
 
