@@ -15,6 +15,7 @@ import torch
 import fusedattn
 from conftest import ISAS, check_attention, force_isa, make_qkv
 from test_backward import check_backward
+from test_inference import _check_decode
 
 pytestmark = pytest.mark.skipif("avx512amx" not in ISAS, reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
 
@@ -83,6 +84,65 @@ def test_amx_chunked_prefill_over_paged_cache(page_size):
     seqlens = torch.full((batch,), cached + new, dtype=torch.int32)
     amx, pairs = _both_isas(lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
                                                                       block_table=table))
+    _assert_same_function(amx, pairs)
+
+
+# (heads, head_dim) of one MHA token whose cache rows hold 4 KiB or more of kv heads side by side
+# (8 KiB here, so blocks of half the heads still do): the decode kernel's scores of 16 evenly
+# spaced rows come from AMX tiles (amx_dot_rows). 160 is an odd count of 32-element tiles, 64 and
+# 256 the smallest and largest head_dims.
+AMX_DECODE_SHAPES = [(32, 128), (64, 64), (16, 256), (32, 160)]
+
+
+@pytest.mark.parametrize("lengths", [[15, 16, 33, 70, 100], [15, 16, 33, 70, 240]], ids=["table-order", "pool-walk"])
+@pytest.mark.parametrize("page_size", [None, 1, 8, 16, 24, 48],
+                         ids=lambda p: "contiguous" if p is None else f"pages-of-{p}")
+@pytest.mark.parametrize("heads,head_dim", AMX_DECODE_SHAPES, ids=lambda x: str(x))
+def test_amx_decode_scores_match_reference(heads, head_dim, page_size, lengths):
+    """Lengths short of a 16-row group, one group, and groups with tails; pages on which 16 rows
+    lie evenly apart (16, 48 rows; 24 only for its first group) and pages on which they do not (1,
+    8: the rows scored one by one). The shorter lengths read the pages in table order (their key
+    blocks cross pages), the longer ones (4 MiB or more of K/V) in pool order where the pages of a
+    visit allow. Two threads and five sequences, so each block holds a sequence's heads. Against
+    the fp64 reference and torch's bf16 math."""
+    fusedattn.set_num_threads(2)
+    with force_isa("avx512amx"):
+        _check_decode(heads, heads, 1, lengths, 240, page_size, torch.bfloat16, seed=heads * 1000 + head_dim,
+                      head_dim=head_dim)
+
+
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "pages-of-16"])
+@pytest.mark.parametrize("variant", ["softcap", "alibi", "window", "sinks", "lse", "split"])
+def test_amx_decode_score_variants_match_vdpbf16ps(variant, page_size):
+    """The score variants after the tiles' scores, and a long sequence split along its keys over
+    two threads (lengths off the 16-row groups), against the avx512bf16 ISA's row-by-row products."""
+    torch.manual_seed(2)
+    heads, head_dim, page = 32, 128, page_size or 1
+    lengths = [3000] if variant == "split" else [300, 251, 17, 64]
+    capacity = (max(lengths) + 15) // 16 * 16
+    k_cache, v_cache = (torch.randn(len(lengths) * capacity // page, page, heads, head_dim).bfloat16()
+                        for _ in range(2))
+    table = None
+    if page_size is not None:
+        table = torch.randperm(k_cache.shape[0]).to(torch.int32).reshape(len(lengths), -1)
+    else:
+        k_cache, v_cache = (c.reshape(len(lengths), capacity, heads, head_dim) for c in (k_cache, v_cache))
+    q = torch.randn(len(lengths), 1, heads, head_dim).bfloat16()
+    kwargs = {
+        "softcap": {"softcap": 3.0},
+        "alibi": {"alibi_slopes": torch.rand(heads)},
+        "window": {"window": (100, 0)},
+        "sinks": {"sinks": torch.randn(heads)},
+        "lse": {"return_lse": True},
+        "split": {},
+    }[variant]
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    fusedattn.set_num_threads(2)
+    amx, pairs = _both_isas(lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                                                      block_table=table, **kwargs))
+    if variant == "lse":
+        torch.testing.assert_close(amx[1], pairs[1], atol=1e-3, rtol=1e-3)
+        amx, pairs = amx[0], pairs[0]
     _assert_same_function(amx, pairs)
 
 

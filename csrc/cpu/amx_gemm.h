@@ -3,12 +3,13 @@
 // bf16 pairs; forward_block.h), and Oᵀ += Vᵀ · P, O kept transposed so that P's pairs (packed
 // as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs); the
 // backward's five products over its VDPBF16PS buffers, Pᵀ and dSᵀ transposed (transpose_u32)
-// where the tiles want them as A (backward_block.h).
+// where the tiles want them as A (backward_block.h); and the decode's scores of one MHA token,
+// 16 K rows in place against q as a one-column tile (amx_dot_rows, decode_block.h).
 // All eight tiles are 16 rows x 64 bytes (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16
-// pairs (32 bf16), B as 16 pairs x 16 columns. amx_gemm_pairs walks C in 32 x 32 blocks (four
-// C tiles, two A, two B), then the 16-wide edges. The tile configuration belongs to the
-// thread: AmxTileScope loads it and releases the tiles at the end of its scope (Linux saves
-// them with the thread's state).
+// pairs (32 bf16), B as 16 pairs x 16 columns (amx_dot_rows: C and B one column wide).
+// amx_gemm_pairs walks C in 32 x 32 blocks (four C tiles, two A, two B), then the 16-wide
+// edges. The tile configuration belongs to the thread: AmxTileScope loads it and releases the
+// tiles at the end of its scope (Linux saves them with the thread's state).
 #pragma once
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define FUSEDATTN_AMX 1  // the kernels' guard for their AMX paths (the avx512amx ISA only)
@@ -39,14 +40,19 @@ inline void copy_padded_pair_row(const void* src, int64_t pairs, int64_t padded,
   std::memset(static_cast<void*>(dst + have), 0, (padded - have) * sizeof(uint32_t));
 }
 
+// The tiles' shape: every tile 16 x 64 bytes (kFull), or C and B tiles (0-3, 6-7) one fp32
+// column / one pair wide (kOneColumn: amx_dot_rows below).
+enum class AmxTileShape { kFull, kOneColumn };
+
 class AmxTileScope {
  public:
-  AmxTileScope() {
+  explicit AmxTileScope(AmxTileShape shape = AmxTileShape::kFull) {
     std::memset(&config_, 0, sizeof(config_));
     config_.palette = 1;
     for (int t = 0; t < 8; ++t) {
+      const bool narrow = shape == AmxTileShape::kOneColumn && (t < 4 || t >= 6);
       config_.rows[t] = kAmxTile;
-      config_.colsb[t] = 64;
+      config_.colsb[t] = narrow ? 4 : 64;
     }
     _tile_loadconfig(&config_);
   }
@@ -100,6 +106,28 @@ inline void amx_block(int64_t pairs, const uint32_t* a, int64_t a_stride, const 
   if constexpr (NJ == 2) _tile_stored(1, c_tile(0, 1), c_bytes);
   if constexpr (MI == 2) _tile_stored(2, c_tile(1, 0), c_bytes);
   if constexpr (MI == 2 && NJ == 2) _tile_stored(3, c_tile(1, 1), c_bytes);
+}
+
+// s[r] = <q, rows + r * row_bytes> for 16 bf16 rows (head_dim a multiple of 32 elements, row_bytes
+// apart) and one bf16 q row: Sᵀ = K·qᵀ as 16 rows x one column, the rows read in place as A tiles
+// (32 elements each, tiles 4 and 5 in turn), q's 16 pairs per tile as a one-column B tile (6, 7),
+// so no horizontal sums; C in tile 0. Needs an AmxTileScope(AmxTileShape::kOneColumn) on this
+// thread.
+inline void amx_dot_rows(const void* q, const void* rows, int64_t row_bytes, int64_t head_dim, float* s) {
+  const char* k = static_cast<const char*>(rows);
+  const char* qb = static_cast<const char*>(q);
+  _tile_zero(0);
+  for (int64_t offset = 0; offset < head_dim * 2; offset += 128) {  // two slices of 64 bytes
+    _tile_loadd(4, k + offset, row_bytes);
+    _tile_loadd(6, qb + offset, 4);
+    _tile_dpbf16ps(0, 4, 6);
+    if (offset + 64 < head_dim * 2) {
+      _tile_loadd(5, k + offset + 64, row_bytes);
+      _tile_loadd(7, qb + offset + 64, 4);
+      _tile_dpbf16ps(0, 5, 7);
+    }
+  }
+  _tile_stored(0, s, 4);
 }
 
 // C[m x n] (+)= A[m x pairs] · B[pairs x n] in bf16 pairs (uint32: two bf16 of the reduction

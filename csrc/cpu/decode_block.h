@@ -1,7 +1,9 @@
 // The CPU forward for blocks of very few query rows (decode: one token per head, or a GQA
 // group's heads packed together), where the transposed Sᵀ = K·Qᵀ tile of forward_block.h would
 // fill one vector lane in W. Here the vectors run along head_dim instead:
-//   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums)
+//   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums; one
+//                               token of MHA bf16 on the avx512amx ISA: 16 rows per AMX tile,
+//                               amx_dot_rows)
 //   online softmax of each lane over the key block (vectors along the keys), W lanes at a
 //                               time sharing one reduction tree, the max moved only when a
 //                               block's scores rise well above it (softmax_lanes)
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "common/kv_layout.h"
@@ -651,6 +654,20 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t row_bytes = kv_count * head_dim * static_cast<int64_t>(sizeof(T));
   auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || kv_heads_side_by_side(t, head_dim); };
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
+#if defined(FUSEDATTN_AMX)
+  // One lane per kv head (one token of MHA), bf16 pairs, rows of 4 KiB or more with the kv heads
+  // side by side: the scores of 16 rows come from AMX tiles (amx_dot_rows) where the 16 rows lie
+  // evenly apart in memory (kv_rows_strided: a contiguous cache, or within a page), one kv head
+  // after the other. A tile load of 16 rows keeps 16 lines in flight where the row-by-row
+  // products with their horizontal sums kept memory and arithmetic taking turns. ab_decode.py,
+  // % of a torch.sum timed alongside, row by row -> tiles, --reps 15: MHA bf16 78% -> 89%,
+  // 101% -> 107%, paged (16) 74% -> 81%, 68% -> 81%; --heads 16 (4 KiB rows) --reps 25, three
+  // runs: 90-94% -> 102-107%, paged 84-97% -> 91-104%. Rows of 2 KiB (--heads 8) lost 85-95% ->
+  // 78-88%, and caches stored (B, Hkv, L, D) (--head-major) 96-113% -> 88-89%: they keep the rows.
+  const bool amx_scores = pair_dots && lanes_per_kv == 1 && k_side_by_side && row_bytes >= 4096;
+  std::optional<AmxTileScope> amx_scope;
+  if (amx_scores) amx_scope.emplace(AmxTileShape::kOneColumn);
+#endif
   // A visit of a pool walk (one run of pages: its key blocks end with the run) stages by its own
   // rows where the score pass spreads its fetches (kv heads of several lanes, see
   // fetch_heads): ab_decode.py, pages of 16, GQA fp32 (64 KiB pages, 128 KiB of K+V per
@@ -926,6 +943,21 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
                          // chunks' below, MHA bf16 2-token decode lost 15%)
         for (int64_t j = 0; j < n; ++j) {
           if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
+#if defined(FUSEDATTN_AMX)
+          if constexpr (kPairDots && kFirst == 1 && kSecond == 0) {
+            if (amx_scores && j % kAmxTile == 0 && j + kAmxTile <= n && kv_rows_strided(params, j0 + j, kAmxTile)) {
+              for (int64_t kv = 0; kv < kv_count; ++kv) {
+                for (int64_t r = 0; r < kAmxTile && stage_values; ++r) {
+                  prefetch_row(v_row[j + r] + kv * params.v.head_stride, head_dim);
+                }
+                amx_dot_rows(reinterpret_cast<const T*>(s.q_rows) + kv * s.ldo, k_row[j] + kv * params.k.head_stride,
+                             params.k.row_stride * static_cast<int64_t>(sizeof(T)), head_dim, s.s_t + kv * ldn + j);
+              }
+              j += kAmxTile - 1;
+              continue;
+            }
+          }
+#endif
           each_group([&](int64_t kv, int64_t l, auto heads, auto group) __attribute__((always_inline)) {
             if (l == kv * lanes_per_kv) fetch_heads(kv, decltype(heads)::value, j);
             score(kv, l, heads, group, j);
