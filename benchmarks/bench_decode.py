@@ -8,10 +8,14 @@ inference issue's shapes). fusedattn reads the cache through attention_with_kvca
 torch.sum over a 2 GiB fp32 tensor at the start, and, for "% BW", a torch.sum over as many
 bytes as the case's K/V, interleaved with the case's own timings (this machine's bandwidth
 drifts between about 45 and 80 GB/s over minutes, so only a measurement taken alongside is a
-fair yardstick). All timings interleaved, medians (DESIGN.md).
+fair yardstick). All timings interleaved, medians (DESIGN.md). Every contender (and the sum)
+reads fresh copies of the same cache, made anew in each of --allocations rounds: on this VM one
+allocation of the same bytes read 18 GB/s and another 27 (decode_placement.py), so a single
+allocation per contender decided ratios by luck (fusedattn once read the torch.randn output
+itself, the slowest of them).
 
-    python benchmarks/bench_decode.py [--reps N] [--batch B --seqlen L] [--queries N] [--heads 32]
-        [--heads-kv 32,8] [--dtypes float32,bfloat16] [--page-size 16] [--head-major]
+    python benchmarks/bench_decode.py [--reps N] [--allocations 3] [--batch B --seqlen L] [--queries N]
+        [--heads 32] [--heads-kv 32,8] [--dtypes float32,bfloat16] [--page-size 16] [--head-major]
 
 --batch / --seqlen change B and L (one sequence, B = 1, is the case where the key axis is split
 across the threads; B = 1 with L = 32768 reads as many bytes as the default). --queries N
@@ -63,38 +67,59 @@ def paged_copy(k_cache, v_cache, page, table):
     return pages[0], pages[1]
 
 
-def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, head_major=False, heads=HEADS):
+def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, allocations, head_major=False,
+                heads=HEADS):
+    """Medians of each contender's timings over `allocations` rounds, each with fresh copies of
+    every contender's tensors (made in a rotating order) and reps / allocations interleaved calls:
+    the speed of a memory-bound call depends on where its buffers lie (decode_placement.py), so
+    no contender keeps one lucky or unlucky allocation."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, heads, HEAD_DIM, generator=gen).to(dtype)
-    k_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
-    v_cache = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    k_source = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
+    v_source = torch.randn(batch, seqlen, num_heads_kv, HEAD_DIM, generator=gen).to(dtype)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
     pages = torch.randperm(batch * seqlen // page, generator=gen).to(torch.int32).reshape(batch, -1)
-    k_paged, v_paged = paged_copy(k_cache, v_cache, page, pages)
     q_sdpa = q.transpose(1, 2).contiguous()
-    k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))
-    if head_major:  # fusedattn reads SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D) views
-        k_cache, v_cache = k_sdpa.transpose(1, 2), v_sdpa.transpose(1, 2)
     gqa = num_heads_kv != heads
     # query i (of the last `queries` tokens) sees keys up to seqlen - queries + i: bottom-right causal
     causal_mask = None
     if queries > 1:
         causal_mask = torch.arange(seqlen)[None, :] <= torch.arange(seqlen - queries, seqlen)[:, None]
-    same_bytes = torch.ones(2 * k_cache.numel() * k_cache.element_size() // 4)  # fp32, beyond the caches
-    calls = {
-        "read-bw": lambda: same_bytes.sum(),
-        "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
-        "fusedattn-paged": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
-                                                                      block_table=pages),
-        "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=causal_mask,
-                                                             enable_gqa=gqa),
+    bytes_read = 2 * k_source.numel() * k_source.element_size()
+    makers = {
+        "contiguous": lambda: (k_source.clone(), v_source.clone()),
+        "paged": lambda: paged_copy(k_source, v_source, page, pages),
+        "sdpa": lambda: tuple(x.transpose(1, 2).contiguous() for x in (k_source, v_source)),
+        "sum": lambda: torch.ones(bytes_read // 4),  # fp32, as many bytes as the caches
     }
-    with torch.no_grad():
-        times, results, errors = bench.time_interleaved(calls, reps=reps)
-    if errors:
-        raise SystemExit(str(errors))
+    times = {}
+    per_round = max(1, -(-reps // allocations))
+    for round_index in range(allocations):
+        names = list(makers)
+        names = names[round_index % len(names):] + names[:round_index % len(names)]
+        made = {name: makers[name]() for name in names}
+        k_cache, v_cache = made["contiguous"]
+        k_paged, v_paged = made["paged"]
+        k_sdpa, v_sdpa = made["sdpa"]
+        if head_major:  # fusedattn reads SDPA's (B, Hkv, L, D) tensors as (B, L, Hkv, D) views
+            k_cache, v_cache = k_sdpa.transpose(1, 2), v_sdpa.transpose(1, 2)
+        same_bytes = made["sum"]
+        calls = {
+            "read-bw": lambda: same_bytes.sum(),
+            "fusedattn": lambda: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens),
+            "fusedattn-paged": lambda: fusedattn.attention_with_kvcache(q, k_paged, v_paged, cache_seqlens=seqlens,
+                                                                          block_table=pages),
+            "torch-sdpa": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=causal_mask,
+                                                                 enable_gqa=gqa),
+        }
+        with torch.no_grad():
+            round_times, results, errors = bench.time_interleaved(calls, reps=per_round)
+        if errors:
+            raise SystemExit(str(errors))
+        for name, t in round_times.items():
+            times.setdefault(name, []).extend(t)
+        del made, k_cache, v_cache, k_paged, v_paged, k_sdpa, v_sdpa, same_bytes, calls
     error = (results["fusedattn"].float() - results["torch-sdpa"].transpose(1, 2).float()).abs().max().item()
-    bytes_read = 2 * k_cache.numel() * k_cache.element_size()
     return {name: statistics.median(t) for name, t in times.items()}, bytes_read, error
 
 
@@ -116,7 +141,10 @@ def overhead_us(reps=3000) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=bench.positive_int, default=15)
+    parser.add_argument("--reps", type=bench.positive_int, default=15, help="timed calls per contender (default 15)")
+    parser.add_argument("--allocations", type=bench.positive_int, default=3,
+                        help="rounds of fresh copies of every contender's tensors, the reps spread over them "
+                             "(default 3; see decode_placement.py)")
     parser.add_argument("--batch", type=bench.positive_int, default=8, help="sequences (default 8)")
     parser.add_argument("--heads", type=bench.positive_int, default=HEADS, help=f"query heads (default {HEADS})")
     parser.add_argument("--heads-kv", default="32,8", help="kv head counts to run, dividing --heads (default 32,8)")
@@ -154,7 +182,8 @@ def main() -> int:
     for num_heads_kv in heads_kv:
         for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
             t, bytes_read, error = decode_case(args.batch, args.seqlen, args.queries, num_heads_kv, dtype,
-                                               args.page_size, args.reps, args.head_major, args.heads)
+                                               args.page_size, args.reps, args.allocations, args.head_major,
+                                               args.heads)
             ours, paged, sdpa, summed = t["fusedattn"], t["fusedattn-paged"], t["torch-sdpa"], t["read-bw"]
             rows.append((str(num_heads_kv), str(dtype).removeprefix("torch."), f"{ours * 1e3:.2f}",
                          f"{bytes_read / ours / 1e9:.1f}", f"{bytes_read / summed / 1e9:.1f}", f"{summed / ours:.0%}",

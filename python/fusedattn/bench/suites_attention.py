@@ -136,6 +136,10 @@ def decode_case(torch, shape, dtype_name, device) -> Case:
         q, k_cache, v_cache = (x.to(device) for x in cpu)
         q_bhsd = q.transpose(1, 2).contiguous()                                            # (B, Hq, 1, D)
         k_bhsd, v_bhsd = (x.transpose(1, 2).contiguous() for x in (k_cache, v_cache))      # (B, Hkv, L, D)
+        # fusedattn reads copies made the same way as SDPA's, not the torch.randn output: where a
+        # memory-bound call's buffers lie moved its speed by up to a third on a VM, and the randn
+        # output read slowest (benchmarks/decode_placement.py).
+        k_cache, v_cache = (x.clone() for x in (k_cache, v_cache))
         gqa = heads != heads_kv
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
