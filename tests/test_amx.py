@@ -87,14 +87,14 @@ def test_amx_chunked_prefill_over_paged_cache(page_size):
     _assert_same_function(amx, pairs)
 
 
-# (heads, head_dim) of one MHA token whose cache rows hold 4 KiB or more of kv heads side by side
-# (8 KiB here, so blocks of half the heads still do): the decode kernel's scores of 16 evenly
-# spaced rows come from AMX tiles (amx_dot_rows). 160 is an odd count of 32-element tiles, 64 and
+# (heads, head_dim) of MHA whose cache rows hold 4 KiB or more of kv heads side by side (8 KiB
+# here, so blocks of half the heads still do): the decode kernel's scores of 16 evenly spaced
+# rows come from AMX tiles (amx_dot_rows). 160 is an odd count of 32-element tiles, 64 and
 # 256 the smallest and largest head_dims.
 AMX_DECODE_SHAPES = [(32, 128), (64, 64), (16, 256), (32, 160)]
 
 
-@pytest.mark.parametrize("lengths", [[15, 16, 33, 70, 100], [15, 16, 33, 70, 240]], ids=["table-order", "pool-walk"])
+@pytest.mark.parametrize("lengths", [[15, 16, 33, 70, 100], [240, 240, 240, 240, 233]], ids=["table-order", "pool-walk"])
 @pytest.mark.parametrize("page_size", [None, 1, 8, 16, 24, 48],
                          ids=lambda p: "contiguous" if p is None else f"pages-of-{p}")
 @pytest.mark.parametrize("heads,head_dim", AMX_DECODE_SHAPES, ids=lambda x: str(x))
@@ -102,13 +102,28 @@ def test_amx_decode_scores_match_reference(heads, head_dim, page_size, lengths):
     """Lengths short of a 16-row group, one group, and groups with tails; pages on which 16 rows
     lie evenly apart (16, 48 rows; 24 only for its first group) and pages on which they do not (1,
     8: the rows scored one by one). The shorter lengths read the pages in table order (their key
-    blocks cross pages), the longer ones (4 MiB or more of K/V) in pool order where the pages of a
-    visit allow. Two threads and five sequences, so each block holds a sequence's heads. Against
-    the fp64 reference and torch's bf16 math."""
+    blocks cross pages); the longer ones fill the pool with 4 MiB or more of K/V, which a pool
+    walk reads in pool order, a visit per run of pages. Two threads and five sequences, so each
+    block holds a sequence's heads. Against the fp64 reference and torch's bf16 math."""
     fusedattn.set_num_threads(2)
     with force_isa("avx512amx"):
         _check_decode(heads, heads, 1, lengths, 240, page_size, torch.bfloat16, seed=heads * 1000 + head_dim,
                       head_dim=head_dim)
+
+
+@pytest.mark.parametrize("lengths", [[15, 16, 33, 70, 100], [240, 240, 240, 240, 233]], ids=["table-order", "pool-walk"])
+@pytest.mark.parametrize("page_size", [None, 16, 24], ids=lambda p: "contiguous" if p is None else f"pages-of-{p}")
+@pytest.mark.parametrize("queries", [2, 3, 4])
+@pytest.mark.parametrize("heads,head_dim", [(32, 128), (16, 256)], ids=lambda x: str(x))
+def test_amx_decode_scores_of_several_tokens(heads, head_dim, queries, page_size, lengths):
+    """2-4 tokens of MHA (2-4 lanes per kv head: Qᵀ packed once per block, kept between the visits
+    of a pool walk, the tile's 16 x lanes scores spread into lane rows; 4 lanes take the split
+    path, whose q rows carry the scale), causal from the bottom right. Against the fp64 reference
+    and torch's bf16 math."""
+    fusedattn.set_num_threads(2)
+    with force_isa("avx512amx"):
+        _check_decode(heads, heads, queries, lengths, 240, page_size, torch.bfloat16,
+                      seed=heads * 1000 + head_dim * 10 + queries, head_dim=head_dim)
 
 
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "pages-of-16"])

@@ -4,9 +4,9 @@
 // as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs); the
 // backward's five products over its VDPBF16PS buffers, Pᵀ and dSᵀ transposed (transpose_u32)
 // where the tiles want them as A (backward_block.h); and the decode's scores of one MHA token,
-// 16 K rows in place against q as a one-column tile (amx_dot_rows, decode_block.h).
+// 16 K rows in place against the 1-4 q rows of a kv head (amx_dot_rows, decode_block.h).
 // All eight tiles are 16 rows x 64 bytes (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16
-// pairs (32 bf16), B as 16 pairs x 16 columns (amx_dot_rows: C and B one column wide).
+// pairs (32 bf16), B as 16 pairs x 16 columns (amx_dot_rows: C and B 1-4 columns wide).
 // amx_gemm_pairs walks C in 32 x 32 blocks (four C tiles, two A, two B), then the 16-wide
 // edges. The tile configuration belongs to the thread: AmxTileScope loads it and releases the
 // tiles at the end of its scope (Linux saves them with the thread's state).
@@ -40,19 +40,17 @@ inline void copy_padded_pair_row(const void* src, int64_t pairs, int64_t padded,
   std::memset(static_cast<void*>(dst + have), 0, (padded - have) * sizeof(uint32_t));
 }
 
-// The tiles' shape: every tile 16 x 64 bytes (kFull), or C and B tiles (0-3, 6-7) one fp32
-// column / one pair wide (kOneColumn: amx_dot_rows below).
-enum class AmxTileShape { kFull, kOneColumn };
-
 class AmxTileScope {
  public:
-  explicit AmxTileScope(AmxTileShape shape = AmxTileShape::kFull) {
+  // columns: the width of C tiles (0-3, fp32) and B tiles (6-7, pairs); A tiles (4-5) are
+  // always 64 bytes wide. amx_dot_rows takes 1-4 columns, the GEMMs kAmxTile.
+  explicit AmxTileScope(int64_t columns = kAmxTile) {
     std::memset(&config_, 0, sizeof(config_));
     config_.palette = 1;
     for (int t = 0; t < 8; ++t) {
-      const bool narrow = shape == AmxTileShape::kOneColumn && (t < 4 || t >= 6);
+      const bool a_tile = t == 4 || t == 5;
       config_.rows[t] = kAmxTile;
-      config_.colsb[t] = narrow ? 4 : 64;
+      config_.colsb[t] = static_cast<uint16_t>(a_tile ? 64 : 4 * columns);
     }
     _tile_loadconfig(&config_);
   }
@@ -108,26 +106,28 @@ inline void amx_block(int64_t pairs, const uint32_t* a, int64_t a_stride, const 
   if constexpr (MI == 2 && NJ == 2) _tile_stored(3, c_tile(1, 1), c_bytes);
 }
 
-// s[r] = <q, rows + r * row_bytes> for 16 bf16 rows (head_dim a multiple of 32 elements, row_bytes
-// apart) and one bf16 q row: Sᵀ = K·qᵀ as 16 rows x one column, the rows read in place as A tiles
-// (32 elements each, tiles 4 and 5 in turn), q's 16 pairs per tile as a one-column B tile (6, 7),
-// so no horizontal sums; C in tile 0. Needs an AmxTileScope(AmxTileShape::kOneColumn) on this
+// c[r * lanes + l] = <q_l, rows + r * row_bytes> for 16 bf16 rows (head_dim a multiple of 32
+// elements, row_bytes apart) and 1-4 bf16 q rows: Sᵀ = K·Qᵀ as 16 rows x `lanes` columns, the
+// rows read in place as A tiles (32 elements each, tiles 4 and 5 in turn), Qᵀ as B tiles (6, 7)
+// from q_pairs [head_dim / 32][16][lanes] (pair r of lane l of each 32 elements: one raw q row
+// when lanes is 1), so no horizontal sums; C in tile 0. Needs an AmxTileScope(lanes) on this
 // thread.
-inline void amx_dot_rows(const void* q, const void* rows, int64_t row_bytes, int64_t head_dim, float* s) {
+inline void amx_dot_rows(const uint32_t* q_pairs, int64_t lanes, const void* rows, int64_t row_bytes,
+                         int64_t head_dim, float* c) {
   const char* k = static_cast<const char*>(rows);
-  const char* qb = static_cast<const char*>(q);
+  const int64_t slice_pairs = kAmxTile * lanes;  // q_pairs per 32 elements
   _tile_zero(0);
-  for (int64_t offset = 0; offset < head_dim * 2; offset += 128) {  // two slices of 64 bytes
-    _tile_loadd(4, k + offset, row_bytes);
-    _tile_loadd(6, qb + offset, 4);
+  for (int64_t slice = 0; slice < head_dim / 32; slice += 2) {
+    _tile_loadd(4, k + slice * 64, row_bytes);
+    _tile_loadd(6, q_pairs + slice * slice_pairs, 4 * lanes);
     _tile_dpbf16ps(0, 4, 6);
-    if (offset + 64 < head_dim * 2) {
-      _tile_loadd(5, k + offset + 64, row_bytes);
-      _tile_loadd(7, qb + offset + 64, 4);
+    if (slice + 1 < head_dim / 32) {
+      _tile_loadd(5, k + slice * 64 + 64, row_bytes);
+      _tile_loadd(7, q_pairs + (slice + 1) * slice_pairs, 4 * lanes);
       _tile_dpbf16ps(0, 5, 7);
     }
   }
-  _tile_stored(0, s, 4);
+  _tile_stored(0, c, 4 * lanes);
 }
 
 // C[m x n] (+)= A[m x pairs] · B[pairs x n] in bf16 pairs (uint32: two bf16 of the reduction

@@ -509,20 +509,41 @@ inline void accumulate_rows(Acc* o, const Acc* p, int64_t ld_p, const S* const* 
   }
 }
 
+#if defined(FUSEDATTN_AMX)
+// The scores of LANES lanes (1-4) from amx_dot_rows's tile c [16 rows][LANES], times factor,
+// into lane-major rows: s[l * ld_s + r] = c[r * LANES + l] * factor, by two VPERMT2PS per lane.
+template <int LANES>
+inline void lane_scores_from_tile(const float* c, float factor, float* s, int64_t ld_s) {
+  const __m512 low0 = _mm512_load_ps(c), low1 = _mm512_load_ps(c + 16);
+  const __m512 high0 = LANES > 2 ? _mm512_load_ps(c + 32) : _mm512_setzero_ps();
+  const __m512 high1 = LANES > 3 ? _mm512_load_ps(c + 48) : _mm512_setzero_ps();
+  const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int l = 0; l < LANES; ++l) {
+    const __m512i index = _mm512_add_epi32(_mm512_mullo_epi32(rows, _mm512_set1_epi32(LANES)), _mm512_set1_epi32(l));
+    const __mmask16 high = _mm512_cmpge_epi32_mask(index, _mm512_set1_epi32(32));
+    const __m512 scores = _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(low0, index, low1),
+                                               _mm512_permutex2var_ps(high0, index, high1));
+    _mm512_storeu_ps(s + l * ld_s, _mm512_mul_ps(scores, _mm512_set1_ps(factor)));
+  }
+}
+#endif
+
 // What a decode block keeps between the visits of a pool walk (DecodeVisit::state): the
 // ForwardScratch parts that outlive a key block, in elements of Acc (the key indices too).
 template <typename Acc>
 struct DecodeState {
   static int64_t elements(int64_t head_dim, int64_t lanes) {
     const int64_t ldq = round_up(lanes, Vec<Acc>::kWidth), ldo = round_up(head_dim, Vec<Acc>::kWidth);
-    return 2 * ldq * ldo + 6 * ldq;
+    return 2 * ldq * ldo + ldq * ldo / 2 + 6 * ldq;
   }
-  // Points s's lasting parts (o, q_rows, row_max, row_sum, query_pos, lane_slope, key_begin,
-  // key_end) into `state`; s's key-block parts stay in the thread's scratch.
+  // Points s's lasting parts (o, q_rows, q_t as the decode's packed AMX Qᵀ, row_max, row_sum,
+  // query_pos, lane_slope, key_begin, key_end) into `state`; s's key-block parts stay in the
+  // thread's scratch.
   static void place(void* state, ForwardScratch<Acc>& s) {
     Acc* p = static_cast<Acc*>(state);
     s.o = p;          p += s.ldq * s.ldo;
     s.q_rows = p;     p += s.ldq * s.ldo;
+    s.q_t = p;        p += s.ldq * s.ldo / 2;
     s.row_max = p;    p += s.ldq;
     s.row_sum = p;    p += s.ldq;
     s.query_pos = p;  p += s.ldq;
@@ -655,18 +676,44 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   auto side_by_side = [&](const TensorRef& t) { return kv_count == 1 || kv_heads_side_by_side(t, head_dim); };
   const bool k_side_by_side = side_by_side(params.k), v_side_by_side = side_by_side(params.v);
 #if defined(FUSEDATTN_AMX)
-  // One lane per kv head (one token of MHA), bf16 pairs, rows of 4 KiB or more with the kv heads
-  // side by side: the scores of 16 rows come from AMX tiles (amx_dot_rows) where the 16 rows lie
-  // evenly apart in memory (kv_rows_strided: a contiguous cache, or within a page), one kv head
-  // after the other. A tile load of 16 rows keeps 16 lines in flight where the row-by-row
-  // products with their horizontal sums kept memory and arithmetic taking turns. ab_decode.py,
-  // % of a torch.sum timed alongside, row by row -> tiles, --reps 15: MHA bf16 78% -> 89%,
-  // 101% -> 107%, paged (16) 74% -> 81%, 68% -> 81%; --heads 16 (4 KiB rows) --reps 25, three
-  // runs: 90-94% -> 102-107%, paged 84-97% -> 91-104%. Rows of 2 KiB (--heads 8) lost 85-95% ->
-  // 78-88%, and caches stored (B, Hkv, L, D) (--head-major) 96-113% -> 88-89%: they keep the rows.
-  const bool amx_scores = pair_dots && lanes_per_kv == 1 && k_side_by_side && row_bytes >= 4096;
+  // bf16 rows of 4 KiB or more with the kv heads side by side (MHA), 1-4 lanes per kv head: the
+  // scores of 16 rows come from AMX tiles (amx_dot_rows) where the 16 rows lie evenly apart in
+  // memory (kv_rows_strided: a contiguous cache, or within a page), one kv head after the other.
+  // A tile load of 16 rows keeps 16 lines in flight where the row-by-row products with their
+  // horizontal sums kept memory and arithmetic taking turns. ab_decode.py, % of a torch.sum
+  // timed alongside, row by row -> tiles: one token of MHA bf16 78% -> 89%, 101% -> 107%, paged
+  // (16) 74% -> 81%, 68% -> 81%; --heads 16 (4 KiB rows) --reps 25, three runs 90-94% ->
+  // 102-107%, paged 84-97% -> 91-104%; --queries 2 71% -> 87%, 75% -> 95%; --queries 3 63% ->
+  // 78%, 72% -> 85%; --queries 4 (blocks whose q outgrows L1, which took chunks of rows) 71% ->
+  // 84%, 69% -> 84%, paged 54% -> 66%, 49% -> 63% once a pool walk kept the packed Qᵀ between
+  // visits (2-3 tokens paged alike). Rows of 2 KiB lost: --heads 8 (MHA) 85-95% -> 78-88%, GQA
+  // bf16 (8 kv heads) 76% / 70% -> 71% / 74%, paged 66% -> 58-61%; so did caches stored (B, Hkv,
+  // L, D) (--head-major) 96-113% -> 88-89%: they keep the rows.
+  const bool amx_scores =
+      (lanes_per_kv == 1 ? pair_dots : (pair_dots || split_dots) && lanes_per_kv <= kDecodeLanes) && k_side_by_side &&
+      row_bytes >= 4096;
   std::optional<AmxTileScope> amx_scope;
-  if (amx_scores) amx_scope.emplace(AmxTileShape::kOneColumn);
+  // Qᵀ of each kv head as amx_dot_rows reads it, [head_dim / 32][16][lanes_per_kv] pairs per kv
+  // head, amx_q_per_kv apart: one lane's raw q row (q_rows), or more lanes' packed into q_t
+  // (which the decode kernel otherwise leaves unused; a pool walk keeps it in DecodeState).
+  const uint32_t* amx_q = reinterpret_cast<const uint32_t*>(s.q_rows);
+  int64_t amx_q_per_kv = s.ldo / 2;
+  if (amx_scores) {
+    amx_scope.emplace(lanes_per_kv);
+    if (lanes_per_kv > 1) {
+      uint32_t* packed = reinterpret_cast<uint32_t*>(s.q_t);
+      amx_q = packed;
+      amx_q_per_kv = head_dim / 2 * lanes_per_kv;
+      for (int64_t l = 0; l < lanes.lanes && (visit == nullptr || visit->first); ++l) {
+        const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
+                     lanes.head(block, l) * params.q.head_stride + lanes.row(block, l) * params.q.row_stride;
+        uint32_t* lane = packed + l / lanes_per_kv * amx_q_per_kv + l % lanes_per_kv;
+        for (int64_t pair = 0; pair < head_dim / 2; ++pair) std::memcpy(lane + pair * lanes_per_kv, q + 2 * pair, 4);
+      }
+    }
+  }
+#else
+  constexpr bool amx_scores = false;  // (tiles only on the avx512amx ISA)
 #endif
   // A visit of a pool walk (one run of pages: its key blocks end with the run) stages by its own
   // rows where the score pass spreads its fetches (kv heads of several lanes, see
@@ -679,8 +726,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t query_row_bytes =
       pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
-  const bool chunk_rows =
-      k_side_by_side && row_bytes >= 4096 && (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
+  const bool chunk_rows = !amx_scores && k_side_by_side && row_bytes >= 4096 &&
+                          (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);  // (tiles read q per 16 rows)
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   // (A pool walk reads the pages in address order, which the hardware prefetchers follow.)
   const bool small_pages =
@@ -944,14 +991,19 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
         for (int64_t j = 0; j < n; ++j) {
           if (small_pages) translate_ahead(j0 + j + kTranslationAheadRows);
 #if defined(FUSEDATTN_AMX)
-          if constexpr (kPairDots && kFirst == 1 && kSecond == 0) {
+          if constexpr ((kPairDots || kSplitDots) && kSecond == 0 && kFirst <= 4) {
             if (amx_scores && j % kAmxTile == 0 && j + kAmxTile <= n && kv_rows_strided(params, j0 + j, kAmxTile)) {
+              const Acc factor = split_dots ? scale : Acc(1);  // (split q rows are scaled, raw ones not)
               for (int64_t kv = 0; kv < kv_count; ++kv) {
                 for (int64_t r = 0; r < kAmxTile && stage_values; ++r) {
                   prefetch_row(v_row[j + r] + kv * params.v.head_stride, head_dim);
                 }
-                amx_dot_rows(reinterpret_cast<const T*>(s.q_rows) + kv * s.ldo, k_row[j] + kv * params.k.head_stride,
-                             params.k.row_stride * static_cast<int64_t>(sizeof(T)), head_dim, s.s_t + kv * ldn + j);
+                float* scores = s.s_t + kv * kFirst * ldn + j;
+                alignas(64) float c[kAmxTile * 4];
+                const bool in_place = kFirst == 1 && !split_dots;
+                amx_dot_rows(amx_q + kv * amx_q_per_kv, kFirst, k_row[j] + kv * params.k.head_stride,
+                             params.k.row_stride * static_cast<int64_t>(sizeof(T)), head_dim, in_place ? scores : c);
+                if (!in_place) lane_scores_from_tile<kFirst>(c, factor, scores, ldn);
               }
               j += kAmxTile - 1;
               continue;
