@@ -3,7 +3,7 @@
 // bf16 pairs; forward_block.h), and Oᵀ += Vᵀ · P, O kept transposed so that P's pairs (packed
 // as for VDPBF16PS) are the B operand and only V is transposed (transpose_value_pairs); the
 // backward's five products over its VDPBF16PS buffers, Pᵀ and dSᵀ transposed (transpose_u32)
-// where the tiles want them as A (backward_block.h); and the decode's scores of one MHA token,
+// where the tiles want them as A (backward_block.h); and the decode's scores of 1-4 MHA tokens,
 // 16 K rows in place against the 1-4 q rows of a kv head (amx_dot_rows, decode_block.h).
 // All eight tiles are 16 rows x 64 bytes (AmxTileScope): C as 16 x 16 fp32, A as 16 rows x 16
 // pairs (32 bf16), B as 16 pairs x 16 columns (amx_dot_rows: C and B 1-4 columns wide).

@@ -1,8 +1,8 @@
 // The CPU forward for blocks of very few query rows (decode: one token per head, or a GQA
 // group's heads packed together), where the transposed Sᵀ = K·Qᵀ tile of forward_block.h would
 // fill one vector lane in W. Here the vectors run along head_dim instead:
-//   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums; one
-//                               token of MHA bf16 on the avx512amx ISA: 16 rows per AMX tile,
+//   s[l][j] = <q_l, k_j>        one pass over each K row for all lanes (horizontal sums; 1-4
+//                               tokens of MHA bf16 on the avx512amx ISA: 16 rows per AMX tile,
 //                               amx_dot_rows)
 //   online softmax of each lane over the key block (vectors along the keys), W lanes at a
 //                               time sharing one reduction tree, the max moved only when a
@@ -607,6 +607,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const BlockLanes lanes{block.row_end - block.row_begin, (block.row_end - block.row_begin) * block.head_count};
   ForwardScratch<Acc> s = ForwardScratch<Acc>::carve(scratch, head_dim, lanes.lanes);
   if (visit != nullptr) DecodeState<Acc>::place(visit->state, s);
+  const bool resumed = visit != nullptr && !visit->first;  // the lanes' state is already in visit->state
   const int64_t kv_first = kv_head_of(params, block.head_begin);
   const int64_t lanes_per_kv = lanes_per_kv_head(params, block);
   const int64_t kv_count = lanes.lanes / lanes_per_kv;
@@ -704,7 +705,7 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       uint32_t* packed = reinterpret_cast<uint32_t*>(s.q_t);
       amx_q = packed;
       amx_q_per_kv = head_dim / 2 * lanes_per_kv;
-      for (int64_t l = 0; l < lanes.lanes && (visit == nullptr || visit->first); ++l) {
+      for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
         const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
                      lanes.head(block, l) * params.q.head_stride + lanes.row(block, l) * params.q.row_stride;
         uint32_t* lane = packed + l / lanes_per_kv * amx_q_per_kv + l % lanes_per_kv;
@@ -726,8 +727,8 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   const int64_t query_row_bytes =
       pair_dots ? head_dim * static_cast<int64_t>(sizeof(T)) : s.ldo * static_cast<int64_t>(sizeof(Acc));
   const int64_t query_bytes = lanes.lanes * query_row_bytes;  // the block's q rows as the products read them
-  const bool chunk_rows = !amx_scores && k_side_by_side && row_bytes >= 4096 &&
-                          (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);  // (tiles read q per 16 rows)
+  const bool chunk_rows = !amx_scores && k_side_by_side && row_bytes >= 4096 &&  // (tiles read q per 16 rows)
+                          (query_bytes > kDecodeQueryL1Bytes || lanes_per_kv > kDecodeLanes);
   const int64_t score_rows = chunk_rows ? kDecodeScoreChunkRows : 1;
   // (A pool walk reads the pages in address order, which the hardware prefetchers follow.)
   const bool small_pages =
@@ -792,7 +793,6 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
 
   const Acc scale = static_cast<Acc>(params.scale);
   const bool score_mods = params.softcap > 0.0f || params.alibi_slopes != nullptr || params.mask.type != MaskType::kNone;
-  const bool resumed = visit != nullptr && !visit->first;  // the lanes' state is already in visit->state
   auto note_lane_keys = [&](int64_t begin, int64_t end) {  // widens `keys`, narrows `every`
     keys.begin = begin < keys.begin ? begin : keys.begin;
     keys.end = end > keys.end ? end : keys.end;
