@@ -181,6 +181,41 @@ def test_amx_from_several_threads():
         assert torch.equal(got, want)
 
 
+def test_amx_decode_from_several_threads():
+    """Decode blocks on tiles from several Python threads at once (each thread its own tile
+    configuration and packed Qᵀ): 1 and 3 tokens of MHA bf16, contiguous and paged, give the
+    answers of calls made one at a time."""
+    torch.manual_seed(3)
+    heads, head_dim, batch, capacity, length = 32, 128, 2, 208, 200
+    k_cache, v_cache = (torch.randn(batch, capacity, heads, head_dim).bfloat16() for _ in range(2))
+    table = torch.randperm(batch * capacity // 16).to(torch.int32).reshape(batch, -1)
+    k_pages, v_pages = (c.reshape(-1, 16, heads, head_dim)[torch.argsort(table.flatten().long())]
+                        for c in (k_cache, v_cache))
+    calls = []
+    for queries in (1, 3):
+        q = torch.randn(batch, queries, heads, head_dim).bfloat16()
+        calls.append(lambda q=q: fusedattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=length))
+        calls.append(lambda q=q: fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=length,
+                                                                  block_table=table))
+    with force_isa("avx512amx"):
+        expected = [call() for call in calls]
+        results = [None] * len(calls)
+
+        def run(i):
+            for _ in range(3):
+                results[i] = calls[i]()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+    paged, contiguous = expected[1], expected[0]
+    _assert_same_function(paged, contiguous)
+
+
 BACKWARD_CASES = [  # head_dim, (Lq, Lk), causal, (Hq, Hkv), layout, strides
     (32, (100, 70), True, (4, 2), "bhsd", "contiguous"),
     (64, (129, 129), False, (2, 2), "bshd", "slice"),
