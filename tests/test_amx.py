@@ -161,22 +161,29 @@ def test_amx_decode_score_variants_match_vdpbf16ps(variant, page_size):
     _assert_same_function(amx, pairs)
 
 
+def _results_from_several_threads(calls, rounds=3):
+    """Runs each call `rounds` times in a thread of its own, all threads at once; the last results."""
+    results = [None] * len(calls)
+
+    def run(i):
+        for _ in range(rounds):
+            results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_amx_from_several_threads():
     """Each thread loads its own tile configuration: concurrent calls give the single-thread answers."""
     inputs = [make_qkv(1, 4, 2, 100, 300, 128, torch.bfloat16) for _ in range(4)]
+    calls = [lambda qkv=qkv: fusedattn.attention(*qkv, causal=True) for qkv in inputs]
     with force_isa("avx512amx"):
-        expected = [fusedattn.attention(*qkv, causal=True) for qkv in inputs]
-        results = [None] * len(inputs)
-
-        def run(i):
-            for _ in range(3):
-                results[i] = fusedattn.attention(*inputs[i], causal=True)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        expected = [call() for call in calls]
+        results = _results_from_several_threads(calls)
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
 
@@ -199,17 +206,7 @@ def test_amx_decode_from_several_threads():
                                                                   block_table=table))
     with force_isa("avx512amx"):
         expected = [call() for call in calls]
-        results = [None] * len(calls)
-
-        def run(i):
-            for _ in range(3):
-                results[i] = calls[i]()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _results_from_several_threads(calls)
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
     paged, contiguous = expected[1], expected[0]

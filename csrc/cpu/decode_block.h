@@ -695,22 +695,17 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
       row_bytes >= 4096;
   std::optional<AmxTileScope> amx_scope;
   // Qᵀ of each kv head as amx_dot_rows reads it, [head_dim / 32][16][lanes_per_kv] pairs per kv
-  // head, amx_q_per_kv apart: one lane's raw q row (q_rows), or more lanes' packed into q_t
-  // (which the decode kernel otherwise leaves unused; a pool walk keeps it in DecodeState).
-  const uint32_t* amx_q = reinterpret_cast<const uint32_t*>(s.q_rows);
-  int64_t amx_q_per_kv = s.ldo / 2;
+  // head (one lane: its raw q row), packed into q_t once per block (the decode kernel otherwise
+  // leaves q_t unused; a pool walk keeps it in DecodeState between visits).
+  uint32_t* const amx_q = reinterpret_cast<uint32_t*>(s.q_t);
+  const int64_t amx_q_per_kv = head_dim / 2 * lanes_per_kv;
   if (amx_scores) {
     amx_scope.emplace(lanes_per_kv);
-    if (lanes_per_kv > 1) {
-      uint32_t* packed = reinterpret_cast<uint32_t*>(s.q_t);
-      amx_q = packed;
-      amx_q_per_kv = head_dim / 2 * lanes_per_kv;
-      for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
-        const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
-                     lanes.head(block, l) * params.q.head_stride + lanes.row(block, l) * params.q.row_stride;
-        uint32_t* lane = packed + l / lanes_per_kv * amx_q_per_kv + l % lanes_per_kv;
-        for (int64_t pair = 0; pair < head_dim / 2; ++pair) std::memcpy(lane + pair * lanes_per_kv, q + 2 * pair, 4);
-      }
+    for (int64_t l = 0; l < lanes.lanes && !resumed; ++l) {
+      const T* q = static_cast<const T*>(params.q.data) + block.batch * params.q.batch_stride +
+                   lanes.head(block, l) * params.q.head_stride + lanes.row(block, l) * params.q.row_stride;
+      uint32_t* lane = amx_q + l / lanes_per_kv * amx_q_per_kv + l % lanes_per_kv;
+      for (int64_t pair = 0; pair < head_dim / 2; ++pair) std::memcpy(lane + pair * lanes_per_kv, q + 2 * pair, 4);
     }
   }
 #else

@@ -116,7 +116,6 @@ inline bool runs_decode_kernel(const AttentionParams& params, int64_t lanes_per_
   return lanes_per_kv <= kDecodeMaxBf16LanesPerKv && gqa && bf16_in_registers;
 }
 
-
 #define FUSEDATTN_DECLARE_ISA(isa) \
   namespace isa {                  \
   const CpuKernelTable& kernel_table(); \
