@@ -18,6 +18,7 @@
 #include "cpu/isa.h"
 #include "cpu/pool_walk.h"
 #include "cpu/thread_pool.h"
+#include "cpu/tiles.h"
 
 namespace fusedattn {
 namespace cpu {
@@ -30,6 +31,25 @@ struct PlannedBlock {
 };
 
 }  // namespace
+
+char* kept_scratch(ScratchUse use, size_t bytes, ScratchBuffer& fresh) {
+  struct Kept {
+    ScratchBuffer buffer;
+    size_t bytes = 0;
+  };
+  thread_local Kept kept[static_cast<int>(ScratchUse::kCount)];
+  if (bytes > static_cast<size_t>(kKeptScratchBytes)) {
+    fresh = allocate_scratch(bytes);
+    return fresh.get();
+  }
+  Kept& mine = kept[static_cast<int>(use)];
+  if (mine.bytes < bytes) {
+    mine.buffer.reset();  // (before the new one: a thread holds one buffer per use at most)
+    mine.buffer = allocate_scratch(bytes);
+    mine.bytes = bytes;
+  }
+  return mine.buffer.get();
+}
 
 AttentionParams sequence_params(const AttentionParams& p, int64_t b) {
   const SequenceLayout& s = p.sequences;
@@ -233,11 +253,11 @@ void attention_forward(const AttentionParams& params, const std::string& isa, in
   const int run_threads = work_macs < serial_work_macs() ? 1 : num_threads;
 
   const size_t scratch_bytes = kernels.forward_scratch_bytes(params, max_lanes);
-  std::vector<ScratchBuffer> scratch(std::max(run_threads, 1));
-  parallel_for(static_cast<int64_t>(plan.size()), run_threads, [&](int64_t task, int worker) {
+  parallel_for(static_cast<int64_t>(plan.size()), run_threads, [&](int64_t task, int) {
     const ForwardBlock& block = plan[task].block;
-    if (!scratch[worker]) scratch[worker] = allocate_scratch(scratch_bytes);
-    kernels.forward_block(sequence_params(params, block.batch), block, scratch[worker].get());
+    ScratchBuffer fresh;
+    char* scratch = kept_scratch(ScratchUse::kBlock, scratch_bytes, fresh);
+    kernels.forward_block(sequence_params(params, block.batch), block, scratch);
   });
   parallel_for(merged, run_threads, [&](int64_t m, int) {
     std::vector<const float*> outs, stats;

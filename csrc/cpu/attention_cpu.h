@@ -21,6 +21,17 @@ inline ScratchBuffer allocate_scratch(size_t bytes) {
   return ScratchBuffer(static_cast<char*>(::operator new[](bytes, std::align_val_t(64))));
 }
 
+// What a thread keeps scratch for between calls (kept_scratch): a block's scratch, and a pool
+// walk's decode states.
+enum class ScratchUse { kBlock, kDecodeStates, kCount };
+// At least `bytes` of 64-byte aligned scratch for `use` on the calling thread: a buffer the
+// thread keeps between calls (thread_local, grown as needed, up to kKeptScratchBytes in
+// tiles.h), or for a larger request a fresh one held in `fresh`. Memory that a call allocates
+// afresh page-faults at its first touch of every 4 KiB page (the allocator hands freed memory
+// back to the system, and this VM has no transparent huge pages). A thread runs one task at a
+// time, so two tasks never share a buffer; a task holds it only until it returns.
+char* kept_scratch(ScratchUse use, size_t bytes, ScratchBuffer& fresh);
+
 // Forward over all (batch, head, q-block) tasks. `isa` names a kernel set (see isa.h).
 void attention_forward(const AttentionParams& params, const std::string& isa, int num_threads);
 

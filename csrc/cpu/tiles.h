@@ -65,6 +65,12 @@ constexpr int64_t kDecodeMaxBf16LanesPerKv = 32;
 // threads, which spin after torch's own ops, a threshold of 4M cost 20-50% from L 64 up, so
 // there it is 0 (serial_work_macs, thread_pool.h).
 constexpr int64_t kPoolSerialWorkMacs = int64_t{1} << 21;
+// Scratch a thread keeps between calls, per use, at most (kept_scratch, attention_cpu.h). Fresh
+// scratch page-faults at every call: a pool walk's states and scratch (about 330 KiB per thread
+// for the inference issue's GQA bf16 decode) cost 150-190 µs of an 8 ms call against kept ones
+// (timers in decode_in_pool_order, not committed). A prefill block's scratch (256 rows, fp64,
+// head_dim 128) is about 1.4 MiB.
+constexpr int64_t kKeptScratchBytes = 4 << 20;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
 
