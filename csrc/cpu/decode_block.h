@@ -803,9 +803,16 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     if (pair_dots) {
       std::memcpy(reinterpret_cast<T*>(s.q_rows) + l * s.ldo, q, head_dim * sizeof(T));
     } else if (split_dots) {
+      if constexpr (kSplitDots) {  // (T is BFloat16; split_dots: head_dim a multiple of 32)
 #if defined(__AVX512F__)
-      for (int64_t d = 0; d < head_dim; ++d) q_row[split_slot(d)] = static_cast<Acc>(to_float(q[d])) * scale;
+        for (int64_t d = 0; d < head_dim; d += 32) {
+          __m512 even, odd;
+          split_bf16(q + d, even, odd);
+          _mm512_storeu_ps(q_row + d, _mm512_mul_ps(even, _mm512_set1_ps(scale)));
+          _mm512_storeu_ps(q_row + d + 16, _mm512_mul_ps(odd, _mm512_set1_ps(scale)));
+        }
 #endif
+      }
     } else {
       for (int64_t d = 0; d < s.ldo; ++d) q_row[d] = d < head_dim ? static_cast<Acc>(to_float(q[d])) * scale : Acc(0);
     }
