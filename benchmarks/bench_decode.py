@@ -125,13 +125,17 @@ def decode_case(batch, seqlen, queries, num_heads_kv, dtype, page, reps, allocat
 
 def overhead_us(reps=3000) -> dict[str, float]:
     """Median µs per call of one token over a 16-token cache at B = 1, one head, D = 8: what a
-    decode step pays per attention layer beyond reading the cache."""
+    decode step pays per attention layer beyond reading the cache (a generate loop appends the
+    token's k, v in the same call)."""
     q, k, v = torch.randn(1, 1, 1, 8), torch.randn(1, 16, 1, 8), torch.randn(1, 16, 1, 8)
     seqlens = torch.tensor([16], dtype=torch.int32)
+    k_new, v_new, before = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), torch.tensor([15], dtype=torch.int32)
     q_sdpa, k_sdpa, v_sdpa = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     calls = {
         "fusedattn.attention_with_kvcache": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens),
         "  ... cache_seqlens as an int": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=16),
+        "  ... appending the token's k, v": lambda: fusedattn.attention_with_kvcache(q, k, v, k_new, v_new,
+                                                                                    cache_seqlens=before),
         "fusedattn.attention": lambda: fusedattn.attention(q, k, v, layout="bshd"),
         "torch SDPA": lambda: F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa),
     }

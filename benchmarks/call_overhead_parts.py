@@ -34,7 +34,8 @@ def main() -> int:
     pieces = {
         "attention_with_kvcache (whole call)": lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens),
         "  extension call alone (_C.attention_kvcache_forward)":
-            lambda: _C.attention_kvcache_forward(q, k, v, out, None, seqlens, None, None, None, variant, isa, threads),
+            lambda: _C.attention_kvcache_forward(q, k, v, out, None, seqlens, None, None, None, None, None, variant, isa,
+                                                 threads),
         "  _Call (validation, variant)": new_call,
         "  _int32(cache_seqlens)": lambda: inference._int32(seqlens, "cache_seqlens", q),
         "  _check_cache_geometry": lambda: inference._check_cache_geometry(q, k, v, None, None, None),

@@ -167,6 +167,55 @@ def test_kvcache_append_then_attend(seqlen_q, dtype):
         _close(out[b:b + 1], expected, tol=0 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "cache_batch_idx", "strided new entries", "numpy",
+                                    "bfloat16"])
+def test_kvcache_append_writes_exactly_its_slots(layout):
+    """The extension writes the new k, v (bindings/sequences.cpp): at each sequence's slots after
+    cache_seqlens, through its pages or cache row, from new entries of any strides; every other
+    element of the poisoned caches stays as it was."""
+    generator = torch.Generator().manual_seed(11)
+    dtype = torch.bfloat16 if layout == "bfloat16" else torch.float32
+    batch, new_len, heads_kv, head_dim, page = 3, 3, 2, 8, 3
+    seqlens = torch.tensor([0, 7, 14], dtype=torch.int32)
+    q = torch.randn(batch, new_len, 4, head_dim, generator=generator).to(dtype)
+    k_new, v_new = (torch.randn(batch, new_len, heads_kv, head_dim, generator=generator).to(dtype) for _ in range(2))
+    options = {}
+    if layout == "paged":  # 6 pages of 3 rows per sequence (room for 17 keys), in a shuffled pool of 20
+        k_cache, v_cache = (torch.full((20, page, heads_kv, head_dim), 7.0, dtype=dtype) for _ in range(2))
+        options["block_table"] = torch.randperm(20, generator=generator)[:18].reshape(batch, 6).to(torch.int32)
+    else:
+        k_cache, v_cache = (torch.full((4, 18, heads_kv, head_dim), 7.0, dtype=dtype) for _ in range(2))
+        if layout == "cache_batch_idx":
+            options["cache_batch_idx"] = torch.tensor([2, 0, 3], dtype=torch.int32)
+    if layout == "strided new entries":  # every other element of wider arrays, heads and tokens swapped
+        k_new, v_new = (torch.randn(batch, heads_kv, new_len, 2 * head_dim).transpose(1, 2)[..., ::2] for _ in range(2))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    versions = (k_cache._version, v_cache._version)
+    for b in range(batch):
+        for t in range(new_len):
+            key = int(seqlens[b]) + t
+            if layout == "paged":
+                slot = (int(options["block_table"][b, key // page]), key % page)
+            else:
+                slot = (int(options["cache_batch_idx"][b]) if layout == "cache_batch_idx" else b, key)
+            expected_k[slot], expected_v[slot] = k_new[b, t], v_new[b, t]
+    arrays = (q, k_cache, v_cache, k_new, v_new)
+    if layout == "numpy":
+        arrays = tuple(x.numpy() for x in arrays)
+        options = {name: x.numpy() for name, x in options.items()}
+    out = fusedattn.attention_with_kvcache(*arrays, cache_seqlens=seqlens.numpy() if layout == "numpy" else seqlens,
+                                           **options)
+    k_after, v_after = (torch.as_tensor(x) for x in arrays[1:3])
+    assert torch.equal(k_after, expected_k) and torch.equal(v_after, expected_v)
+    if layout != "numpy":  # written in place, as autograd's version counters must say
+        assert k_cache._version > versions[0] and v_cache._version > versions[1]
+    if layout in ("contiguous", "strided new entries"):  # and attends over the cache with them
+        expected = torch.cat([fusedattn.attention(q[b:b + 1], expected_k[b:b + 1, :int(seqlens[b]) + new_len],
+                                                  expected_v[b:b + 1, :int(seqlens[b]) + new_len], causal=True,
+                                                  layout="bshd") for b in range(batch)])
+        _close(torch.as_tensor(out), expected, tol=0)
+
+
 def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     k_cache, v_cache = _cache(2, 16, 2, 8)
     before = k_cache.clone()
@@ -199,8 +248,8 @@ def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     ("no lengths", TypeError, "cache_seqlens"),
 ])
 def test_kvcache_bad_lengths_and_pages(case, error, message, append):
-    """Calls that append are checked in Python before anything is written; calls that only read
-    (a decode step) are checked by the extension. Both reject the same inputs, naming them."""
+    """Calls that append are checked by the extension before it writes anything, as calls that
+    only read (a decode step) are: both reject the same inputs, naming them, the cache unchanged."""
     k_cache, v_cache = _cache(2, 32, 2, 8)
     k_pages, v_pages = k_cache.reshape(8, 8, 2, 8), v_cache.reshape(8, 8, 2, 8)
     q = torch.randn(2, 1, 2, 8)

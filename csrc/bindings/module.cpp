@@ -125,11 +125,13 @@ void attention_varlen_backward(py::handle dout, py::handle dlse, py::handle q, p
 // KV cache: q, out (batch, seqlen_q, heads, d); k_cache, v_cache (rows or pages, capacity or
 // page_size, kv_heads, d): the caller's (flash-attn's) layout, viewed here with dims 1 and 2
 // swapped as the kernels' (b, h, s, d), which spares the caller four transposes per decode call
-// (about 3.5 µs in Python). The new keys are already appended (see inference.py).
+// (about 3.5 µs in Python). k, v: None, or new entries (batch, seqlen_new, kv_heads, d) written
+// into the caches at cache_seqlens once every argument has passed its checks (rotated ones are
+// appended in inference.py, which then passes None).
 void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_cache, py::handle out, py::handle lse,
                                py::handle cache_seqlens, py::handle block_table, py::handle cache_batch_idx,
-                               py::handle cache_leftpad, const py::tuple& variant, const std::string& isa,
-                               int num_threads) {
+                               py::handle cache_leftpad, py::handle k, py::handle v, const py::tuple& variant,
+                               const std::string& isa, int num_threads) {
   check_threads(num_threads);
   ForwardViews views = forward_views(q, k_cache, v_cache, out, lse, Names{"q", "k_cache", "v_cache"});
   for (TensorView* view : {&views.q, &views.k, &views.v, &views.out}) {
@@ -144,9 +146,14 @@ void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_ca
   AttentionParams params = make_forward_params(views, options);
   const KvCacheViews cache{view_array(cache_seqlens, "cache_seqlens"), optional_view(block_table, "block_table"),
                            optional_view(cache_batch_idx, "cache_batch_idx"),
-                           optional_view(cache_leftpad, "cache_leftpad")};
+                           optional_view(cache_leftpad, "cache_leftpad"), optional_view(k, "k"), optional_view(v, "v")};
   IndexCopies copies;
   apply_kvcache(params, cache, views.k.shape[0], copies);
+  cpu::kernels_for_isa(isa);  // (raises for an unknown ISA before the cache is written)
+  {
+    py::gil_scoped_release release;  // (a chunked prefill appends megabytes)
+    append_to_cache(params, cache);
+  }
   run_forward(params, isa, num_threads);
 }
 
@@ -184,9 +191,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"), py::arg("names"), "Backward over packed variable-length sequences.");
   m.def("attention_kvcache_forward", &attention_kvcache_forward, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("lse"), py::arg("cache_seqlens"), py::arg("block_table"),
-        py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("variant"), py::arg("isa"),
-        py::arg("num_threads"),
-        "Forward over a contiguous or paged KV cache (bottom-right causal); q, caches, out in (b, s, h, d).");
+        py::arg("cache_batch_idx"), py::arg("cache_leftpad"), py::arg("k"), py::arg("v"), py::arg("variant"),
+        py::arg("isa"), py::arg("num_threads"),
+        "Appends k, v (or None) to a contiguous or paged KV cache, then attends over it (bottom-right causal); "
+        "q, caches, out, k, v in (b, s, h, d).");
   m.def("use_openmp_runtime", &cpu::use_openmp_runtime, py::arg("library_path"),
         "Run the CPU kernels on an already-loaded OpenMP runtime (PyTorch's); False if unusable.");
   m.def("available_isas", &cpu::available_isas, "CPU ISAs this build and this CPU can run, best first.");

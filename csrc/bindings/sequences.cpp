@@ -3,9 +3,11 @@
 #include "bindings/sequences.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "bindings/validate.h"
 
@@ -31,6 +33,32 @@ const int32_t* int32_vector(const TensorView& view, int64_t rank, const std::str
   for (const int64_t n : view.shape) count *= n;
   copies.emplace_back(data, data + count);
   return copies.back().data();
+}
+
+// k_new and v_new, when given: both (batch, new_tokens, kv_heads, head_dim) of the cache's dtype,
+// on the CPU. Returns new_tokens (0 without them).
+int64_t check_new_entries(const AttentionParams& params, const KvCacheViews& views) {
+  if (!views.k_new || !views.v_new) {
+    if (views.k_new || views.v_new) fail("pass both k and v (new entries), or neither");
+    return 0;
+  }
+  const TensorView& k = *views.k_new;
+  const TensorView& v = *views.v_new;
+  for (const TensorView* view : {&k, &v}) {
+    if (view->ndim() != 4 || view->shape != k.shape || k.shape[0] != params.batch ||
+        k.shape[2] != params.num_heads_kv || k.shape[3] != params.head_dim) {
+      fail("k and v must have shape (" + std::to_string(params.batch) + ", seqlen_new, " +
+           std::to_string(params.num_heads_kv) + ", " + std::to_string(params.head_dim) + "), got " +
+           k.shape_string() + " and " + v.shape_string());
+    }
+    if (kernel_dtype(*view) != params.dtype) {
+      throw py::type_error("k and v must have the cache's dtype, got " + view->dtype_string() + " for " + view->name);
+    }
+    if (view->device.device_type != dlpack::kCPU && view->device.device_type != dlpack::kCUDAHost) {
+      fail(view->name + " must be a CPU array, got one on " + view->device_string());
+    }
+  }
+  return k.shape[1];
 }
 
 }  // namespace
@@ -67,11 +95,11 @@ void apply_varlen(AttentionParams& params, const TensorView& cu_seqlens_q, const
 void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows, IndexCopies& copies) {
   const int64_t batch = params.batch;
   const std::string batch_shape = "(" + std::to_string(batch) + ",)";
-  const int32_t* seqlens = int32_vector(views.cache_seqlens, 1, batch_shape, copies);
+  const int64_t new_tokens = check_new_entries(params, views);
+  const int32_t* given = int32_vector(views.cache_seqlens, 1, batch_shape, copies);
   if (views.cache_seqlens.shape[0] != batch) fail("cache_seqlens must have shape " + batch_shape);
   int64_t capacity = params.seqlen_k;  // cache length S_max, or page_size when paged
   SequenceLayout& s = params.sequences;
-  s.seqlens_k = seqlens;
   if (views.block_table) {
     const TensorView& table = *views.block_table;
     s.block_table = int32_vector(table, 2, "(batch, max_pages)", copies);
@@ -99,15 +127,24 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     s.k_begin = int32_vector(*views.cache_leftpad, 1, batch_shape, copies);
     if (views.cache_leftpad->shape[0] != batch) fail("cache_leftpad must have shape " + batch_shape);
   }
+  // The keys of each sequence after the append (the given lengths where nothing is appended).
+  for (int64_t b = 0; b < batch; ++b) {
+    if (given[b] < 0 || given[b] > capacity - new_tokens) {
+      fail("cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(given[b]) +
+           (new_tokens > 0 ? " + " + std::to_string(new_tokens) + " new tokens" : std::string()) +
+           " must stay within the cache capacity " + std::to_string(capacity));
+    }
+  }
+  copies.emplace_back(given, given + batch);
+  for (int32_t& keys : copies.back()) keys = static_cast<int32_t>(keys + new_tokens);  // (fits: <= capacity)
+  const int32_t* seqlens = copies.back().data();
+  s.seqlens_k = seqlens;
   int64_t max_k = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t begin = s.k_begin != nullptr ? s.k_begin[b] : 0;
-    if (seqlens[b] < 0 || seqlens[b] > capacity) {
-      fail("cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(seqlens[b]) + " is outside the cache capacity " +
-           std::to_string(capacity));
-    }
     if (begin < 0 || begin > seqlens[b]) {
-      fail("cache_leftpad[" + std::to_string(b) + "] = " + std::to_string(begin) + " must be in [0, cache_seqlens[b]]");
+      fail("cache_leftpad[" + std::to_string(b) + "] = " + std::to_string(begin) + " must be in [0, cache_seqlens[b]" +
+           (new_tokens > 0 ? " + " + std::to_string(new_tokens) : std::string()) + "]");
     }
     if (s.block_table != nullptr) {
       const int64_t pages = (seqlens[b] + s.page_size - 1) / s.page_size;
@@ -122,6 +159,34 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     max_k = std::max<int64_t>(max_k, seqlens[b] - begin);
   }
   params.seqlen_k = max_k;
+}
+
+void append_to_cache(const AttentionParams& params, const KvCacheViews& views) {
+  if (!views.k_new) return;
+  const SequenceLayout& s = params.sequences;
+  const int64_t new_tokens = views.k_new->shape[1], element = dtype_size(params.dtype);
+  for (const auto& [cache, added] : {std::pair{&params.k, &*views.k_new}, std::pair{&params.v, &*views.v_new}}) {
+    const std::vector<int64_t>& from = added->strides;  // (batch, new_tokens, kv_heads, d)
+    for (int64_t b = 0; b < params.batch; ++b) {
+      for (int64_t t = 0; t < new_tokens; ++t) {
+        const int64_t key = s.seqlens_k[b] - new_tokens + t;
+        const int64_t row = s.block_table != nullptr
+                                ? s.block_table[b * s.block_table_stride + key / s.page_size] * cache->batch_stride +
+                                      key % s.page_size * cache->row_stride
+                                : (s.cache_batch_idx != nullptr ? s.cache_batch_idx[b] : b) * cache->batch_stride +
+                                      key * cache->row_stride;
+        for (int64_t h = 0; h < params.num_heads_kv; ++h) {
+          char* to = static_cast<char*>(cache->data) + (row + h * cache->head_stride) * element;
+          const char* source = static_cast<const char*>(added->data) + (b * from[0] + t * from[1] + h * from[2]) * element;
+          if (from[3] == 1) {
+            std::memmove(to, source, params.head_dim * element);
+          } else {
+            for (int64_t d = 0; d < params.head_dim; ++d) std::memmove(to + d * element, source + d * from[3] * element, element);
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace fusedattn

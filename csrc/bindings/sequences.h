@@ -29,10 +29,21 @@ struct KvCacheViews {
   std::optional<TensorView> block_table;      // int32 (batch, max_pages): paged cache
   std::optional<TensorView> cache_batch_idx;  // int32 (batch,): cache row per sequence
   std::optional<TensorView> cache_leftpad;    // int32 (batch,): first valid key per sequence
+  // New keys and values (batch, new_tokens, kv_heads, d), appended at cache_seqlens, which then
+  // count the keys before them; or none.
+  std::optional<TensorView> k_new, v_new;
 };
 
 // k/v in params are the cache viewed as (cache_rows rows or pages, kv_heads, capacity or
 // page_size, d); params.seqlen_k holds that third dim on entry.
+// With k_new / v_new, checks them too, and every sequence's keys after the append must fit;
+// params.sequences.seqlens_k then counts the keys after it. Writes nothing.
 void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows, IndexCopies& copies);
+
+// Copies views.k_new / v_new into the caches of params (as apply_kvcache left them) at the
+// slots of the new keys: the last new_tokens keys of each sequence, through its block_table row
+// or cache_batch_idx. Call it only once apply_kvcache and every other check have passed, so
+// that a rejected call leaves the cache as it was.
+void append_to_cache(const AttentionParams& params, const KvCacheViews& views);
 
 }  // namespace fusedattn

@@ -412,9 +412,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         # cache_batch_idx (bindings/sequences.cpp) suffice: a decode step pays no numpy work here.
         return _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad,
                                 return_lse)
-    seqlens = np.asarray(lengths).astype(np.int64)
-    if seqlens.shape != (batch,):
-        raise ValueError(f"cache_seqlens must be an int or have shape ({batch},), got {seqlens.shape}")
     new_len = 0
     if k is not None:
         k, v = _arrays.as_array(k, "k"), _arrays.as_array(v, "v")
@@ -429,6 +426,16 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         for cache, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
             _check_writable(cache, name)
         new_len = k.shape[1]
+        if rotary_cos is None:
+            # The extension checks the lengths, the pages and rows the new entries go to, and k, v
+            # themselves before it writes them (bindings/sequences.cpp), as it checks a decode
+            # step's: appending that way cost a decode step about 25 µs less than the checks and
+            # index_put here (benchmarks/call_overhead_parts.py).
+            return _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad,
+                                    return_lse, new=(k, v))
+    seqlens = np.asarray(lengths).astype(np.int64)
+    if seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be an int or have shape ({batch},), got {seqlens.shape}")
     table, rows = _check_append_indices(k_cache, batch, seqlens, new_len, block_table, cache_batch_idx, cache_leftpad,
                                         q)
     positions_new = None if k is None else seqlens[:, None] + np.arange(new_len)[None, :]
@@ -451,8 +458,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     return _kvcache_forward(call, q, k_cache, v_cache, total, table, cache_batch_idx, cache_leftpad, return_lse)
 
 
-def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad, return_lse):
-    """Attention of q over the first total[b] rows of each sequence's cache (CPU), into new arrays."""
+def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad, return_lse,
+                     new=(None, None)):
+    """Attention of q over the first total[b] rows of each sequence's cache (CPU), into new arrays;
+    with new = (k, v), the extension first appends them at total[b], and q attends over total[b] +
+    seqlen_new rows."""
     out = _arrays.empty_like_kind(q, q.shape)
     lse = _arrays.empty_like_kind(q, call.lse_shape(), _arrays.lse_dtype_of(q)) if return_lse else None
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
@@ -460,8 +470,12 @@ def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_
     leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
     # (the extension takes q, the caches and out in this (b, s, h, d) layout as they are)
-    _C.attention_kvcache_forward(q, k_cache, v_cache, out, lse, total, table, batch_idx, leftpad, variant,
-                                 _runtime.cpu_isa(), _runtime.get_num_threads())
+    _C.attention_kvcache_forward(q, k_cache, v_cache, out, lse, total, table, batch_idx, leftpad, new[0], new[1],
+                                 variant, _runtime.cpu_isa(), _runtime.get_num_threads())
+    if new[0] is not None and _arrays.is_torch(k_cache):  # (written through their memory: as index_put would)
+        torch = _arrays.torch_module()
+        torch.autograd.graph.increment_version(k_cache)
+        torch.autograd.graph.increment_version(v_cache)
     return (out, lse) if return_lse else out
 
 
