@@ -216,6 +216,50 @@ def test_kvcache_append_writes_exactly_its_slots(layout):
         _close(torch.as_tensor(out), expected, tol=0)
 
 
+def test_kvcache_append_from_views_of_the_caches():
+    """New entries that are views of the caches themselves are read as they were before the call,
+    as a copy of them would be: k from k_cache's own rows written one row on, and v from rows of
+    k_cache that the k append overwrites first."""
+    for kind in ("torch", "numpy"):
+        k_cache = torch.arange(64.0).reshape(1, 16, 1, 4)
+        v_cache = -k_cache
+        before_k, before_v = k_cache.clone(), v_cache.clone()
+        arrays = (torch.randn(1, 2, 1, 4), k_cache, v_cache)
+        if kind == "numpy":
+            arrays = tuple(x.numpy() for x in arrays)
+        q, k_cache_given, v_cache_given = arrays
+        k_new, v_new = k_cache_given[:, 2:4], k_cache_given[:, 3:5]  # written at rows 3 and 4 of each cache
+        fusedattn.attention_with_kvcache(q, k_cache_given, v_cache_given, k_new, v_new, cache_seqlens=3)
+        k_after, v_after = torch.as_tensor(k_cache_given), torch.as_tensor(v_cache_given)
+        assert torch.equal(k_after[0, 3:5], before_k[0, 2:4]), kind
+        assert torch.equal(v_after[0, 3:5], before_k[0, 3:5]), kind  # (k_cache row 4 was overwritten by then)
+        assert torch.equal(k_after[0, :3], before_k[0, :3]) and torch.equal(k_after[0, 5:], before_k[0, 5:])
+        assert torch.equal(v_after[0, :3], before_v[0, :3]) and torch.equal(v_after[0, 5:], before_v[0, 5:])
+
+
+def test_kvcache_append_rejects_what_it_cannot_write():
+    """Lengths past int32 (a paged cache of 2**32 slots), new entries that require grad, and (the
+    extension's own guard, as the private call sees it) a read-only cache: errors, the caches
+    unchanged."""
+    q, k_new, v_new = torch.randn(1, 1, 1, 8), torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8)
+    k_pages, v_pages = torch.zeros(1, 1024, 1, 8), torch.zeros(1, 1024, 1, 8)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 2147483647 \+ 1 new tokens must stay within"):
+        fusedattn.attention_with_kvcache(q, k_pages, v_pages, k_new, v_new, cache_seqlens=2**31 - 1,
+                                         block_table=torch.zeros(1, 2**22, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="no_grad"):
+        fusedattn.attention_with_kvcache(q, k_pages, v_pages, k_new.requires_grad_(), v_new, cache_seqlens=3)
+    assert not k_pages.any() and not v_pages.any()
+    from fusedattn import _C, _runtime
+    k_cache, v_cache = np.zeros((1, 16, 1, 8), dtype=np.float32), np.zeros((1, 16, 1, 8), dtype=np.float32)
+    v_cache.flags.writeable = False
+    variant = (8**-0.5, True, 0, -1, -1, 0.0, None, None, None, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="v_cache is read-only"):
+        _C.attention_kvcache_forward(q.numpy(), k_cache, v_cache, np.empty((1, 1, 1, 8), dtype=np.float32), None,
+                                     np.array([3], dtype=np.int32), None, None, None, np.ones((1, 1, 1, 8), np.float32),
+                                     np.ones((1, 1, 1, 8), np.float32), variant, _runtime.cpu_isa(), 1)
+    assert not k_cache.any()
+
+
 def test_kvcache_overflow_is_an_error_and_leaves_the_cache_unchanged():
     k_cache, v_cache = _cache(2, 16, 2, 8)
     before = k_cache.clone()

@@ -149,10 +149,10 @@ void attention_kvcache_forward(py::handle q, py::handle k_cache, py::handle v_ca
                            optional_view(cache_leftpad, "cache_leftpad"), optional_view(k, "k"), optional_view(v, "v")};
   IndexCopies copies;
   apply_kvcache(params, cache, views.k.shape[0], copies);
-  cpu::kernels_for_isa(isa);  // (raises for an unknown ISA before the cache is written)
-  {
+  if (cache.k_new) {
+    cpu::kernels_for_isa(isa);  // (raises for an unknown ISA before the cache is written)
     py::gil_scoped_release release;  // (a chunked prefill appends megabytes)
-    append_to_cache(params, cache);
+    append_to_cache(params, cache, views.k, views.v);
   }
   run_forward(params, isa, num_threads);
 }

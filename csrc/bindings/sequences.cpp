@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -59,6 +60,23 @@ int64_t check_new_entries(const AttentionParams& params, const KvCacheViews& vie
     }
   }
   return k.shape[1];
+}
+
+// Whether the memory a and b span (from their lowest to their highest element) overlaps.
+bool overlaps(const TensorView& a, const TensorView& b, int64_t element) {
+  auto span = [element](const TensorView& view) -> std::pair<const char*, const char*> {
+    const char* low = static_cast<const char*>(view.data);
+    const char* high = low + element;
+    for (int64_t i = 0; i < view.ndim(); ++i) {
+      if (view.shape[i] == 0) return {low, low};  // (no elements)
+      const int64_t reach = (view.shape[i] - 1) * view.strides[i] * element;
+      (reach < 0 ? low : high) += reach;
+    }
+    return {low, high};
+  };
+  const auto [a_low, a_high] = span(a);
+  const auto [b_low, b_high] = span(b);
+  return a_low < a_high && b_low < b_high && a_low < b_high && b_low < a_high;
 }
 
 }  // namespace
@@ -128,15 +146,16 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
     if (views.cache_leftpad->shape[0] != batch) fail("cache_leftpad must have shape " + batch_shape);
   }
   // The keys of each sequence after the append (the given lengths where nothing is appended).
+  const int64_t keys_limit = std::min<int64_t>(capacity, std::numeric_limits<int32_t>::max());  // (int32 lengths)
   for (int64_t b = 0; b < batch; ++b) {
-    if (given[b] < 0 || given[b] > capacity - new_tokens) {
+    if (given[b] < 0 || given[b] > keys_limit - new_tokens) {
       fail("cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(given[b]) +
            (new_tokens > 0 ? " + " + std::to_string(new_tokens) + " new tokens" : std::string()) +
-           " must stay within the cache capacity " + std::to_string(capacity));
+           " must stay within the cache capacity " + std::to_string(keys_limit));
     }
   }
   copies.emplace_back(given, given + batch);
-  for (int32_t& keys : copies.back()) keys = static_cast<int32_t>(keys + new_tokens);  // (fits: <= capacity)
+  for (int32_t& keys : copies.back()) keys = static_cast<int32_t>(keys + new_tokens);  // (fits: <= keys_limit)
   const int32_t* seqlens = copies.back().data();
   s.seqlens_k = seqlens;
   int64_t max_k = 0;
@@ -161,11 +180,38 @@ void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t c
   params.seqlen_k = max_k;
 }
 
-void append_to_cache(const AttentionParams& params, const KvCacheViews& views) {
+void append_to_cache(const AttentionParams& params, const KvCacheViews& views, const TensorView& k_cache,
+                     const TensorView& v_cache) {
   if (!views.k_new) return;
+  for (const TensorView* cache : {&k_cache, &v_cache}) {
+    if (cache->read_only) fail(cache->name + " is read-only; the new k, v are written into it");
+  }
   const SequenceLayout& s = params.sequences;
   const int64_t new_tokens = views.k_new->shape[1], element = dtype_size(params.dtype);
-  for (const auto& [cache, added] : {std::pair{&params.k, &*views.k_new}, std::pair{&params.v, &*views.v_new}}) {
+  // New entries that share memory with a cache (a view of it) are copied out first, so that no
+  // slot is read after this call has written it.
+  std::vector<char> staged[2];
+  TensorView sources[2] = {*views.k_new, *views.v_new};
+  for (int i = 0; i < 2; ++i) {
+    if (!overlaps(sources[i], k_cache, element) && !overlaps(sources[i], v_cache, element)) continue;
+    const std::vector<int64_t>& shape = sources[i].shape;
+    staged[i].resize(static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3] * element));
+    char* to = staged[i].data();
+    for (int64_t b = 0; b < shape[0]; ++b) {
+      for (int64_t t = 0; t < shape[1]; ++t) {
+        for (int64_t h = 0; h < shape[2]; ++h) {
+          for (int64_t d = 0; d < shape[3]; ++d, to += element) {
+            const std::vector<int64_t>& at = sources[i].strides;
+            std::memcpy(to, static_cast<const char*>(sources[i].data) + (b * at[0] + t * at[1] + h * at[2] + d * at[3]) * element,
+                        element);
+          }
+        }
+      }
+    }
+    sources[i].data = staged[i].data();
+    sources[i].strides = {shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1};
+  }
+  for (const auto& [cache, added] : {std::pair{&params.k, &sources[0]}, std::pair{&params.v, &sources[1]}}) {
     const std::vector<int64_t>& from = added->strides;  // (batch, new_tokens, kv_heads, d)
     for (int64_t b = 0; b < params.batch; ++b) {
       for (int64_t t = 0; t < new_tokens; ++t) {
@@ -179,9 +225,9 @@ void append_to_cache(const AttentionParams& params, const KvCacheViews& views) {
           char* to = static_cast<char*>(cache->data) + (row + h * cache->head_stride) * element;
           const char* source = static_cast<const char*>(added->data) + (b * from[0] + t * from[1] + h * from[2]) * element;
           if (from[3] == 1) {
-            std::memmove(to, source, params.head_dim * element);
+            std::memcpy(to, source, params.head_dim * element);
           } else {
-            for (int64_t d = 0; d < params.head_dim; ++d) std::memmove(to + d * element, source + d * from[3] * element, element);
+            for (int64_t d = 0; d < params.head_dim; ++d) std::memcpy(to + d * element, source + d * from[3] * element, element);
           }
         }
       }

@@ -40,10 +40,13 @@ struct KvCacheViews {
 // params.sequences.seqlens_k then counts the keys after it. Writes nothing.
 void apply_kvcache(AttentionParams& params, const KvCacheViews& views, int64_t cache_rows, IndexCopies& copies);
 
-// Copies views.k_new / v_new into the caches of params (as apply_kvcache left them) at the
-// slots of the new keys: the last new_tokens keys of each sequence, through its block_table row
-// or cache_batch_idx. Call it only once apply_kvcache and every other check have passed, so
-// that a rejected call leaves the cache as it was.
-void append_to_cache(const AttentionParams& params, const KvCacheViews& views);
+// Copies views.k_new / v_new into the caches of params (as apply_kvcache left them; k_cache and
+// v_cache are their views) at the slots of the new keys: the last new_tokens keys of each
+// sequence, through its block_table row or cache_batch_idx. New entries that share memory with a
+// cache are copied out before any slot is written. Raises (having written nothing) when a cache
+// is read-only. Call it only once apply_kvcache and every other check have passed, so that a
+// rejected call leaves the cache as it was.
+void append_to_cache(const AttentionParams& params, const KvCacheViews& views, const TensorView& k_cache,
+                     const TensorView& v_cache);
 
 }  // namespace fusedattn

@@ -416,6 +416,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if k is not None:
         k, v = _arrays.as_array(k, "k"), _arrays.as_array(v, "v")
         _arrays.check_same_kind((q, k, v), ("q", "k", "v"))
+        for x, name in ((k, "k"), (v, "v")):  # (the cache gets no gradient: see _check_writable)
+            _arrays.check_no_grad(x, f"attention_with_kvcache's {name} (the cache has no gradient)")
         if k.shape != v.shape or k.ndim != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -429,8 +431,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         if rotary_cos is None:
             # The extension checks the lengths, the pages and rows the new entries go to, and k, v
             # themselves before it writes them (bindings/sequences.cpp), as it checks a decode
-            # step's: appending that way cost a decode step about 25 µs less than the checks and
-            # index_put here (benchmarks/call_overhead_parts.py).
+            # step's: a one-token append took 60-63 µs with numpy checks and index_put here, 26-27
+            # so (benchmarks/bench_decode.py, its per-call overhead lines).
             return _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad,
                                     return_lse, new=(k, v))
     seqlens = np.asarray(lengths).astype(np.int64)
@@ -458,11 +460,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     return _kvcache_forward(call, q, k_cache, v_cache, total, table, cache_batch_idx, cache_leftpad, return_lse)
 
 
-def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_idx, cache_leftpad, return_lse,
+def _kvcache_forward(call, q, k_cache, v_cache, lengths, block_table, cache_batch_idx, cache_leftpad, return_lse,
                      new=(None, None)):
-    """Attention of q over the first total[b] rows of each sequence's cache (CPU), into new arrays;
-    with new = (k, v), the extension first appends them at total[b], and q attends over total[b] +
-    seqlen_new rows."""
+    """Attention of q over the first lengths[b] rows of each sequence's cache (CPU), into new
+    arrays; with new = (k, v), the extension first appends them at lengths[b], and q attends over
+    lengths[b] + seqlen_new rows."""
     out = _arrays.empty_like_kind(q, q.shape)
     lse = _arrays.empty_like_kind(q, call.lse_shape(), _arrays.lse_dtype_of(q)) if return_lse else None
     variant = call.variant(_arrays.float64_contiguous(call.alibi_slopes), _arrays.float64_contiguous(call.sinks))
@@ -470,7 +472,7 @@ def _kvcache_forward(call, q, k_cache, v_cache, total, block_table, cache_batch_
     leftpad = None if cache_leftpad is None else _int32(cache_leftpad, "cache_leftpad", q)
     batch_idx = None if cache_batch_idx is None else _int32(cache_batch_idx, "cache_batch_idx", q)
     # (the extension takes q, the caches and out in this (b, s, h, d) layout as they are)
-    _C.attention_kvcache_forward(q, k_cache, v_cache, out, lse, total, table, batch_idx, leftpad, new[0], new[1],
+    _C.attention_kvcache_forward(q, k_cache, v_cache, out, lse, lengths, table, batch_idx, leftpad, new[0], new[1],
                                  variant, _runtime.cpu_isa(), _runtime.get_num_threads())
     if new[0] is not None and _arrays.is_torch(k_cache):  # (written through their memory: as index_put would)
         torch = _arrays.torch_module()
