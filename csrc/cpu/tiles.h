@@ -69,8 +69,9 @@ constexpr int64_t kPoolSerialWorkMacs = int64_t{1} << 21;
 // scratch page-faults at every call: a pool walk's states and scratch (about 330 KiB per thread
 // for the inference issue's GQA bf16 decode) cost 150-190 µs of an 8 ms call against kept ones
 // (timers in decode_in_pool_order, not committed). A prefill block's scratch (256 rows, fp64,
-// head_dim 128) is about 1.4 MiB.
-constexpr int64_t kKeptScratchBytes = 4 << 20;
+// head_dim 128) is about 1.4 MiB, a walk's states for 8 sequences of 4 MHA tokens 1.3 MiB. So a
+// thread that ran fusedattn keeps at most 2 x 2 MiB until it exits.
+constexpr int64_t kKeptScratchBytes = 2 << 20;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
 
