@@ -25,6 +25,7 @@ import time
 import torch
 
 import fusedattn
+from bench_decode import paged_copy  # (beside this script)
 
 BATCH, HEADS, HEADS_KV, SEQLEN, HEAD_DIM = 8, 32, 8, 4096, 128
 
@@ -46,19 +47,12 @@ def main() -> int:
     shuffled = torch.randperm(pages, generator=gen).to(torch.int32).reshape(BATCH, -1)
     in_order = torch.arange(pages, dtype=torch.int32).reshape(BATCH, -1)
 
-    def paged(table):
-        pools = []
-        for source in (k_source, v_source):
-            pool = torch.empty(pages, page, HEADS_KV, HEAD_DIM, dtype=dtype)
-            pool[table.long()] = source.reshape(BATCH, -1, page, HEADS_KV, HEAD_DIM)
-            pools.append(pool)
-        return pools
-
     times = {"contiguous": [], "in order": [], "shuffled": []}
     with torch.no_grad():
         for _ in range(args.rounds):
-            caches = {"contiguous": (k_source.clone(), v_source.clone(), None), "in order": (*paged(in_order), in_order),
-                      "shuffled": (*paged(shuffled), shuffled)}
+            caches = {"contiguous": (k_source.clone(), v_source.clone(), None),
+                      "in order": (*paged_copy(k_source, v_source, page, in_order), in_order),
+                      "shuffled": (*paged_copy(k_source, v_source, page, shuffled), shuffled)}
 
             def call(name):
                 k, v, table = caches[name]

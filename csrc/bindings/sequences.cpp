@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "bindings/validate.h"
+#include "common/kv_layout.h"
 
 namespace py = pybind11;
 
@@ -60,6 +61,21 @@ int64_t check_new_entries(const AttentionParams& params, const KvCacheViews& vie
     }
   }
   return k.shape[1];
+}
+
+// Head h of token t of sequence b in new entries `view` (batch, new_tokens, kv_heads, d).
+const char* entry_row(const TensorView& view, int64_t b, int64_t t, int64_t h, int64_t element) {
+  const int64_t offset = b * view.strides[0] + t * view.strides[1] + h * view.strides[2];
+  return static_cast<const char*>(view.data) + offset * element;
+}
+
+// Copies `count` elements, `stride` elements apart in `from`, to consecutive ones at `to`.
+void copy_row(char* to, const char* from, int64_t stride, int64_t count, int64_t element) {
+  if (stride == 1) {
+    std::memcpy(to, from, count * element);
+  } else {
+    for (int64_t d = 0; d < count; ++d) std::memcpy(to + d * element, from + d * stride * element, element);
+  }
 }
 
 // Whether the memory a and b span (from their lowest to their highest element) overlaps.
@@ -199,36 +215,24 @@ void append_to_cache(const AttentionParams& params, const KvCacheViews& views, c
     char* to = staged[i].data();
     for (int64_t b = 0; b < shape[0]; ++b) {
       for (int64_t t = 0; t < shape[1]; ++t) {
-        for (int64_t h = 0; h < shape[2]; ++h) {
-          for (int64_t d = 0; d < shape[3]; ++d, to += element) {
-            const std::vector<int64_t>& at = sources[i].strides;
-            std::memcpy(to, static_cast<const char*>(sources[i].data) + (b * at[0] + t * at[1] + h * at[2] + d * at[3]) * element,
-                        element);
-          }
+        for (int64_t h = 0; h < shape[2]; ++h, to += shape[3] * element) {
+          copy_row(to, entry_row(sources[i], b, t, h, element), sources[i].strides[3], shape[3], element);
         }
       }
     }
     sources[i].data = staged[i].data();
     sources[i].strides = {shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1};
   }
+  // The slots the kernels read the keys from (kv_row_offset, as they do: the block table row of
+  // sequence b, else its cache row).
   for (const auto& [cache, added] : {std::pair{&params.k, &sources[0]}, std::pair{&params.v, &sources[1]}}) {
-    const std::vector<int64_t>& from = added->strides;  // (batch, new_tokens, kv_heads, d)
     for (int64_t b = 0; b < params.batch; ++b) {
+      const int64_t row = s.block_table == nullptr && s.cache_batch_idx != nullptr ? s.cache_batch_idx[b] : b;
       for (int64_t t = 0; t < new_tokens; ++t) {
         const int64_t key = s.seqlens_k[b] - new_tokens + t;
-        const int64_t row = s.block_table != nullptr
-                                ? s.block_table[b * s.block_table_stride + key / s.page_size] * cache->batch_stride +
-                                      key % s.page_size * cache->row_stride
-                                : (s.cache_batch_idx != nullptr ? s.cache_batch_idx[b] : b) * cache->batch_stride +
-                                      key * cache->row_stride;
         for (int64_t h = 0; h < params.num_heads_kv; ++h) {
-          char* to = static_cast<char*>(cache->data) + (row + h * cache->head_stride) * element;
-          const char* source = static_cast<const char*>(added->data) + (b * from[0] + t * from[1] + h * from[2]) * element;
-          if (from[3] == 1) {
-            std::memcpy(to, source, params.head_dim * element);
-          } else {
-            for (int64_t d = 0; d < params.head_dim; ++d) std::memcpy(to + d * element, source + d * from[3] * element, element);
-          }
+          char* to = static_cast<char*>(cache->data) + kv_row_offset(params, *cache, row, h, key) * element;
+          copy_row(to, entry_row(*added, b, t, h, element), added->strides[3], params.head_dim, element);
         }
       }
     }
