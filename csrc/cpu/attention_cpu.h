@@ -22,8 +22,8 @@ inline ScratchBuffer allocate_scratch(size_t bytes) {
 }
 
 // What a thread keeps scratch for between calls (kept_scratch): a block's scratch, and a pool
-// walk's decode states.
-enum class ScratchUse { kBlock, kDecodeStates, kCount };
+// walk's decode states and partial results (the latter on the calling thread).
+enum class ScratchUse { kBlock, kDecodeStates, kPartials, kCount };
 // At least `bytes` of 64-byte aligned scratch for `use` on the calling thread: a buffer the
 // thread keeps between calls (thread_local, grown as needed, up to kKeptScratchBytes in
 // tiles.h), or for a larger request a fresh one held in `fresh`. Memory that a call allocates

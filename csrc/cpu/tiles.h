@@ -70,7 +70,8 @@ constexpr int64_t kPoolSerialWorkMacs = int64_t{1} << 21;
 // for the inference issue's GQA bf16 decode) cost 150-190 µs of an 8 ms call against kept ones
 // (timers in decode_in_pool_order, not committed). A prefill block's scratch (256 rows, fp64,
 // head_dim 128) is about 1.4 MiB, a walk's states for 8 sequences of 4 MHA tokens 1.3 MiB. So a
-// thread that ran fusedattn keeps at most 2 x 2 MiB until it exits.
+// thread that ran fusedattn keeps at most 2 x 2 MiB until it exits, and a thread that called a
+// pool walk 2 x 2 MiB more (its partial results, and its plan: pool_walk.cpp).
 constexpr int64_t kKeptScratchBytes = 2 << 20;
 // A key split (split-KV) is at least this many keys (4 key blocks), so merging stays cheap.
 constexpr int64_t kMinSplitKeys = 256;
