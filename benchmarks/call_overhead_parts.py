@@ -7,10 +7,19 @@ once, and the Python steps in between (validation in `_Call`, the index conversi
 allocation), each alone in a loop (bench.per_call_us: medians of 7 batches), µs per call. The pieces overlap a little
 (each is timed with its own call overhead), so they do not add up exactly.
 
-    python benchmarks/call_overhead_parts.py
+--cold times each piece once right after a torch.sum over 256 MiB, which leaves the caches cold
+as a model's other layers do between its attention calls (and bench_decode.py's torch.sum
+between its contenders' calls): the median of --rounds such calls. Cold, the pieces overlap
+more (each pays for the interpreter's own code coming back).
+
+    python benchmarks/call_overhead_parts.py [--cold [--rounds 30]]
 """
 
 from __future__ import annotations
+
+import argparse
+import statistics
+import time
 
 import torch
 
@@ -18,7 +27,24 @@ import fusedattn
 from fusedattn import _arrays, _C, _runtime, bench, functional, inference
 
 
+def cold_us(pieces, rounds: int) -> dict[str, float]:
+    """Median µs of each piece called once after a 256 MiB torch.sum, over `rounds` rounds."""
+    flush = torch.ones(64 * 1024 * 1024)
+    times = {name: [] for name in pieces}
+    for _ in range(rounds):
+        for name, piece in pieces.items():
+            flush.sum()
+            start = time.perf_counter()
+            piece()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", action="store_true", help="each piece once after a torch.sum over 256 MiB")
+    parser.add_argument("--rounds", type=int, default=30, help="cold rounds (default 30)")
+    args = parser.parse_args()
     q, k, v = torch.randn(1, 1, 1, 8), torch.randn(1, 16, 1, 8), torch.randn(1, 16, 1, 8)
     seqlens = torch.tensor([16], dtype=torch.int32)
     out = torch.empty_like(q)
@@ -43,8 +69,14 @@ def main() -> int:
         "  cpu_isa() + get_num_threads()": lambda: (_runtime.cpu_isa(), _runtime.get_num_threads()),
         "torch SDPA, (b, h, s, d) tensors (for scale)": lambda: torch.nn.functional.scaled_dot_product_attention(*bhsd),
     }
-    print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call, median of 7 batches")
-    for name, us in bench.per_call_us(pieces, reps=20000).items():
+    if args.cold:
+        print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call with cold caches, "
+              f"median of {args.rounds}")
+        timed = cold_us(pieces, args.rounds)
+    else:
+        print(f"fusedattn {fusedattn.__version__}, torch {torch.__version__}; µs per call, median of 7 batches")
+        timed = bench.per_call_us(pieces, reps=20000)
+    for name, us in timed.items():
         print(f"  {name:55s}{us:7.2f}")
     return 0
 
