@@ -12,8 +12,9 @@ Interleaved (the default): the calls alternate A B C A B C..., so every call rea
 from DRAM after the others have streamed theirs. --steady: each layout's calls run back to back
 on the same cache, as a loop over one layer's cache would (the last-level cache then keeps part
 of it between calls). Prints the median ms per call of each and its ratio to contiguous.
+--threads 1 shows what the walk costs a single thread, which memory does not hold back as much.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/paged_vs_contiguous.py [--steady] [--rounds 3] [--reps 7]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/paged_vs_contiguous.py [--steady] [--rounds 3] [--reps 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=7, help="timed calls per layout and round (default 7)")
     parser.add_argument("--page-size", type=int, default=16, help="rows per page (default 16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, help="fusedattn's threads (default: its own default)")
     args = parser.parse_args()
+    if args.threads is not None:
+        fusedattn.set_num_threads(args.threads)
     dtype, page = getattr(torch, args.dtype), args.page_size
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(BATCH, 1, HEADS, HEAD_DIM, generator=gen).to(dtype)
@@ -73,7 +77,7 @@ def main() -> int:
                         call(name)
             del caches
     base = statistics.median(times["contiguous"])
-    print(f"fusedattn {fusedattn.__version__}, {args.dtype}, pages of {page}, "
+    print(f"fusedattn {fusedattn.__version__}, {fusedattn.get_num_threads()} threads, {args.dtype}, pages of {page}, "
           f"{'steady' if args.steady else 'interleaved'}, {args.rounds} rounds x {args.reps} calls")
     for name, samples in times.items():
         ms = statistics.median(samples) * 1e3
