@@ -7,6 +7,8 @@ reference by test_forward/test_variants) or with the fp64 reference directly.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 import torch
@@ -579,6 +581,28 @@ def test_paged_decode_in_pool_order_two_lane_groups(shape, threads):
                                                 cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
                                                 block_table=table, return_lse=True)
     _check_pool_walk(out, q, k_pages, v_pages, table, lengths, lse=lse)
+
+
+def test_paged_decode_in_pool_order_from_several_threads():
+    """Python threads decoding at once, each over a shuffled pool of its own size: a walk keeps its
+    plan, partial results, scratch and decode states per thread (pool_walk.cpp, kept_scratch),
+    never shared, so every result equals the same call made alone, bitwise."""
+    cases = []
+    for i, lengths in enumerate(([1500, 900, 1200], [2000, 700], [600, 1700, 400, 1300])):
+        dtype = torch.bfloat16 if i == 1 else torch.float32
+        q, k_pages, v_pages, table = _pool_walk_case("shuffled", lengths, dtype=dtype, seed=10 + i)
+        cases.append((q, k_pages, v_pages, table, torch.tensor(lengths, dtype=torch.int32)))
+
+    def decode(case):
+        q, k_pages, v_pages, table, seqlens = case
+        return fusedattn.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens, block_table=table)
+
+    fusedattn.set_num_threads(2)
+    alone = [decode(case) for case in cases]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(decode, [cases[i % len(cases)] for i in range(24)]))
+    for i, out in enumerate(results):
+        assert torch.equal(out, alone[i % len(cases)]), f"call {i}"
 
 
 @pytest.mark.parametrize("variant", ["window", "alibi", "softcap", "queries"])
