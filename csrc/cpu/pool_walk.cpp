@@ -80,10 +80,14 @@ struct WalkPlan {
   int64_t rows = 0;                        // keys visited, all sequences
   std::vector<WalkPart> parts;             // (cut_into_parts)
 
-  size_t bytes() const {
-    size_t total = sequences.capacity() * sizeof(AttentionParams) + digit_starts.capacity() * sizeof(int64_t) +
+  size_t bytes() const {  // what the vectors hold on to
+    size_t total = sequences.capacity() * sizeof(AttentionParams) +
+                   (digit_starts.capacity() + no_keys.capacity()) * sizeof(int64_t) +
                    (pages.capacity() + sort_buffer.capacity() + visits.capacity()) * sizeof(KeyRun);
-    for (const WalkPart& part : parts) total += part.visits.capacity() * sizeof(KeyRun);
+    for (const WalkPart& part : parts) {
+      total += part.visits.capacity() * sizeof(KeyRun) + part.blocks.capacity() * sizeof(ForwardBlock) +
+               (part.slot_of.capacity() + part.first_visit.capacity() + part.last_visit.capacity()) * sizeof(int64_t);
+    }
     return total;
   }
 };
