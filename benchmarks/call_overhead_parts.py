@@ -10,7 +10,9 @@ allocation), each alone in a loop (bench.per_call_us: medians of 7 batches), µs
 --cold times each piece once right after a torch.sum over 256 MiB, which leaves the caches cold
 as a model's other layers do between its attention calls (and bench_decode.py's torch.sum
 between its contenders' calls): the median of --rounds such calls. Cold, the pieces overlap
-more (each pays for the interpreter's own code coming back).
+more (each pays for the interpreter's own code coming back), so --cold also times the whole
+call with each Python step in turn replaced by a stand-in that returns its result at once:
+the difference is what that step adds to a cold call.
 
     python benchmarks/call_overhead_parts.py [--cold [--rounds 30]]
 """
@@ -37,6 +39,29 @@ def cold_us(pieces, rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             piece()
             times[name].append(time.perf_counter() - start)
+    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+
+
+def cold_without_us(whole, stand_ins, rounds: int) -> dict[str, float]:
+    """Median µs of `whole` called once after a 256 MiB torch.sum, as it is and with each of
+    stand_ins (name -> (module, attribute, stand-in)) patched in turn, over `rounds` rounds."""
+    flush = torch.ones(64 * 1024 * 1024)
+    times = {name: [] for name in ("as it is", *stand_ins)}
+    for _ in range(rounds):
+        for name in times:
+            module, attribute, stand_in = stand_ins.get(name, (None, None, None))
+            original = getattr(module, attribute) if module is not None else None
+            if module is not None:
+                setattr(module, attribute, stand_in)
+            try:
+                whole()  # (warm: the stand-in's own first call)
+                flush.sum()
+                start = time.perf_counter()
+                whole()
+                times[name].append(time.perf_counter() - start)
+            finally:
+                if module is not None:
+                    setattr(module, attribute, original)
     return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 
@@ -78,6 +103,21 @@ def main() -> int:
         timed = bench.per_call_us(pieces, reps=20000)
     for name, us in timed.items():
         print(f"  {name:55s}{us:7.2f}")
+    if args.cold:  # what each Python step adds to a cold call
+        built, table = new_call(), inference._int32(seqlens, "cache_seqlens", q)
+        stand_ins = {
+            "_Call": (inference, "_Call", lambda *a, **kw: built),
+            "_int32": (inference, "_int32", lambda *a: table),
+            "_check_cache_geometry": (inference, "_check_cache_geometry", lambda *a: None),
+            "cpu_isa()": (_runtime, "cpu_isa", lambda: isa),
+            "get_num_threads()": (_runtime, "get_num_threads", lambda: threads),
+        }
+        whole = cold_without_us(lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens), stand_ins,
+                                args.rounds)
+        base = whole.pop("as it is")
+        print(f"  the whole call with one step replaced by a stand-in (base {base:.1f} µs): the step adds")
+        for name, us in whole.items():
+            print(f"    {name:53s}{base - us:7.1f}")
     return 0
 
 
