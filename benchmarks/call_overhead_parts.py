@@ -111,6 +111,7 @@ def main() -> int:
             "_check_cache_geometry": (inference, "_check_cache_geometry", lambda *a: None),
             "cpu_isa()": (_runtime, "cpu_isa", lambda: isa),
             "get_num_threads()": (_runtime, "get_num_threads", lambda: threads),
+            "empty_like_kind (out)": (_arrays, "empty_like_kind", lambda *a: out),
         }
         whole = cold_without_us(lambda: fusedattn.attention_with_kvcache(q, k, v, cache_seqlens=seqlens), stand_ins,
                                 args.rounds)
