@@ -30,7 +30,8 @@ CASES = [  # head_dim, (Lq, Lk), causal, window, (Hq, Hkv), layout, strides
     (80, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # pairs padded to whole tiles
     (48, (130, 200), False, (20, 20), (4, 2), "bshd", "slice"),
     (16, (33, 70), True, (-1, -1), (2, 1), "bhsd", "permuted"),
-    (40, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # not a multiple of 16: VDPBF16PS
+    (40, (65, 65), True, (-1, -1), (2, 2), "bhsd", "contiguous"),  # not a multiple of 16: the avx512 kernels
+    (40, (17, 90), True, (-1, -1), (4, 2), "bshd", "slice"),  # ... under 32 query rows: VDPBF16PS
 ]
 
 
@@ -41,6 +42,33 @@ def test_amx_forward_matches_reference(head_dim, seqlens, causal, window, heads,
     with force_isa("avx512amx"):
         result = fusedattn.attention(q, k, v, causal=causal, window=window, layout=layout, return_lse=True)
     check_attention(result, q, k, v, causal=causal, window=window, layout=layout, return_lse=True)
+
+
+def _forward_and_grads(q, k, v):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = fusedattn.attention(q, k, v, causal=True, return_lse=True)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out, lse, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("head_dim", [40, 100])
+def test_odd_head_dims_run_the_avx512_kernels(head_dim):
+    """bf16 prefill and its backward at a head_dim that is not a multiple of 16 run, under the
+    avx512amx ISA (so on an Intel CPU), the avx512 ISA's widened products rather than VDPBF16PS
+    pairs, which ran 0.68-0.74x as fast there (isa.cpp, kernels_for_call): output, LSE and
+    gradients bitwise those of the forced avx512 ISA. At head_dim 64 (AMX tiles) the LSE is not."""
+    q, k, v = make_qkv(1, 4, 2, 64, 96, head_dim, torch.bfloat16)
+    with force_isa("avx512amx"):
+        amx = _forward_and_grads(q, k, v)
+    with force_isa("avx512"):
+        widened = _forward_and_grads(q, k, v)
+    for a, b in zip(amx, widened):
+        assert torch.equal(a, b)
+    q, k, v = make_qkv(1, 4, 2, 64, 96, 64, torch.bfloat16)
+    with force_isa("avx512amx"):
+        tiles = fusedattn.attention(q, k, v, causal=True, return_lse=True)[1]
+    with force_isa("avx512"):
+        assert not torch.equal(tiles, fusedattn.attention(q, k, v, causal=True, return_lse=True)[1])
 
 
 def _both_isas(call):

@@ -212,7 +212,7 @@ int64_t split_keys(std::vector<PlannedBlock>& plan, const AttentionParams& param
 }  // namespace
 
 void attention_forward(const AttentionParams& params, const std::string& isa, int num_threads) {
-  const CpuKernelTable& kernels = kernels_for_isa(isa);
+  const CpuKernelTable& kernels = kernels_for_call(isa, params);
   if (params.batch == 0 || params.num_heads == 0) return;
   if (decode_in_pool_order(params, kernels, num_threads)) return;
   std::vector<PlannedBlock> plan = plan_blocks(params, num_threads, kernels);

@@ -91,7 +91,7 @@ void run_backward(const BackwardParams& bp, const CpuKernelTable& kernels, int64
 }  // namespace
 
 void attention_backward(const BackwardParams& bp, const std::string& isa, int num_threads) {
-  const CpuKernelTable& kernels = kernels_for_isa(isa);
+  const CpuKernelTable& kernels = kernels_for_call(isa, bp.forward);
   if (!bp.forward.sequences.any()) {
     run_backward(bp, kernels, 0, bp.forward.batch, num_threads);
     return;

@@ -93,5 +93,29 @@ const CpuKernelTable& kernels_for_isa(const std::string& name) {
   throw std::invalid_argument(message);
 }
 
+// bf16 whose head_dim is not a multiple of 16 (40, 72, 100, ...: the AMX tiles take multiples of
+// 16) multiplies its pairs on VDPBF16PS under the avx512bf16 and avx512amx ISAs, and on Intel
+// CPUs that ran slower than the avx512 ISA's products of widened bf16: `python
+// benchmarks/bench_cpu_isas.py --shape 1 8 2048 40` (and 100), forward 0.71-0.74x and forward +
+// backward 0.68-0.69x of avx512's on the Intel Xeon with AMX. Calls of 32 query rows or more
+// (prefill and its backward, which run the tiles) take the avx512 ISA's kernels there; decode
+// keeps the named ISA's (memory-bound: within a few percent either way in a timing probe, not
+// committed; avx512amx 9% faster at head_dim 40 with GQA). AMD's VDPBF16PS was not measured at
+// such head_dims, so other CPUs keep the named ISA's.
+const CpuKernelTable& kernels_for_call(const std::string& name, const AttentionParams& params) {
+  const CpuKernelTable& named = kernels_for_isa(name);
+#if defined(FUSEDATTN_HAVE_X86_ISAS)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  const bool pairs_isa = name == "avx512amx" || name == "avx512bf16";
+  if (intel && pairs_isa && params.dtype == DType::kBFloat16 && params.head_dim % 16 != 0 && params.seqlen_q >= 32) {
+    return kernels_for_isa("avx512");
+  }
+#endif
+  return named;
+}
+
 }  // namespace cpu
 }  // namespace fusedattn
