@@ -1,6 +1,6 @@
 // CPU ISA detection by cpuid (__builtin_cpu_supports also checks that the OS saves the
-// AVX/AVX-512 register state; AMX is checked by hand, cpu_has_amx) and lookup of the matching
-// kernel table.
+// AVX/AVX-512 register state; AMX is checked by hand, cpu_has_amx), lookup of the matching
+// kernel table, and the table a call runs on (kernels_for_call).
 #include "cpu/isa.h"
 
 #include <stdexcept>
@@ -93,6 +93,8 @@ const CpuKernelTable& kernels_for_isa(const std::string& name) {
   throw std::invalid_argument(message);
 }
 
+constexpr int64_t kTileCallRows = 32;  // query rows from which a call runs the tiles, not the decode kernel
+
 // bf16 whose head_dim is not a multiple of 16 (40, 72, 100, ...: the AMX tiles take multiples of
 // 16) multiplies its pairs on VDPBF16PS under the avx512bf16 and avx512amx ISAs, and on Intel
 // CPUs that ran slower than the avx512 ISA's products of widened bf16: `python
@@ -110,7 +112,8 @@ const CpuKernelTable& kernels_for_call(const std::string& name, const AttentionP
     return __builtin_cpu_is("intel") != 0;
   }();
   const bool pairs_isa = name == "avx512amx" || name == "avx512bf16";
-  if (intel && pairs_isa && params.dtype == DType::kBFloat16 && params.head_dim % 16 != 0 && params.seqlen_q >= 32) {
+  if (intel && pairs_isa && params.dtype == DType::kBFloat16 && params.head_dim % 16 != 0 &&
+      params.seqlen_q >= kTileCallRows) {
     return kernels_for_isa("avx512");
   }
 #endif
