@@ -866,10 +866,11 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
   // with a page lookup and two divisions per call, this took 1.4% of a pool walk's samples
   // (perf_paged_decode.py, GQA bf16).
   const T* next_rows = nullptr;  // the next visit's first key row, and how many evenly strided rows from it
-  int64_t next_strided_rows = 0;
+  int64_t next_strided_rows = 0, next_kv = 0;
   if (visit != nullptr && visit->next_params != nullptr) {
     const AttentionParams& next = *visit->next_params;
-    const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin), first = visit->next_key_lo;
+    const int64_t first = visit->next_key_lo;
+    next_kv = kv_head_of(next, visit->next_block->head_begin);
     next_rows = static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, first);
     const int64_t page = next.sequences.page_size;
     next_strided_rows = next.sequences.block_table == nullptr ? visit->next_key_hi - first
@@ -879,10 +880,10 @@ void decode_block_impl(const AttentionParams& params, const ForwardBlock& block,
     if (key < walk_end) return static_cast<const T*>(params.k.data) + kv_row_offset(params, params.k, block.batch, kv_first, key);
     if (visit == nullptr || visit->next_params == nullptr) return nullptr;
     const AttentionParams& next = *visit->next_params;
-    const int64_t next_key = visit->next_key_lo + key - walk_end;
-    if (next_key - visit->next_key_lo < next_strided_rows) return next_rows + (next_key - visit->next_key_lo) * next.k.row_stride;
+    const int64_t into_next = key - walk_end;  // rows into the next visit's keys
+    if (into_next < next_strided_rows) return next_rows + into_next * next.k.row_stride;
+    const int64_t next_key = visit->next_key_lo + into_next;
     if (next_key >= visit->next_key_hi) return nullptr;
-    const int64_t next_kv = kv_head_of(next, visit->next_block->head_begin);
     return static_cast<const T*>(next.k.data) + kv_row_offset(next, next.k, visit->next_block->batch, next_kv, next_key);
   };
   auto key_row = [&](int64_t jj) __attribute__((always_inline)) -> const T* {

@@ -255,16 +255,12 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
       first_key[block.batch] = std::min(first_key[block.batch], block.key_lo);
     }
   }
-  std::vector<int64_t> merged;  // sequences visited by several parts
-  size_t partial_count = 0;
+  size_t partial_count = 0;  // one per block of a sequence that several parts visit
   for (int64_t b = 0; b < params.batch; ++b) {
     for (ForwardBlock* block : blocks_of[b]) {
       if (block->key_lo == first_key[b]) block->key_lo = 0;
     }
-    if (blocks_of[b].size() > 1) {
-      merged.push_back(b);
-      partial_count += blocks_of[b].size();
-    }
+    if (blocks_of[b].size() > 1) partial_count += blocks_of[b].size();
   }
   // The part that writes a sequence's last partial merges them (pending counts the rest).
   std::unique_ptr<std::atomic<int64_t>[]> pending(new std::atomic<int64_t>[params.batch]);
@@ -282,8 +278,9 @@ bool decode_in_pool_order(const AttentionParams& params, const CpuKernelTable& k
   ScratchBuffer fresh_partials;
   float* next_partial = reinterpret_cast<float*>(kept_scratch(
       ScratchUse::kPartials, partial_count * static_cast<size_t>(partial_floats) * sizeof(float), fresh_partials));
-  for (const int64_t b : merged) {
-    for (ForwardBlock* block : blocks_of[b]) {
+  for (const std::vector<ForwardBlock*>& blocks : blocks_of) {
+    if (blocks.size() < 2) continue;
+    for (ForwardBlock* block : blocks) {
       block->partial_out = next_partial;
       block->partial_stats = next_partial + lanes * params.head_dim;
       next_partial += partial_floats;
